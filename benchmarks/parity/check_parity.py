@@ -1,0 +1,97 @@
+"""Parity of foldin with FusionBench 0.2.33: run both on the same base and checkpoints (same
+order), compare every tensor of the exported merged models (relative error, float32).
+
+    python benchmarks/parity/check_parity.py                 # tiny + full-size cases
+    python benchmarks/parity/check_parity.py --cases bert-tiny
+
+FusionBench runs in its own virtualenv (created by setup_fusionbench.sh on first use). The CLIP
+`class_embedding` is excluded: FusionBench never merges parameters owned by non-leaf modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from foldin import MergeState
+
+HERE = Path(__file__).resolve().parent
+METHODS = ["average", "task_arithmetic", "ties", "opcm"]
+EXCLUDED = {"vision_model.embeddings.class_embedding"}  # FusionBench quirk, see module doc
+TOLERANCE = 1e-4
+
+
+def run_foldin(case: Path, method: str, work: Path, params: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """init + add every checkpoint + export, through the on-disk state; returns (weights, seconds in add)."""
+    state = MergeState.create(work / f"{method}.state", case / "base", method, params or {})
+    t0 = time.perf_counter()
+    for ckpt in sorted(p for p in case.iterdir() if p.name.startswith("ckpt_")):
+        state.add(ckpt, progress=False)
+    seconds = time.perf_counter() - t0
+    out = state.export(work / f"{method}.export", progress=False)
+    return load_file(out / "model.safetensors"), seconds
+
+
+def relative_errors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-tensor ||ours - theirs|| / ||theirs||, over the tensors both hold, minus EXCLUDED."""
+    errs = {}
+    for name, ref in theirs.items():
+        if name in EXCLUDED or not ref.is_floating_point():
+            continue
+        diff = torch.linalg.vector_norm((ours[name].double() - ref.double()))
+        errs[name] = float(diff / torch.linalg.vector_norm(ref.double()).clamp(min=1e-30))
+    return errs
+
+
+def fusionbench_python() -> Path:
+    py = Path(os.environ.get("FUSIONBENCH_VENV", HERE.parent / "_work" / "fusionbench-venv")) / "bin" / "python"
+    if not py.exists():
+        subprocess.run(["bash", str(HERE / "setup_fusionbench.sh"), str(py.parent.parent)], check=True)
+    return py
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE))
+    from cases import FULL, TINY, make_case
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join([*TINY, *FULL]))
+    ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "parity")
+    ap.add_argument("--keep-fixtures", type=Path, help="also copy the tiny cases with FusionBench's outputs here (test fixtures)")
+    a = ap.parse_args()
+    py = fusionbench_python()
+    rows, worst = [], 0.0
+    for kind in a.cases.split(","):
+        case = a.work / kind
+        if not (case / "base").exists():
+            make_case(kind, case)
+        fb = case / "fusionbench"
+        if not (fb / "timings.json").exists():
+            subprocess.run([str(py), str(HERE / "fusionbench_side.py"), str(case), str(fb)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        fb_seconds = json.loads((fb / "timings.json").read_text())
+        for method in METHODS:
+            work = case / "foldin"
+            subprocess.run(["rm", "-rf", str(work / f"{method}.state"), str(work / f"{method}.export")], check=True)
+            ours, seconds = run_foldin(case, method, work)
+            errs = relative_errors(ours, load_file(fb / f"{method}.safetensors"))
+            name, err = max(errs.items(), key=lambda kv: kv[1])
+            worst = max(worst, err)
+            rows.append((kind, method, len(errs), err, name, fb_seconds[method], seconds))
+    print(f"{'case':<18}{'method':<17}{'tensors':>8}{'max rel err':>13}  {'fusionbench s':>13}{'foldin s':>10}  worst tensor")
+    for kind, method, n, err, name, fbs, s in rows:
+        print(f"{kind:<18}{method:<17}{n:>8}{err:>13.2e}  {fbs:>13.2f}{s:>10.2f}  {name}")
+    print(f"\nworst relative error {worst:.2e} (tolerance {TOLERANCE:.0e}): {'PASS' if worst < TOLERANCE else 'FAIL'}")
+    return 0 if worst < TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

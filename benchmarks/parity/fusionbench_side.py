@@ -1,0 +1,72 @@
+"""Run FusionBench 0.2.33's continual methods on a parity case; save each merged state dict.
+
+Runs inside FusionBench's own virtualenv (see setup_fusionbench.sh), never imports foldin.
+Usage: python fusionbench_side.py CASE_DIR OUT_DIR [--methods opcm,ties,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig
+import transformers
+
+from fusion_bench import BaseModelPool
+from fusion_bench.method.opcm.opcm_general import OPCM
+from fusion_bench.method.opcm.task_arithmetic import ContinualTaskArithmeticForCLIP
+from fusion_bench.method.opcm.ties_merging import ContinualTiesMergingForCLIP
+from fusion_bench.method.opcm.weight_average import ContinualWeightAverageForCLIP
+
+COMMON = dict(shuffle_order=False, save_on_every_step=False, evaluate_on_every_step=False)
+
+
+class _Program:
+    class taskpool:  # the baselines read self._program.taskpool._test_datasets
+        _test_datasets: dict = {}
+
+
+def algorithms(params: dict) -> dict:
+    return {
+        "average": lambda: ContinualWeightAverageForCLIP(**COMMON),
+        "task_arithmetic": lambda: ContinualTaskArithmeticForCLIP(scaling_factor=params.get("scaling_factor", 0.3), **COMMON),
+        "ties": lambda: ContinualTiesMergingForCLIP(scaling_factor=params.get("scaling_factor", 0.3),
+                                                   threshold=params.get("threshold", 20), merge_func="sum", **COMMON),
+        "opcm": lambda: OPCM(alpha=params.get("alpha", 0.5), **COMMON),
+    }
+
+
+def load(folder: Path) -> torch.nn.Module:
+    cfg = AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, cfg.architectures[0])
+    return cls.from_pretrained(folder).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("case", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--methods", default="average,task_arithmetic,ties,opcm")
+    ap.add_argument("--params", default="{}", help="JSON of method parameters")
+    a = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    a.out.mkdir(parents=True, exist_ok=True)
+    ckpts = sorted(p for p in a.case.iterdir() if p.name.startswith("ckpt_"))
+    timings = {}
+    for method in a.methods.split(","):
+        pool = BaseModelPool(models={"_pretrained_": load(a.case / "base"), **{p.name: load(p) for p in ckpts}})
+        algo = algorithms(json.loads(a.params))[method]()
+        algo._program = _Program()
+        t0 = time.perf_counter()
+        merged = algo.run(pool)
+        timings[method] = time.perf_counter() - t0
+        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, a.out / f"{method}.safetensors")
+    (a.out / "timings.json").write_text(json.dumps(timings, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""In-memory API for users who already hold state dicts: the same methods and engine as the
+on-disk state, with scikit-learn's incremental-estimator shape (`partial_fit` returns self,
+learned state in attributes ending in `_`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from foldin.engine import DictSource, ModelLayout, export_tensor, fold_step, hash_source
+from foldin.errors import MismatchError
+from foldin.layers import resolve_linear_weights
+from foldin.methods import get_method
+
+
+class ContinualMerger:
+    """Folds state dicts into one merged model, one at a time.
+
+    base: the pretrained state dict every checkpoint was fine-tuned from.
+    linear_weights: which tensors OPCM treats as linear-layer weights: an nn.Module (its nn.Linear
+        modules), a regular expression over tensor names, or None for the fallback name rule.
+
+    Learned state: merged_task_vector_ (dict of tensors), stats_, step_, hashes_.
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], method: str = "opcm",
+                 linear_weights: nn.Module | str | None = None, **params: Any):
+        self.base = base
+        self.method = method
+        self.linear_weights = linear_weights
+        self.params = params
+
+    def partial_fit(self, checkpoint: Mapping[str, torch.Tensor]) -> "ContinualMerger":
+        """Fold one checkpoint in."""
+        if not hasattr(self, "step_"):
+            self._start()
+        merged: dict[str, torch.Tensor] = {}
+        stats, ckpt_hash = fold_step(
+            self.method_, self.step_ + 1, self.stats_, self.layout_, self._base_source,
+            DictSource(checkpoint, f"checkpoint {self.step_ + 1}"),
+            DictSource(self.merged_task_vector_) if self.step_ else None,
+            merged.__setitem__, progress=False,
+        )
+        if ckpt_hash in self.hashes_:
+            raise MismatchError(f"checkpoint {self.step_ + 1} is identical to one already folded in (or to the base).")
+        self.merged_task_vector_, self.stats_ = merged, stats
+        self.step_ += 1
+        self.hashes_.append(ckpt_hash)
+        return self
+
+    def _start(self) -> None:
+        self.method_ = get_method(self.method)(**self.params)
+        self._base_source = DictSource(self.base, "base")
+        specs = {n: tuple(t.shape) for n, t in self.base.items()}
+        module = self.linear_weights if isinstance(self.linear_weights, nn.Module) else None
+        pattern = self.linear_weights if isinstance(self.linear_weights, str) else None
+        linear, _ = resolve_linear_weights(specs, pattern=pattern, module=module)
+        self.layout_ = ModelLayout.from_source(self._base_source, linear)
+        self.merged_task_vector_: dict[str, torch.Tensor] = {}
+        self.stats_: dict[str, float] = {}
+        self.step_ = 0
+        self.hashes_ = [hash_source(self._base_source)]
+
+    def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The merged model after the last step (the base before the first)."""
+        if not getattr(self, "step_", 0):
+            return {n: t.detach().clone() for n, t in self.base.items()}
+        return {
+            n: export_tensor(self.method_, self.stats_, t, self.merged_task_vector_.get(n),
+                             dtype if dtype is not None and t.dtype.is_floating_point else None)
+            for n, t in self.base.items()
+        }
+
+
+def merge(base: Mapping[str, torch.Tensor], checkpoints: Iterable[Mapping[str, torch.Tensor]],
+          method: str = "opcm", linear_weights: nn.Module | str | None = None, **params: Any) -> dict[str, torch.Tensor]:
+    """Fold `checkpoints` into `base` in order and return the merged state dict.
+
+    >>> merged = merge(base_sd, [sd1, sd2, sd3], method="opcm", alpha=0.5, linear_weights=model)
+    """
+    merger = ContinualMerger(base, method, linear_weights, **params)
+    for ckpt in checkpoints:
+        merger.partial_fit(ckpt)
+    return merger.merged_state_dict()

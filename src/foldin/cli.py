@@ -1,0 +1,197 @@
+"""The `foldin` command line: init, add, export, run, info, methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from foldin import __version__
+from foldin.errors import FoldinError, StateError
+from foldin.methods import available_methods
+from foldin.state import MergeState, ensure_state
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are read as YAML scalars (0.5 -> float, sum -> str, true -> bool)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FoldinError(f"--set expects KEY=VALUE, got {item!r}.")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _validation_message(e: ValidationError, what: str) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "value"
+    return f"invalid {what}: {where}: {first['msg']} (got {first.get('input')!r})."
+
+
+class RunConfig(BaseModel):
+    """The YAML file `foldin run` reads. Relative paths are relative to the file."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    checkpoints: list[str]
+    output: str
+    state: str | None = None
+    linear_weights: str | None = None
+    dtype: str | None = None
+    max_shard_size: str = "5GB"
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    state = MergeState.create(args.state_dir, args.base, args.method, parse_settings(args.set), args.linear_weights)
+    print(f"created {args.method} state in {state.dir} (base {state.meta['base']['hash'][:19]}, "
+          f"{len(state.meta['linear_weights'])} linear-layer weights from {state.meta['linear_weights_source']})")
+
+
+def cmd_add(args: argparse.Namespace) -> None:
+    state = MergeState.open(args.state_dir)
+    for ckpt in args.checkpoints:
+        entry = state.add(ckpt, progress=not args.quiet)
+        print(f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    state = MergeState.open(args.state_dir)
+    out = state.export(args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet)
+    print(f"exported the merged model after step {state.step} to {out}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    path = Path(args.config)
+    try:
+        raw = yaml.safe_load(path.read_text())
+        cfg = RunConfig.model_validate(raw)
+    except OSError as e:
+        raise FoldinError(f"cannot read {path}: {e.strerror}.") from e
+    except yaml.YAMLError as e:
+        raise FoldinError(f"{path} is not valid YAML: {e}.") from e
+    except ValidationError as e:
+        raise FoldinError(f"{path}: " + _validation_message(e, "config")) from e
+    here = path.resolve().parent
+
+    def resolve(p: str) -> Path:
+        return (here / p).resolve()
+
+    output = resolve(cfg.output)
+    state_dir = resolve(cfg.state) if cfg.state else output.with_name(output.name + ".foldin-state")
+    state = ensure_state(state_dir, str(resolve(cfg.base)), cfg.method, cfg.params, cfg.linear_weights)
+    checkpoints = [resolve(c) for c in cfg.checkpoints]
+    done = [Path(e["checkpoint"]) for e in state.history]
+    if done != checkpoints[: len(done)]:
+        raise StateError(f"{state_dir} already holds a different sequence of checkpoints than {path} lists; use another state directory.")
+    if done:
+        print(f"resuming {state_dir} at step {len(done)}")
+    for ckpt in checkpoints[len(done):]:
+        entry = state.add(ckpt, progress=not args.quiet)
+        print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
+    state.export(output, cfg.dtype, cfg.max_shard_size, overwrite=True, progress=not args.quiet)
+    print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    info = MergeState.open(args.state_dir).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "-"
+    print(f"state:   {info['state_dir']}\nmethod:  {info['method']} ({params})\nstep:    {info['step']}")
+    print(f"base:    {info['base']['path']}\n         {info['base']['hash']}")
+    print(f"linear:  {info['linear_weights']} weights ({info['linear_weights_source']})")
+    for e in info["history"]:
+        print(f"  {e['step']:>4}  {e['added_at']}  {e['hash'][:19]}  {e['checkpoint']}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    listing = {
+        name: {
+            "summary": cls.summary,
+            "params": {
+                p: {"type": str(f.annotation).replace("typing.", ""), "default": f.default, "description": f.description}
+                for p, f in cls.Params.model_fields.items()
+            },
+        }
+        for name, cls in available_methods().items()
+    }
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return
+    for name, m in listing.items():
+        print(f"{name}: {m['summary']}")
+        for p, f in m["params"].items():
+            print(f"    {p} = {f['default']!r}  ({f['type']}) {f['description'] or ''}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foldin", description="Continual model merging: fold fine-tuned checkpoints into one model as they arrive.")
+    parser.add_argument("--version", action="version", version=f"foldin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a merge state for a base model and a method")
+    p.add_argument("state_dir")
+    p.add_argument("--base", required=True, help="the pretrained model: HF folder, .safetensors, .bin or .pt")
+    p.add_argument("--method", required=True, choices=list(available_methods()))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeatable)")
+    p.add_argument("--linear-weights", metavar="REGEX", help="tensors OPCM treats as linear-layer weights (full match); default: the model's nn.Linear modules from config.json, else a name rule")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("add", help="fold checkpoints in, in the order given")
+    p.add_argument("state_dir")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("export", help="write the merged model as a Hugging Face folder")
+    p.add_argument("state_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the base's dtypes")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="init/resume, add every checkpoint and export, from a YAML file")
+    p.add_argument("config")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("info", help="method, parameters, step and history of a state")
+    p.add_argument("state_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("methods", help="registered methods and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FoldinError as e:
+        print(f"foldin: error: {e}", file=sys.stderr)
+        return 1
+    except ValidationError as e:
+        print(f"foldin: error: {_validation_message(e, 'method parameter')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("foldin: interrupted; the state is unchanged since its last completed step.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

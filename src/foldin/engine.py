@@ -1,0 +1,212 @@
+"""Runs one merge step: streams the base, the previous merged task vector and the new checkpoint
+tensor by tensor through a method's passes, validating and hashing the checkpoint on the way.
+
+Sources and sinks are plain callables, so the same engine drives on-disk states (files) and the
+in-memory API (dicts). Nothing here knows about directories or atomic commits.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from foldin.errors import CheckpointError, MismatchError
+from foldin.io.checkpoint import content_hash, tensor_digest
+from foldin.methods.base import MergeMethod, R, TensorSlot
+
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+class TensorSource(Protocol):
+    """Anything with a path label, names(), spec(name) and read(name): a Checkpoint, a DictSource."""
+
+    path: object
+
+    def names(self) -> list[str]: ...
+    def spec(self, name: str) -> Spec: ...
+    def read(self, name: str) -> torch.Tensor: ...
+
+
+class DictSource(TensorSource):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "state dict"):
+        self.tensors = tensors
+        self.path = label
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def spec(self, name: str) -> Spec:
+        t = self.tensors[name]
+        return t.dtype, tuple(t.shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name].detach()
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The base model's tensors as the merge sees them: which are merged (floating point), in which
+    order, which are linear-layer weights, and the dtype arithmetic is done in."""
+
+    specs: dict[str, Spec]
+    merged_names: list[str]
+    linear: frozenset[str]
+    compute_dtype: torch.dtype
+    numel: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numel", sum(_numel(self.specs[n][1]) for n in self.merged_names))
+
+    @classmethod
+    def from_source(cls, base: TensorSource, linear: set[str] | list[str]) -> "ModelLayout":
+        specs = {n: base.spec(n) for n in base.names()}
+        merged = [n for n, (dtype, _) in specs.items() if dtype.is_floating_point]
+        if not merged:
+            raise CheckpointError(f"{base.path} has no floating-point tensors to merge.")
+        wide = any(specs[n][0] == torch.float64 for n in merged)
+        return cls(specs, merged, frozenset(linear), torch.float64 if wide else torch.float32)
+
+    def state_specs(self) -> dict[str, Spec]:
+        """Dtype and shape of each tensor of the merged task vector."""
+        return {n: (self.compute_dtype, self.specs[n][1]) for n in self.merged_names}
+
+    def check_compatible(self, ckpt: TensorSource) -> None:
+        """Refuse a checkpoint whose keys, shapes or dtypes differ from the base's."""
+        names = set(ckpt.names())
+        missing, extra = set(self.specs) - names, names - set(self.specs)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} of the base's tensors are missing (e.g. {sorted(missing)[0]!r})")
+            if extra:
+                parts.append(f"{len(extra)} are not in the base (e.g. {sorted(extra)[0]!r})")
+            raise MismatchError(f"{ckpt.path} does not have the base model's tensors: {'; '.join(parts)}.")
+        for name, (dtype, shape) in self.specs.items():
+            c_dtype, c_shape = ckpt.spec(name)
+            if c_shape != shape:
+                raise MismatchError(f"{ckpt.path}: tensor {name!r} has shape {list(c_shape)} but the base has {list(shape)}.")
+            if c_dtype != dtype:
+                raise MismatchError(f"{ckpt.path}: tensor {name!r} is {c_dtype} but the base is {dtype}.")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class CheckedReader:
+    """Reads a checkpoint's tensors, checking each for NaN/Inf and hashing it the first time."""
+
+    def __init__(self, source: TensorSource, specs: dict[str, Spec]):
+        self.source = source
+        self.specs = specs
+        self.digests: dict[str, str] = {}
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.source.read(name)
+        if name not in self.digests:
+            if t.dtype.is_floating_point and not torch.isfinite(t).all():
+                raise CheckpointError(f"{self.source.path}: tensor {name!r} contains NaN or Inf values.")
+            self.digests[name] = tensor_digest(t)
+        return t
+
+    def content_hash(self) -> str:
+        for name in self.specs:
+            if name not in self.digests:
+                self.read(name)
+        return content_hash({n: (*self.specs[n], d) for n, d in self.digests.items()})
+
+
+def hash_source(source: TensorSource) -> str:
+    """Content hash of a whole checkpoint (one streaming pass)."""
+    reader = CheckedReader(source, {n: source.spec(n) for n in source.names()})
+    return reader.content_hash()
+
+
+class _Step:
+    """The StepContext a method sees; drives passes over the layout's tensors."""
+
+    def __init__(self, step: int, stats: Mapping[str, float], layout: ModelLayout,
+                 load: Callable[[str, str], torch.Tensor], sink: Callable[[str, torch.Tensor], None], progress: bool):
+        self.step = step
+        self.stats = dict(stats)
+        self.compute_dtype = layout.compute_dtype
+        self.numel = layout.numel
+        self._layout = layout
+        self._load = load
+        self._sink = sink
+        self._progress = progress
+        self.updated = False
+
+    def _slots(self, desc: str):
+        names = self._layout.merged_names
+        bar = tqdm(names, desc=f"step {self.step}: {desc}", unit="tensor", leave=False,
+                   disable=not self._progress or None, file=sys.stderr)
+        for name in bar:
+            yield TensorSlot(name, name in self._layout.linear, self._load)
+
+    def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
+        return [fn(slot) for slot in self._slots(desc)]
+
+    def update(self, fn: Callable[[TensorSlot], tuple[torch.Tensor, R]], desc: str) -> list[R]:
+        if self.updated:
+            raise RuntimeError("a method may call update() only once per step")
+        results = []
+        for slot in self._slots(desc):
+            tensor, result = fn(slot)
+            if tuple(tensor.shape) != self._layout.specs[slot.name][1]:
+                raise RuntimeError(f"method returned shape {tuple(tensor.shape)} for {slot.name!r}")
+            self._sink(slot.name, tensor.to(self.compute_dtype).contiguous())
+            results.append(result)
+        self.updated = True
+        return results
+
+
+def fold_step(
+    method: MergeMethod,
+    step: int,
+    stats: Mapping[str, float],
+    layout: ModelLayout,
+    base: TensorSource,
+    checkpoint: TensorSource,
+    previous: TensorSource | None,
+    sink: Callable[[str, torch.Tensor], None],
+    progress: bool = True,
+) -> tuple[dict[str, float], str]:
+    """Fold `checkpoint` in as step `step`. Writes every tensor of the new merged task vector to
+    `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
+    checkpoint is bad; the caller commits only on success."""
+    layout.check_compatible(checkpoint)
+    new = CheckedReader(checkpoint, layout.specs)
+    dtype = layout.compute_dtype
+
+    def load(kind: str, name: str) -> torch.Tensor:
+        if kind == "base":
+            return base.read(name).to(dtype)
+        if kind == "new":
+            return new.read(name).to(dtype)
+        if previous is None:
+            return torch.zeros(layout.specs[name][1], dtype=dtype)
+        return previous.read(name).to(dtype)
+
+    ctx = _Step(step, stats, layout, load, sink, progress)
+    new_stats = method.fold(ctx)
+    if not ctx.updated:
+        raise RuntimeError(f"method {method.name!r} did not write the merged task vector")
+    return new_stats, new.content_hash()
+
+
+def export_tensor(method: MergeMethod, stats: Mapping[str, float], base: torch.Tensor,
+                  merged: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+    """The merged model's tensor: base + scale * merged task vector (base itself if not merged)."""
+    if merged is None:
+        return base
+    out = base.to(merged.dtype) + method.scale(stats) * merged
+    return out.to(dtype or base.dtype)

@@ -1,0 +1,106 @@
+"""Write a merged model as a Hugging Face folder, tensor by tensor: safetensors shards (+ index when
+more than one), the base's config/tokenizer/processor files, and a README model card.
+
+The folder is built beside OUT_DIR and renamed into place at the end, so OUT_DIR is never seen
+half-written; with overwrite, the old folder is replaced only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from foldin.errors import FoldinError
+from foldin.io.safetensors_file import SafetensorsWriter
+
+WEIGHT_PATTERNS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|onnx|gguf)$|\.index\.json$|^README\.md$|^\.")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise FoldinError(f"cannot read {text!r} as a size (examples: 5GB, 500MB).")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(float(m.group(1)) * base**power)
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Group tensors, in order, into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def write_hf_folder(
+    out_dir: Path,
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], torch.Tensor],
+    config_dir: Path | None,
+    model_card: str,
+    max_shard_bytes: int,
+    overwrite: bool = False,
+    progress: Callable[[list[str]], object] = iter,
+) -> Path:
+    """Write the folder. `specs` gives each output tensor's dtype and shape in file order;
+    `produce(name)` computes it."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FoldinError(f"{out_dir} exists and is not empty; choose another directory or pass --overwrite.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        sizes = {n: _numel(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()}
+        shards = plan_shards(sizes, max_shard_bytes)
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(shards):
+            filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            with SafetensorsWriter(tmp / filename, {n: specs[n] for n in names}) as writer:
+                for name in progress(names):
+                    writer.write(name, produce(name))
+                    weight_map[name] = filename
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if config_dir is not None:
+            shutil.copytree(config_dir, tmp, dirs_exist_ok=True,
+                            ignore=lambda _d, names: [n for n in names if WEIGHT_PATTERNS.search(n)])
+        (tmp / "README.md").write_text(model_card)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old.tmp")
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

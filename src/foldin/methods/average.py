@@ -1,0 +1,23 @@
+"""Continual weight averaging (the SWA baseline of the OPCM paper):
+M_1 = theta_1, M_t = ((t-1) M_{t-1} + theta_t) / t, kept as a task vector M_t - theta_0."""
+
+from __future__ import annotations
+
+from foldin.methods import register
+from foldin.methods.base import MergeMethod, MethodParams, StepContext
+
+
+class AverageParams(MethodParams):
+    pass
+
+
+@register
+class Average(MergeMethod):
+    name = "average"
+    Params = AverageParams
+    summary = "Running mean of all checkpoints folded in so far."
+
+    def fold(self, ctx: StepContext) -> dict[str, float]:
+        t = ctx.step
+        ctx.update(lambda s: (((t - 1) * s.merged + s.task_vector) / t, None), desc="averaging")
+        return {}

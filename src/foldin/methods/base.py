@@ -1,0 +1,95 @@
+"""What a merge method is: a parameter model, and one `fold` that turns the previous merged task
+vector and a new checkpoint into the next merged task vector, tensor by tensor.
+
+Every method keeps the same learned state: the *merged task vector* (one tensor per floating-point
+parameter, merged model minus base, before any global scale) and a few scalars (`stats`). The merged
+model is ``base + scale(stats) * merged``. Methods never see files: they see a `StepContext` that
+streams tensors to them, so the same code runs on disk, in memory, and on plain tensors in tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from functools import cached_property
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+R = TypeVar("R")
+
+
+class MethodParams(BaseModel):
+    """Base for each method's validated, immutable parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSlot:
+    """One floating-point parameter during a step. Inputs are read on first use and cached, so a
+    pass that needs only some of them reads only those."""
+
+    def __init__(self, name: str, is_linear: bool, load: Callable[[str, str], torch.Tensor]):
+        self.name = name
+        self.is_linear = is_linear
+        self._load = load
+
+    @cached_property
+    def base(self) -> torch.Tensor:
+        return self._load("base", self.name)
+
+    @cached_property
+    def new(self) -> torch.Tensor:
+        """The incoming checkpoint's tensor."""
+        return self._load("new", self.name)
+
+    @cached_property
+    def merged(self) -> torch.Tensor:
+        """The merged task vector after the previous step (zeros before the first)."""
+        return self._load("merged", self.name)
+
+    @cached_property
+    def task_vector(self) -> torch.Tensor:
+        return self.new - self.base
+
+
+class StepContext(Protocol):
+    """What a method sees of one step: the step number, its scalars, and passes over the tensors."""
+
+    step: int  # 1-based number of the checkpoint being folded in
+    stats: Mapping[str, float]  # the method's scalars after the previous step ({} before the first)
+    compute_dtype: torch.dtype  # float32, or float64 for a float64 model
+    numel: int  # number of floating-point entries in the whole model
+
+    def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
+        """A read-only pass over every tensor; returns fn's results (for global reductions)."""
+        ...
+
+    def update(self, fn: Callable[[TensorSlot], tuple[torch.Tensor, R]], desc: str) -> list[R]:
+        """The final pass: fn returns each tensor's new merged task vector (and a result)."""
+        ...
+
+
+class MergeMethod(ABC):
+    """A continual merging rule. The constructor only validates and stores parameters."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
+    summary: ClassVar[str]
+
+    def __init__(self, **params: Any):
+        self.params = self.Params(**params)
+
+    @abstractmethod
+    def fold(self, ctx: StepContext) -> dict[str, float]:
+        """Fold the step's checkpoint into the merged task vector; return the new stats."""
+
+    def scale(self, stats: Mapping[str, float]) -> float:
+        """The global factor applied to the merged task vector to get the merged model."""
+        return 1.0
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """Sum of squares in float64, so that a model's norm does not lose digits over many tensors."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)

@@ -1,0 +1,79 @@
+"""OPCM: orthogonal projection-based continual merging (Tang et al., 2025), computed exactly as
+FusionBench 0.2.33 (`fusion_bench/method/opcm/opcm_general.py`) does.
+
+For a linear-layer weight, the new task vector T is written in the singular bases (U, V) of the
+merged task vector D; its top-left r x r block and its whole diagonal are removed, where r is the
+first index at which cumsum(s)/sum(s) exceeds alpha. Other parameters are added as they are. One
+global scale then keeps the merged task vector's norm at the mean norm of the task vectors seen.
+
+Only the first min(m, n) singular pairs carry the removed coefficients, so a thin SVD gives the
+same result as FusionBench's full_matrices SVD: T - U_k Z V_k^T, with Z the removed coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from foldin.methods import register
+from foldin.methods.base import MergeMethod, MethodParams, StepContext, TensorSlot, squared_norm
+
+
+def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
+    """First index where the cumulative share of singular values exceeds alpha (0 if none does)."""
+    share = singular_values.cumsum(dim=0) / singular_values.sum()
+    return int((share > alpha).float().argmax().item())
+
+
+def project_task_vector(merged: torch.Tensor, task: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Remove from `task` the coefficients OPCM assigns to `merged`'s dominant singular subspace:
+    the top-left r x r block and every diagonal coefficient u_i^T task v_i."""
+    if not merged.any():
+        return task  # no subspace to protect; FusionBench would use an arbitrary basis here
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    r = split_rank(s, alpha)
+    coeffs = u.T @ task  # (k, n): rows are u_i^T task
+    diagonal = (coeffs * vh).sum(dim=1)  # u_i^T task v_i
+    block = coeffs[:r] @ vh[:r].T  # U_r^T task V_r
+    block.diagonal().zero_()  # the diagonal is removed below, once
+    removed = (u[:, :r] @ block) @ vh[:r] + (u * diagonal) @ vh
+    return task - removed
+
+
+class OPCMParams(MethodParams):
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Share of the singular-value mass that defines the protected subspace.")
+
+
+@register
+class OPCM(MergeMethod):
+    name = "opcm"
+    Params = OPCMParams
+    summary = "Projects each task vector away from the merged one's dominant singular subspace (linear layers), then rescales to the mean task-vector norm."
+
+    def fold(self, ctx: StepContext) -> dict[str, float]:
+        alpha, first = self.params.alpha, ctx.step == 1
+
+        def update(slot: TensorSlot) -> tuple[torch.Tensor, tuple[float, float]]:
+            tau = slot.task_vector
+            if first:
+                merged = tau
+            elif slot.is_linear:
+                merged = slot.merged + project_task_vector(slot.merged, tau, alpha)
+            else:
+                merged = slot.merged + tau
+            return merged, (squared_norm(tau), squared_norm(merged))
+
+        parts = ctx.update(update, desc="projecting")
+        norm_sum = ctx.stats.get("task_vector_norm_sum", 0.0) + math.sqrt(sum(p[0] for p in parts))
+        merged_norm = math.sqrt(sum(p[1] for p in parts))
+        mean_norm = norm_sum / ctx.step
+        return {
+            "task_vector_norm_sum": norm_sum,
+            "merged_norm": merged_norm,
+            "scale": mean_norm / merged_norm if merged_norm > 0 else 1.0,
+        }
+
+    def scale(self, stats) -> float:
+        return stats["scale"]

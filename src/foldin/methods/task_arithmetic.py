@@ -1,0 +1,24 @@
+"""Continual task arithmetic (Ilharco et al., 2022): M_0 = theta_0, M_t = M_{t-1} + lambda tau_t."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from foldin.methods import register
+from foldin.methods.base import MergeMethod, MethodParams, StepContext
+
+
+class TaskArithmeticParams(MethodParams):
+    scaling_factor: float = Field(0.3, description="lambda: weight of each new task vector.")
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    Params = TaskArithmeticParams
+    summary = "Adds each new task vector, scaled by a fixed factor."
+
+    def fold(self, ctx: StepContext) -> dict[str, float]:
+        lam = self.params.scaling_factor
+        ctx.update(lambda s: (s.merged + lam * s.task_vector, None), desc="adding")
+        return {}

@@ -1,0 +1,341 @@
+"""The on-disk merge state: everything needed to fold in the next checkpoint on another day.
+
+Layout of STATE_DIR:
+  state.json                     method, parameters, step, stats, base identity, history
+  gen-<step>-<token>/merged.safetensors   the merged task vector (one generation, float32)
+  .lock                          advisory lock: one writer at a time
+
+Each `add` writes a complete new generation beside the current one, makes it durable, then
+atomically replaces state.json (the commit point) and removes the old generation. A crash at any
+moment leaves state.json pointing at a complete generation: the old step or the new one. Leftover
+generations from an interrupted step are removed the next time the state is opened for writing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from foldin import __version__
+import torch
+from tqdm.auto import tqdm
+
+from foldin.engine import ModelLayout, export_tensor, fold_step, hash_source
+from foldin.errors import FoldinError, MismatchError, StateError
+from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.io.export import DTYPES, parse_size, write_hf_folder
+from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.layers import resolve_linear_weights
+from foldin.methods import get_method
+from foldin.methods.base import MergeMethod
+
+STATE_FILE = "state.json"
+MERGED_FILE = "merged.safetensors"
+FORMAT = "foldin-state"
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace `path` with `data` so that readers see either the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def _locked(state_dir: Path, exclusive: bool) -> Iterator[None]:
+    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(f"{state_dir} is in use by another foldin process; try again when it has finished.") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class MergeState:
+    """A merge state directory. Open with `MergeState.create` or `MergeState.open`."""
+
+    def __init__(self, state_dir: Path, meta: dict[str, Any]):
+        self.dir = state_dir
+        self.meta = meta
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    @property
+    def method(self) -> MergeMethod:
+        return get_method(self.meta["method"])(**self.meta["params"])
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.meta["history"]
+
+    @property
+    def base_path(self) -> Path:
+        return Path(self.meta["base"]["path"])
+
+    # ---- creation and opening ---------------------------------------------------------------
+    @classmethod
+    def create(cls, state_dir: str | os.PathLike[str], base: str | os.PathLike[str], method: str,
+               params: dict[str, Any] | None = None, linear_weights: str | None = None) -> "MergeState":
+        """Start a merge state at step 0 (the merged model is the base)."""
+        state_dir = Path(state_dir)
+        merge_method = get_method(method)(**(params or {}))  # validates the parameters first
+        if (state_dir / STATE_FILE).exists():
+            raise StateError(f"{state_dir} already holds a foldin state; use 'foldin add' or choose another directory.")
+        if state_dir.exists() and any(p.name != ".lock" for p in state_dir.iterdir()):
+            raise StateError(f"{state_dir} exists and is not empty; choose a new directory for the state.")
+        with open_checkpoint(base) as ckpt:
+            specs = {n: ckpt.spec(n)[1] for n in ckpt.names()}
+            linear, linear_source = resolve_linear_weights(specs, pattern=linear_weights, config_dir=ckpt.config_dir)
+            ModelLayout.from_source(ckpt, linear)  # refuses a base with nothing to merge
+            base_hash = hash_source(ckpt)
+            fingerprint = ckpt.fingerprint()
+            config_dir = ckpt.config_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "foldin_version": __version__,
+            "method": merge_method.name,
+            "params": merge_method.params.model_dump(),
+            "base": {
+                "path": str(Path(base).resolve()),
+                "hash": base_hash,
+                "fingerprint": fingerprint,
+                "config_dir": str(config_dir.resolve()) if config_dir else None,
+            },
+            "linear_weights": linear,
+            "linear_weights_source": linear_source,
+            "step": 0,
+            "stats": {},
+            "generation": None,
+            "history": [],
+        }
+        with _locked(state_dir, exclusive=True):
+            write_json_atomic(state_dir / STATE_FILE, meta)
+        return cls(state_dir, meta)
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike[str]) -> "MergeState":
+        state_dir = Path(state_dir)
+        path = state_dir / STATE_FILE
+        if not path.is_file():
+            raise StateError(f"{state_dir} is not a foldin state (no {STATE_FILE}); create one with 'foldin init'.")
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise StateError(f"{path} is corrupted (not valid JSON).") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StateError(f"{path} is not a foldin state file.")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StateError(f"{path} has state format {meta.get('format_version')}, this foldin reads {FORMAT_VERSION}.")
+        return cls(state_dir, meta)
+
+    # ---- folding in -------------------------------------------------------------------------
+    def _generation_file(self) -> Path | None:
+        gen = self.meta["generation"]
+        return self.dir / gen / MERGED_FILE if gen else None
+
+    def _remove_leftovers(self) -> None:
+        """Delete generations and temporary files that an interrupted step left behind."""
+        current = self.meta["generation"]
+        for p in self.dir.iterdir():
+            if (p.name.startswith("gen-") and p.name != current) or p.name.endswith(".tmp"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def open_base(self) -> Checkpoint:
+        """Open the base and make sure it is still the model this state was created from."""
+        base_info = self.meta["base"]
+        ckpt = open_checkpoint(base_info["path"])
+        if ckpt.fingerprint() != base_info["fingerprint"]:
+            if hash_source(ckpt) != base_info["hash"]:
+                ckpt.close()
+                raise MismatchError(f"the base model at {base_info['path']} has changed since this state was created; restore it or start a new state.")
+            base_info["fingerprint"] = ckpt.fingerprint()  # same content, new files (e.g. copied)
+        return ckpt
+
+    def check_base(self, base: str | os.PathLike[str]) -> None:
+        """Refuse a base that is not this state's base (compared by content)."""
+        with open_checkpoint(base) as ckpt:
+            if Path(base).resolve() == self.base_path and ckpt.fingerprint() == self.meta["base"]["fingerprint"]:
+                return
+            if hash_source(ckpt) != self.meta["base"]["hash"]:
+                raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
+
+    def add(self, checkpoint: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:
+        """Fold one checkpoint in, atomically. Returns its history entry."""
+        with _locked(self.dir, exclusive=True):
+            fresh = MergeState.open(self.dir)  # another process may have committed since we opened
+            self.meta = fresh.meta
+            self._remove_leftovers()
+            return self._add_locked(Path(checkpoint), progress)
+
+    def _add_locked(self, checkpoint: Path, progress: bool) -> dict[str, Any]:
+        started = time.time()
+        step = self.step + 1
+        method = self.method
+        gen = f"gen-{step:06d}-{secrets.token_hex(4)}"
+        gen_dir = self.dir / gen
+        with self.open_base() as base, open_checkpoint(checkpoint) as ckpt:
+            layout = ModelLayout.from_source(base, self.meta["linear_weights"])
+            previous_file = self._generation_file()
+            previous = open_checkpoint(previous_file) if previous_file else None
+            gen_dir.mkdir()
+            try:
+                with SafetensorsWriter(gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}) as writer:
+                    stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt,
+                                                 previous, writer.write, progress)
+                    self._refuse_duplicate(checkpoint, ckpt_hash)
+                _fsync_dir(gen_dir)
+                entry = {
+                    "step": step,
+                    "checkpoint": str(checkpoint.resolve()),
+                    "hash": ckpt_hash,
+                    "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(time.time() - started, 3),
+                    "stats": stats,
+                }
+                meta = {**self.meta, "step": step, "stats": stats, "generation": gen,
+                        "history": [*self.history, entry], "foldin_version": __version__}
+                write_json_atomic(self.dir / STATE_FILE, meta)  # the commit point
+            except BaseException:
+                shutil.rmtree(gen_dir, ignore_errors=True)
+                raise
+            finally:
+                if previous is not None:
+                    previous.close()
+        old = self.meta["generation"]
+        self.meta = meta
+        if old:
+            shutil.rmtree(self.dir / old, ignore_errors=True)
+        return entry
+
+    def _refuse_duplicate(self, checkpoint: Path, ckpt_hash: str) -> None:
+        if ckpt_hash == self.meta["base"]["hash"]:
+            raise MismatchError(f"{checkpoint} is the base model itself; there is nothing to fold in.")
+        for entry in self.history:
+            if entry["hash"] == ckpt_hash:
+                raise MismatchError(f"{checkpoint} was already folded in at step {entry['step']} (same content as {entry['checkpoint']}).")
+
+    # ---- reading ----------------------------------------------------------------------------
+    @contextmanager
+    def reading(self) -> Iterator[tuple[Checkpoint, Checkpoint | None]]:
+        """Hold a shared lock and yield (base, merged task vector or None at step 0)."""
+        with _locked(self.dir, exclusive=False):
+            self.meta = MergeState.open(self.dir).meta
+            with self.open_base() as base:
+                gen_file = self._generation_file()
+                merged = open_checkpoint(gen_file) if gen_file else None
+                try:
+                    yield base, merged
+                finally:
+                    if merged is not None:
+                        merged.close()
+
+    def export(self, out_dir: str | os.PathLike[str], dtype: str | None = None, max_shard_size: str = "5GB",
+               overwrite: bool = False, progress: bool = True) -> Path:
+        """Write the merged model after the current step as a Hugging Face folder."""
+        out_dtype = None
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+            out_dtype = DTYPES[dtype]
+        method = self.method
+        with self.reading() as (base, merged):
+            specs = {}
+            for name in base.names():
+                b_dtype, shape = base.spec(name)
+                specs[name] = (out_dtype if out_dtype is not None and b_dtype.is_floating_point else b_dtype, shape)
+
+            def produce(name: str) -> torch.Tensor:
+                m = merged.read(name) if merged is not None and specs[name][0].is_floating_point else None
+                return export_tensor(method, self.meta["stats"], base.read(name), m, specs[name][0])
+
+            config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
+            return write_hf_folder(
+                Path(out_dir), specs, produce, config_dir, model_card(self.meta), parse_size(max_shard_size),
+                overwrite=overwrite,
+                progress=lambda names: tqdm(names, desc="exporting", unit="tensor", leave=False,
+                                            disable=not progress or None, file=sys.stderr),
+            )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "state_dir": str(self.dir),
+            "method": self.meta["method"],
+            "params": self.meta["params"],
+            "step": self.step,
+            "base": {"path": self.meta["base"]["path"], "hash": self.meta["base"]["hash"]},
+            "linear_weights": len(self.meta["linear_weights"]),
+            "linear_weights_source": self.meta["linear_weights_source"],
+            "stats": self.meta["stats"],
+            "history": self.history,
+        }
+
+
+def ensure_state(state_dir: Path, base: str, method: str, params: dict[str, Any], linear_weights: str | None) -> MergeState:
+    """Open the state at state_dir if it exists and matches (base, method, params), else create it."""
+    if not (state_dir / STATE_FILE).exists():
+        return MergeState.create(state_dir, base, method, params, linear_weights)
+    state = MergeState.open(state_dir)
+    wanted = get_method(method)(**params).params.model_dump()
+    if state.meta["method"] != method or state.meta["params"] != wanted:
+        raise FoldinError(
+            f"{state_dir} holds a {state.meta['method']} state with {state.meta['params']}, "
+            f"not {method} with {wanted}; use another state directory."
+        )
+    state.check_base(base)
+    return state
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """A README for the exported folder: how it was made, from what, in which order."""
+    params = ", ".join(f"{k}={v}" for k, v in meta["params"].items()) or "none"
+    lines = [
+        "---",
+        "tags: [foldin, model-merging, continual-merging]",
+        "---",
+        "# Merged model",
+        "",
+        f"Made with foldin {__version__} by folding {meta['step']} fine-tuned checkpoint(s) into the base model "
+        f"with the `{meta['method']}` method ({params}).",
+        "",
+        f"- Base: `{meta['base']['path']}` ({meta['base']['hash']})",
+        f"- Linear-layer weights: {len(meta['linear_weights'])}, from {meta['linear_weights_source']}",
+        "",
+        "| step | checkpoint | content hash |",
+        "|---:|---|---|",
+    ]
+    lines += [f"| {e['step']} | `{e['checkpoint']}` | {e['hash']} |" for e in meta["history"]]
+    return "\n".join(lines) + "\n"
