@@ -285,7 +285,7 @@ class MergeState:
             config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
             return write_hf_folder(
                 Path(out_dir), specs, produce, config_dir, model_card(self.meta), parse_size(max_shard_size),
-                overwrite=overwrite,
+                overwrite=overwrite, torch_dtype=out_dtype,
                 progress=lambda names: tqdm(names, desc="exporting", unit="tensor", leave=False,
                                             disable=not progress or None, file=sys.stderr),
             )

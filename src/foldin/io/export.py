@@ -57,9 +57,10 @@ def write_hf_folder(
     max_shard_bytes: int,
     overwrite: bool = False,
     progress: Callable[[list[str]], object] = iter,
+    torch_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the folder. `specs` gives each output tensor's dtype and shape in file order;
-    `produce(name)` computes it."""
+    `produce(name)` computes it. torch_dtype, when the weights were cast, is recorded in config.json."""
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FoldinError(f"{out_dir} exists and is not empty; choose another directory or pass --overwrite.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -81,12 +82,23 @@ def write_hf_folder(
         if config_dir is not None:
             shutil.copytree(config_dir, tmp, dirs_exist_ok=True,
                             ignore=lambda _d, names: [n for n in names if WEIGHT_PATTERNS.search(n)])
+        if torch_dtype is not None and (tmp / "config.json").is_file():
+            _set_config_dtype(tmp / "config.json", torch_dtype)
         (tmp / "README.md").write_text(model_card)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """Record the exported dtype, so that from_pretrained(..., torch_dtype="auto") uses it."""
+    config = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:  # newer / older transformers
+        config[key] = name
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -1,0 +1,143 @@
+"""Checkpoint readers and the streaming safetensors writer, on real files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from foldin.errors import CheckpointError
+from foldin.io.checkpoint import content_hash, open_checkpoint, tensor_digest
+from foldin.io.export import parse_size, plan_shards
+from foldin.io.safetensors_file import DTYPES, SafetensorsWriter
+
+SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tensors=st.dictionaries(st.text("abcxyz._", min_size=1, max_size=8), st.tuples(st.sampled_from(sorted(DTYPES)), SHAPES), max_size=6),
+       seed=st.integers(0, 1000))
+def test_writer_round_trips_every_dtype_through_safetensors_and_our_reader(tmp_path_factory, tensors, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sd = {n: (torch.randn(shape, generator=gen) * 100).to(DTYPES[d]) for n, (d, shape) in tensors.items()}
+    path = tmp_path_factory.mktemp("rt") / "x.safetensors"
+    with SafetensorsWriter(path, {n: (t.dtype, tuple(t.shape)) for n, t in sd.items()}) as w:
+        for n in reversed(list(sd)):  # any write order
+            w.write(n, sd[n])
+    reference = load_file(path)  # the official library reads what we wrote
+    with open_checkpoint(path) as ck:
+        assert sorted(ck.names()) == sorted(sd)
+        for n, t in sd.items():
+            assert reference[n].dtype == t.dtype and reference[n].shape == t.shape
+            assert tensor_digest(reference[n]) == tensor_digest(ck.read(n)) == tensor_digest(t)  # bitwise
+
+
+def _sd(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"l1.weight": torch.randn(4, 3, generator=g), "l1.bias": torch.randn(4, generator=g), "step": torch.tensor([7])}
+
+
+def _hash(path: Path) -> str:
+    with open_checkpoint(path) as ck:
+        return content_hash({n: (*ck.spec(n), tensor_digest(ck.read(n))) for n in ck.names()})
+
+
+def test_every_format_gives_the_same_tensors_and_hash(tmp_path):
+    sd = _sd()
+    save_file(sd, tmp_path / "single.safetensors")
+    torch.save(sd, tmp_path / "sd.pt")
+    torch.save(sd, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    save_file({"l1.weight": sd["l1.weight"]}, shard / "model-00001-of-00002.safetensors")
+    save_file({"l1.bias": sd["l1.bias"], "step": sd["step"]}, shard / "model-00002-of-00002.safetensors")
+    (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "l1.weight": "model-00001-of-00002.safetensors", "l1.bias": "model-00002-of-00002.safetensors",
+        "step": "model-00002-of-00002.safetensors"}}))
+    hf_bin = tmp_path / "hfbin"
+    hf_bin.mkdir()
+    torch.save(sd, hf_bin / "pytorch_model.bin")
+    hashes = {_hash(p) for p in [tmp_path / "single.safetensors", tmp_path / "sd.pt", tmp_path / "legacy.bin", shard, hf_bin]}
+    assert len(hashes) == 1
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: torch.save({"w": torch.zeros(2), "x": Evil()}, p / "evil.pt") or p / "evil.pt", "weights_only=True"),
+        (lambda p: _write(p / "x.safetensors", struct.pack("<Q", 10**6) + b"{}"), "truncated"),
+        (lambda p: _write(p / "x.safetensors", struct.pack("<Q", 4) + b"{{{{"), "not valid JSON"),
+        (lambda p: _write(p / "x.pt", b"PK\x03\x04garbage"), "truncated or corrupted"),
+        (lambda p: _write(p / "x.safetensors", b"abc"), "shorter than 8 bytes"),
+        (lambda p: p / "missing.safetensors", "does not exist"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "holds no model weights"),
+    ],
+)
+def test_bad_files_give_one_clear_sentence(tmp_path, make, message, capsys):
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(make(tmp_path))
+    assert "this must never run" not in capsys.readouterr().out
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlapping"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12"),
+        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unsupported dtype"),
+        ({"a": {"dtype": "F32", "shape": [2**41, 2**41], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "invalid data offsets"),
+    ],
+)
+def test_lying_safetensors_headers_are_refused(tmp_path, header, data, message):
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(_raw_safetensors(tmp_path / "x.safetensors", header, data))
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "link.safetensors"])
+def test_index_may_not_point_outside_the_checkpoint_folder(tmp_path, target):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    save_file(_sd(), tmp_path / "outside.safetensors")
+    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"l1.weight": target}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        open_checkpoint(folder)
+
+
+def test_duplicate_tensor_across_shards_is_refused(tmp_path):
+    for i in (1, 2):
+        save_file({"w": torch.zeros(2)}, tmp_path / f"s{i}.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "s1.safetensors", "v": "s2.safetensors"}}))
+    with pytest.raises(CheckpointError):
+        open_checkpoint(tmp_path)
+
+
+def test_sizes_and_shard_plans():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100") == 100
+    assert plan_shards({"a": 6, "b": 6, "c": 20, "d": 1}, 10) == [["a"], ["b"], ["c"], ["d"]]
+    assert plan_shards({"a": 3, "b": 3, "c": 3}, 10) == [["a", "b", "c"]]

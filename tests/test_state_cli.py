@@ -1,0 +1,203 @@
+"""The on-disk state through the CLI: the happy path, every refusal (state untouched), locking,
+resumable `run`, and atomicity under kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import AutoModel
+
+from conftest import read_weights, snapshot, write_variant
+from foldin import MergeState, merge
+from foldin.cli import main
+
+
+def cli(*args: str) -> int:
+    return main([*map(str, args)])
+
+
+def test_init_add_export_info_methods(bert_case, tmp_path, capsys):
+    state = tmp_path / "state"
+    assert cli("init", state, "--base", bert_case / "base", "--method", "opcm", "--set", "alpha=0.6") == 0
+    assert cli("add", state, bert_case / "ckpt_1", bert_case / "ckpt_2", "--quiet") == 0
+    assert cli("add", state, bert_case / "ckpt_3", "--quiet") == 0
+    assert cli("export", state, tmp_path / "out", "--dtype", "bfloat16", "--max-shard-size", "30KB", "--quiet") == 0
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    assert (out / "config.json").exists() and "ckpt_3" in (out / "README.md").read_text()
+    model = AutoModel.from_pretrained(out, dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+    base = read_weights(bert_case / "base")
+    expected = merge(base, [read_weights(bert_case / f"ckpt_{i}") for i in (1, 2, 3)], method="opcm", alpha=0.6,
+                     linear_weights=AutoModel.from_pretrained(bert_case / "base"))
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(p, expected[name].to(torch.bfloat16))  # CLI == in-memory API
+
+    capsys.readouterr()
+    assert cli("info", state, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 3 and info["params"] == {"alpha": 0.6} and len(info["history"]) == 3
+    assert info["linear_weights"] == 13 and "nn.Linear" in info["linear_weights_source"]
+    assert cli("methods") == 0
+    assert "scaling_factor" in capsys.readouterr().out
+
+
+def test_state_size_does_not_grow_with_steps(bert_case, tmp_path):
+    state = MergeState.create(tmp_path / "s", bert_case / "base", "ties")
+    sizes = []
+    for i in (1, 2, 3):
+        state.add(bert_case / f"ckpt_{i}", progress=False)
+        sizes.append(sum(p.stat().st_size for p in (tmp_path / "s").rglob("*.safetensors")))
+    assert sizes[0] == sizes[1] == sizes[2]
+    assert len(list((tmp_path / "s").glob("gen-*"))) == 1
+
+
+def _bad_inputs(case: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
+    ck = case / "ckpt_2"
+    nan = lambda sd: {**sd, "pooler.dense.bias": sd["pooler.dense.bias"] * float("nan")}  # noqa: E731
+    truncated = write_variant(ck, tmp / "truncated", lambda sd: sd)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(truncated / "model.safetensors") - 100)
+    return {
+        "missing key": (write_variant(ck, tmp / "missing", lambda sd: {k: v for k, v in sd.items() if k != "pooler.dense.bias"}), "missing"),
+        "extra key": (write_variant(ck, tmp / "extra", lambda sd: {**sd, "classifier.weight": torch.zeros(2, 32)}), "not in the base"),
+        "shape": (write_variant(ck, tmp / "shape", lambda sd: {**sd, "pooler.dense.bias": torch.zeros(33)}), "shape"),
+        "dtype": (write_variant(ck, tmp / "dtype", lambda sd: {**sd, "pooler.dense.bias": sd["pooler.dense.bias"].half()}), "float16"),
+        "nan": (write_variant(ck, tmp / "nan", nan), "NaN or Inf"),
+        "truncated": (truncated, "truncated"),
+        "duplicate": (case / "ckpt_1", "already folded in at step 1"),
+        "base itself": (case / "base", "base model itself"),
+        "other architecture": (PARITY_CLIP, "does not have the base model's tensors"),
+        "not a checkpoint": (tmp / "nowhere", "does not exist"),
+    }
+
+
+from conftest import PARITY  # noqa: E402
+
+PARITY_CLIP = PARITY / "clip-vision-tiny" / "ckpt_1"
+
+
+@pytest.mark.parametrize("method", ["opcm", "ties"])
+def test_bad_checkpoints_are_refused_and_the_state_is_untouched(bert_case, tmp_path, method, capsys):
+    state = tmp_path / "state"
+    cli("init", state, "--base", bert_case / "base", "--method", method)
+    cli("add", state, bert_case / "ckpt_1", "--quiet")
+    before = snapshot(state)
+    for label, (path, message) in _bad_inputs(bert_case, tmp_path).items():
+        capsys.readouterr()
+        assert cli("add", state, path, "--quiet") == 1, label
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (label, err)
+        assert snapshot(state) == before, label
+    assert cli("add", state, bert_case / "ckpt_2", "--quiet") == 0  # and it still works
+
+
+def test_changed_base_is_detected(bert_case, tmp_path, capsys):
+    state = tmp_path / "state"
+    cli("init", state, "--base", bert_case / "base", "--method", "average")
+    cli("add", state, bert_case / "ckpt_1", "--quiet")
+    before = snapshot(state)
+    write_variant(bert_case / "ckpt_3", tmp_path / "other_base", lambda sd: sd)
+    os.replace(tmp_path / "other_base" / "model.safetensors", bert_case / "base" / "model.safetensors")
+    assert cli("add", state, bert_case / "ckpt_2", "--quiet") == 1
+    assert "has changed since this state was created" in capsys.readouterr().err
+    assert snapshot(state) == before
+
+
+def test_run_config_is_resumable_and_refuses_another_base(bert_case, tmp_path, capsys):
+    cfg = {"base": str(bert_case / "base"), "method": "task_arithmetic", "params": {"scaling_factor": 0.5},
+           "checkpoints": [str(bert_case / "ckpt_1")], "output": str(tmp_path / "merged")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli("run", path, "--quiet") == 0
+    cfg["checkpoints"].append(str(bert_case / "ckpt_2"))
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli("run", path, "--quiet") == 0
+    assert "resuming" in capsys.readouterr().out
+    assert MergeState.open(tmp_path / "merged.foldin-state").step == 2
+    AutoModel.from_pretrained(tmp_path / "merged")
+    cfg["base"] = str(bert_case / "ckpt_3")
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli("run", path, "--quiet") == 1
+    assert "is not the base model" in capsys.readouterr().err
+
+
+def test_bad_parameters_and_states(bert_case, tmp_path, capsys):
+    assert cli("init", tmp_path / "s", "--base", bert_case / "base", "--method", "opcm", "--set", "alpha=2") == 1
+    assert "alpha" in capsys.readouterr().err
+    assert cli("init", tmp_path / "s", "--base", bert_case / "base", "--method", "opcm", "--set", "beta=1") == 1
+    assert "beta" in capsys.readouterr().err
+    assert cli("add", tmp_path / "nothing", bert_case / "ckpt_1") == 1
+    assert "not a foldin state" in capsys.readouterr().err
+    cli("init", tmp_path / "s", "--base", bert_case / "base", "--method", "opcm")
+    (tmp_path / "s" / "state.json").write_text("{oops")
+    assert cli("info", tmp_path / "s") == 1
+    assert "corrupted" in capsys.readouterr().err
+
+
+def test_a_second_writer_fails_clearly(bert_case, tmp_path):
+    import fcntl
+
+    state = MergeState.create(tmp_path / "s", bert_case / "base", "opcm")
+    fd = os.open(tmp_path / "s" / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process is in the middle of an add
+    try:
+        with pytest.raises(Exception, match="in use by another foldin process"):
+            state.add(bert_case / "ckpt_1", progress=False)
+    finally:
+        os.close(fd)
+    assert MergeState.open(tmp_path / "s").step == 0
+
+
+def _medium_model(folder: Path, seed: int) -> Path:
+    """Big enough (~9 MB) that a kill lands inside the step, small enough to run many times."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    sd = {f"layer{i}.{p}.weight": torch.randn(256, 256, generator=g) for i in range(6) for p in ("q", "k", "v")}
+    sd.update({f"layer{i}.norm.weight": torch.randn(256, generator=g) for i in range(6)})
+    save_file(sd, folder / "model.safetensors")
+    return folder
+
+
+def test_kill_minus_nine_leaves_the_old_or_the_new_step(tmp_path):
+    base = _medium_model(tmp_path / "base", 0)
+    ckpts = [_medium_model(tmp_path / f"ck{i}", i + 1) for i in range(2)]
+    ref = MergeState.create(tmp_path / "ref", base, "opcm")
+    ref_bytes = []
+    for c in ckpts:
+        ref.add(c, progress=False)
+        ref_bytes.append((tmp_path / "ref" / ref.meta["generation"] / "merged.safetensors").read_bytes())
+    rng = random.Random(0)
+    outcomes = {"old": 0, "new": 0}
+    for trial in range(8):
+        sdir = tmp_path / f"s{trial}"
+        s = MergeState.create(sdir, base, "opcm")
+        s.add(ckpts[0], progress=False)
+        proc = subprocess.Popen([sys.executable, "-m", "foldin.cli", "add", str(sdir), str(ckpts[1]), "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        s = MergeState.open(sdir)
+        assert s.step in (1, 2)
+        got = (sdir / s.meta["generation"] / "merged.safetensors").read_bytes()
+        assert got == ref_bytes[s.step - 1]  # bitwise the uninterrupted result at that step
+        outcomes["old" if s.step == 1 else "new"] += 1
+        if s.step == 1:
+            s.add(ckpts[1], progress=False)  # the interrupted add can simply be retried
+            assert (sdir / s.meta["generation"] / "merged.safetensors").read_bytes() == ref_bytes[1]
+        assert len(list(sdir.glob("gen-*"))) == 1  # leftovers were cleaned up
+    assert outcomes["old"] > 0  # at least some kills landed mid-step
