@@ -1,6 +1,7 @@
 """Parity with FusionBench 0.2.33 on BERT-style and CLIP-vision-style models, through the whole
-on-disk path (init, add x3, export). FusionBench's outputs were produced by
-benchmarks/parity/check_parity.py --keep-fixtures and are committed under fixtures/parity/."""
+on-disk path (init, add x3, export). The cases and FusionBench's outputs were produced by
+`benchmarks/parity/check_parity.py --cases bert-tiny,clip-vision-tiny` (its work folder's base/,
+ckpt_*/ and fusionbench/*.safetensors) and are committed under fixtures/parity/."""
 
 from __future__ import annotations
 

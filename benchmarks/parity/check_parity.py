@@ -65,7 +65,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join([*TINY, *FULL]))
     ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "parity")
-    ap.add_argument("--keep-fixtures", type=Path, help="also copy the tiny cases with FusionBench's outputs here (test fixtures)")
     a = ap.parse_args()
     py = fusionbench_python()
     rows, worst = [], 0.0

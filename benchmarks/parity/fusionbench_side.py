@@ -52,7 +52,16 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--methods", default="average,task_arithmetic,ties,opcm")
     ap.add_argument("--params", default="{}", help="JSON of method parameters")
+    ap.add_argument("--float64-norm", action="store_true",
+                    help="diagnostic: compute OPCM's whole-model norms in float64 instead of FusionBench's float32")
     a = ap.parse_args()
+    if a.float64_norm:
+        import fusion_bench.method.opcm.opcm_general as opcm_general
+        from fusion_bench.utils.parameters import state_dict_to_vector
+        from fusion_bench.utils.state_dict_arithmetic import state_dict_sub
+
+        opcm_general.get_task_vector_norm = lambda model, pre: torch.linalg.norm(
+            state_dict_to_vector(state_dict_sub(model.state_dict(), pre.state_dict())).double())
     torch.set_num_threads(torch.get_num_threads())
     a.out.mkdir(parents=True, exist_ok=True)
     ckpts = sorted(p for p in a.case.iterdir() if p.name.startswith("ckpt_"))
