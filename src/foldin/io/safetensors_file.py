@@ -8,6 +8,8 @@ accumulating in RSS) and to write a file whose tensors are produced one by one.
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import struct
@@ -51,12 +53,6 @@ class TensorSpec:
     def nbytes(self) -> int:
         return self.end - self.begin
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
@@ -121,7 +117,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
         raise CheckpointError(
             f"{path} is truncated: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte data area."
         )
-    expected = _numel(tuple(shape)) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(tuple(shape)) * torch.empty((), dtype=dtype).element_size()
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{path}: tensor {name!r} occupies {offsets[1] - offsets[0]} bytes but shape {shape} "
@@ -167,7 +163,7 @@ class SafetensorsWriter:
         offset = 0
         self._offsets: dict[str, tuple[int, int]] = {}
         for name, (dtype, shape) in specs.items():
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._offsets[name] = (offset, offset + nbytes)
             offset += nbytes
