@@ -148,6 +148,38 @@ def test_bad_parameters_and_states(bert_case, tmp_path, capsys):
     assert "corrupted" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["add", "export"])
+def test_a_full_disk_gives_a_clear_error_and_loses_nothing(bert_case, tmp_path, monkeypatch, capsys, command):
+    import errno
+
+    import foldin.io.safetensors_file as stf
+
+    state = tmp_path / "state"
+    cli("init", state, "--base", bert_case / "base", "--method", "opcm")
+    cli("add", state, bert_case / "ckpt_1", "--quiet")
+    cli("export", state, tmp_path / "out", "--quiet")
+    before, exported = snapshot(state), snapshot(tmp_path / "out")
+    calls = {"n": 0}
+    real_pwrite = os.pwrite
+
+    def pwrite_until_full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(stf.os, "pwrite", pwrite_until_full)
+    args = ("add", state, bert_case / "ckpt_2") if command == "add" else ("export", state, tmp_path / "out", "--overwrite")
+    capsys.readouterr()
+    assert cli(*args, "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1
+    assert snapshot(state) == before and snapshot(tmp_path / "out") == exported
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half-written folder left
+    monkeypatch.undo()
+    assert cli("add", state, bert_case / "ckpt_2", "--quiet") == 0
+
+
 def test_a_second_writer_fails_clearly(bert_case, tmp_path):
     import fcntl
 

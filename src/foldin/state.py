@@ -199,7 +199,11 @@ class MergeState:
             fresh = MergeState.open(self.dir)  # another process may have committed since we opened
             self.meta = fresh.meta
             self._remove_leftovers()
-            return self._add_locked(Path(checkpoint), progress)
+            try:
+                return self._add_locked(Path(checkpoint), progress)
+            except OSError as e:  # disk full, I/O error: the new generation was discarded
+                raise StateError(f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
+                                 f"the state is unchanged at step {self.step}.") from e
 
     def _add_locked(self, checkpoint: Path, progress: bool) -> dict[str, Any]:
         started = time.time()
@@ -283,12 +287,16 @@ class MergeState:
                 return export_tensor(method, self.meta["stats"], base.read(name), m, specs[name][0])
 
             config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
-            return write_hf_folder(
-                Path(out_dir), specs, produce, config_dir, model_card(self.meta), parse_size(max_shard_size),
-                overwrite=overwrite, torch_dtype=out_dtype,
-                progress=lambda names: tqdm(names, desc="exporting", unit="tensor", leave=False,
-                                            disable=not progress or None, file=sys.stderr),
-            )
+            try:
+                return write_hf_folder(
+                    Path(out_dir), specs, produce, config_dir, model_card(self.meta), parse_size(max_shard_size),
+                    overwrite=overwrite, torch_dtype=out_dtype,
+                    progress=lambda names: tqdm(names, desc="exporting", unit="tensor", leave=False,
+                                                disable=not progress or None, file=sys.stderr),
+                )
+            except OSError as e:
+                raise FoldinError(f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
+                                  f"{out_dir} was left as it was.") from e
 
     def info(self) -> dict[str, Any]:
         return {
