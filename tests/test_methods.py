@@ -179,3 +179,11 @@ def test_float64_models_are_merged_in_float64():
     base, ckpts = _random_model(6)
     out = merge({k: v.double() for k, v in base.items()}, [{k: v.double() for k, v in c.items()} for c in ckpts], method="ties")
     assert all(v.dtype == torch.float64 for v in out.values())
+
+
+def test_integer_buffers_come_from_the_base_and_may_be_absent_from_checkpoints():
+    """position_ids-style buffers: in old base files, no longer saved by newer transformers."""
+    base, ckpts = _random_model(7)
+    base["embeddings.position_ids"] = torch.arange(8)
+    out = merge(base, ckpts, method="opcm")
+    assert torch.equal(out["embeddings.position_ids"], base["embeddings.position_ids"])

@@ -134,6 +134,53 @@ def cmd_methods(args: argparse.Namespace) -> None:
             print(f"    {p} = {f['default']!r}  ({f['type']}) {f['description'] or ''}")
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> None:
+    from foldin.evaluation.zoo import build_zoo
+
+    zoo = build_zoo(args.out or f"zoo/{args.suite}", args.suite, args.tasks, args.task, progress=not args.quiet,
+                    steps=args.steps, seed=args.seed, max_train=args.max_train, max_test=args.max_test)
+    print(f"{'task':<22}{'classes':>8}{'pretrained':>12}{'fine-tuned':>12}{'lift':>8}")
+    for name, t in zoo.meta["tasks"].items():
+        print(f"{name:<22}{len(t['labels']):>8}{100 * t['pretrained_acc']:>12.1f}{100 * t['finetuned_acc']:>12.1f}"
+              f"{100 * (t['finetuned_acc'] - t['pretrained_acc']):>+8.1f}")
+    print(f"zoo in {zoo.dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from transformers import AutoModel
+
+    from foldin.evaluation.bench import Scorer
+    from foldin.evaluation.zoo import Zoo
+
+    zoo = Zoo.open(args.zoo or f"zoo/{args.suite}")
+    names = args.tasks.split(",") if args.tasks else zoo.task_names
+    scorer = Scorer(zoo, names)
+    target = Path(args.model)
+    if (target / "state.json").exists():
+        scorer.load(MergeState.open(target).merged_state_dict())
+    else:
+        scorer.load(AutoModel.from_pretrained(target).state_dict())
+    scores = {n: scorer.score(n) for n in names}
+    print(f"{'task':<22}{'accuracy':>10}{'fine-tuned':>12}")
+    for n, a in scores.items():
+        print(f"{n:<22}{100 * a:>10.1f}{100 * zoo.meta['tasks'][n]['finetuned_acc']:>12.1f}")
+    print(f"{'mean':<22}{100 * sum(scores.values()) / len(scores):>10.1f}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from foldin.evaluation.bench import parse_method_specs, run_bench
+    from foldin.evaluation.zoo import Zoo, build_zoo
+
+    specs = parse_method_specs(args.methods)
+    zoo_dir = Path(args.zoo or f"zoo/{args.suite}")
+    zoo = Zoo.open(zoo_dir) if (zoo_dir / "zoo.json").exists() and not args.tasks else build_zoo(
+        zoo_dir, args.suite, args.tasks, progress=not args.quiet)
+    results = run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
+                        cft_orders=args.cft_orders, progress=not args.quiet, command="foldin " + " ".join(sys.argv[1:]))
+    print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
+    print(f"results, report and plots in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldin", description="Continual model merging: fold fine-tuned checkpoints into one model as they arrive.")
     parser.add_argument("--version", action="version", version=f"foldin {__version__}")
@@ -175,6 +222,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="registered methods and their parameters")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("zoo", help="task checkpoints for evaluation").add_subparsers(dest="zoo_command", required=True)
+    p = p.add_parser("build", help="fine-tune the suite's backbone on each task (resumable)")
+    p.add_argument("--suite", default="text", choices=["text"])
+    p.add_argument("--tasks", type=int, help="build only the first N tasks")
+    p.add_argument("--task", action="append", default=[], metavar="TASK.yaml", help="add a task of your own (see docs)")
+    p.add_argument("--out", help="default: zoo/SUITE")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per task (batch 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train", type=int, default=2000)
+    p.add_argument("--max-test", type=int, default=500)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_zoo_build)
+
+    p = sub.add_parser("eval", help="accuracy of a merged model (folder or state) on each task, with the tasks' heads")
+    p.add_argument("model", help="a Hugging Face folder or a foldin state directory")
+    p.add_argument("--suite", default="text")
+    p.add_argument("--zoo", help="default: zoo/SUITE")
+    p.add_argument("--tasks", help="comma-separated task names (default: all in the zoo)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="every method over the same random task orders, with references, report and plots")
+    p.add_argument("--suite", default="text")
+    p.add_argument("--zoo", help="default: zoo/SUITE (built if missing)")
+    p.add_argument("--tasks", type=int, help="use only the first N tasks (builds them if needed)")
+    p.add_argument("--methods", default="average,task_arithmetic,ties,opcm", help="name or name:key=value[:key=value], comma-separated")
+    p.add_argument("--orders", type=int, default=10)
+    p.add_argument("--full-matrix-orders", type=int, default=3, help="orders evaluated in full (the rest: diagonal + final row)")
+    p.add_argument("--cft-orders", type=int, default=1, help="orders for the continual fine-tuning reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

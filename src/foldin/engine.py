@@ -78,9 +78,12 @@ class ModelLayout:
         return {n: (self.compute_dtype, self.specs[n][1]) for n in self.merged_names}
 
     def check_compatible(self, ckpt: TensorSource) -> None:
-        """Refuse a checkpoint whose keys, shapes or dtypes differ from the base's."""
+        """Refuse a checkpoint whose keys, shapes or dtypes differ from the base's. Tensors that are
+        not merged (integer buffers such as position_ids, which newer transformers no longer save)
+        may be absent: they are taken from the base."""
         names = set(ckpt.names())
-        missing, extra = set(self.specs) - names, names - set(self.specs)
+        missing = set(self.merged_names) - names
+        extra = names - set(self.specs)
         if missing or extra:
             parts = []
             if missing:
@@ -88,8 +91,8 @@ class ModelLayout:
             if extra:
                 parts.append(f"{len(extra)} are not in the base (e.g. {sorted(extra)[0]!r})")
             raise MismatchError(f"{ckpt.path} does not have the base model's tensors: {'; '.join(parts)}.")
-        for name, (dtype, shape) in self.specs.items():
-            c_dtype, c_shape = ckpt.spec(name)
+        for name in names:
+            (dtype, shape), (c_dtype, c_shape) = self.specs[name], ckpt.spec(name)
             if c_shape != shape:
                 raise MismatchError(f"{ckpt.path}: tensor {name!r} has shape {list(c_shape)} but the base has {list(shape)}.")
             if c_dtype != dtype:
@@ -180,7 +183,7 @@ def fold_step(
     `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
     checkpoint is bad; the caller commits only on success."""
     layout.check_compatible(checkpoint)
-    new = CheckedReader(checkpoint, layout.specs)
+    new = CheckedReader(checkpoint, {n: checkpoint.spec(n) for n in checkpoint.names()})
     dtype = layout.compute_dtype
 
     def load(kind: str, name: str) -> torch.Tensor:

@@ -267,6 +267,26 @@ class MergeState:
                     if merged is not None:
                         merged.close()
 
+    def _merged_tensors(self, base: Checkpoint, merged: Checkpoint | None, dtype: torch.dtype | None):
+        """(dtype and shape of each output tensor, a function computing it) for the merged model."""
+        method = self.method
+        specs = {}
+        for name in base.names():
+            b_dtype, shape = base.spec(name)
+            specs[name] = (dtype if dtype is not None and b_dtype.is_floating_point else b_dtype, shape)
+
+        def produce(name: str) -> torch.Tensor:
+            m = merged.read(name) if merged is not None and specs[name][0].is_floating_point else None
+            return export_tensor(method, self.meta["stats"], base.read(name), m, specs[name][0])
+
+        return specs, produce
+
+    def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The merged model in memory (for evaluation; `export` streams instead)."""
+        with self.reading() as (base, merged):
+            specs, produce = self._merged_tensors(base, merged, dtype)
+            return {name: produce(name) for name in specs}
+
     def export(self, out_dir: str | os.PathLike[str], dtype: str | None = None, max_shard_size: str = "5GB",
                overwrite: bool = False, progress: bool = True) -> Path:
         """Write the merged model after the current step as a Hugging Face folder."""
@@ -275,16 +295,8 @@ class MergeState:
             if dtype not in DTYPES:
                 raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
             out_dtype = DTYPES[dtype]
-        method = self.method
         with self.reading() as (base, merged):
-            specs = {}
-            for name in base.names():
-                b_dtype, shape = base.spec(name)
-                specs[name] = (out_dtype if out_dtype is not None and b_dtype.is_floating_point else b_dtype, shape)
-
-            def produce(name: str) -> torch.Tensor:
-                m = merged.read(name) if merged is not None and specs[name][0].is_floating_point else None
-                return export_tensor(method, self.meta["stats"], base.read(name), m, specs[name][0])
+            specs, produce = self._merged_tensors(base, merged, out_dtype)
 
             config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
             try:

@@ -1,0 +1,174 @@
+"""The benchmark in the shape of the OPCM paper's Table 1: every method over the same seeded task
+orders, plus the references (pretrained, individually fine-tuned, continual fine-tuning).
+
+Merging runs in memory through `foldin.ContinualMerger` (the same engine as the CLI); after each
+step the merged backbone is scored with the tasks' frozen heads. Orders listed in
+`full_matrix_orders` get the whole accuracy matrix (T(T+1)/2 evaluations); the others only its
+diagonal and final row (2T - 1), which is all ACC and BWT need.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from foldin.api import ContinualMerger
+from foldin.errors import FoldinError
+from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
+from foldin.evaluation.text_model import Encoded, accuracy, fine_tune, load_backbone, load_tokenizer
+from foldin.evaluation.zoo import Zoo
+from foldin.methods import get_method
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_method_specs(text: str) -> list[MethodSpec]:
+    """'average,opcm,opcm:alpha=0.8,task_arithmetic:scaling_factor=0.5' -> specs (validated)."""
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, *settings = item.split(":")
+        params = {}
+        for s in settings:
+            key, sep, value = s.partition("=")
+            if not sep:
+                raise FoldinError(f"method spec {item!r}: expected name:key=value.")
+            params[key] = yaml.safe_load(value)
+        get_method(name)(**params)  # validate now, not an hour into the run
+        specs.append(MethodSpec(item, name, params))
+    return specs
+
+
+def task_orders(names: list[str], n: int, seed: int) -> list[list[str]]:
+    return [random.Random(seed + i).sample(names, len(names)) for i in range(n)]
+
+
+class Scorer:
+    """Scores backbones on the zoo's test sets with the tasks' heads (test sets tokenized once)."""
+
+    def __init__(self, zoo: Zoo, names: list[str]):
+        self.model = load_backbone(zoo.backbone)
+        self.tokenizer = load_tokenizer(zoo.backbone)
+        self.tasks = {t.name: t for t in zoo.tasks(names)}
+        self.test = {n: Encoded(self.tokenizer, *t.test) for n, t in self.tasks.items()}
+        self.heads = {n: zoo.head(n) for n in names}
+
+    def load(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored."""
+        missing = self.model.load_state_dict(state_dict, strict=False).missing_keys
+        if missing:
+            raise FoldinError(f"the model to score lacks {len(missing)} of the backbone's weights (e.g. {missing[0]!r}).")
+
+    def score(self, name: str) -> float:
+        return accuracy(self.model, self.heads[name], self.test[name])
+
+
+def run_order(order: list[str], advance: Callable[[str], float], scorer: Scorer, full: bool) -> tuple[Matrix, list[float]]:
+    """Fold the tasks in, in order; `advance(name)` does one step, loads the result into the
+    scorer and returns its merge seconds. Returns (accuracy matrix, seconds per step)."""
+    n = len(order)
+    acc: Matrix = [[None] * n for _ in range(n)]
+    seconds = []
+    for t, name in enumerate(order):
+        seconds.append(advance(name))
+        columns = range(t + 1) if full else ([*range(n)] if t == n - 1 else [t])
+        for k in columns:
+            acc[t][k] = scorer.score(order[k])
+    return acc, seconds
+
+
+def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[str, Any]:
+    accs, bwts = [r["ACC"] for r in runs], [r["BWT"] for r in runs]
+    norm = [normalized_accuracy([r["final_acc"][n] for n in finetuned], list(finetuned.values())) for r in runs]
+    (acc_m, acc_s), (bwt_m, bwt_s), (norm_m, _) = mean_std(accs), mean_std(bwts), mean_std(norm)
+    steps = [s for r in runs for s in r["seconds_per_step"]]
+    return {"ACC_mean": acc_m, "ACC_std": acc_s, "BWT_mean": bwt_m, "BWT_std": bwt_s,
+            "normalized_acc_mean": norm_m, "seconds_per_step": sum(steps) / len(steps), "runs": runs}
+
+
+def _run_record(order: list[str], acc: Matrix, seconds: list[float]) -> dict[str, Any]:
+    return {"order": order, "acc_matrix": acc, "final_acc": dict(zip(order, acc[-1])),
+            "ACC": final_accuracy(acc), "BWT": backward_transfer(acc), "seconds_per_step": seconds}
+
+
+def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed: int = 0,
+              full_matrix_orders: int = 3, cft_orders: int = 1, tasks: list[str] | None = None,
+              progress: bool = True, command: str = "") -> dict[str, Any]:
+    names = tasks or zoo.task_names
+    orders = task_orders(names, n_orders, seed)
+    scorer = Scorer(zoo, names)
+    base = load_file(Path(zoo.backbone) / "model.safetensors")
+    checkpoints = {n: load_file(zoo.checkpoint(n) / "model.safetensors") for n in names}
+    finetuned = {n: zoo.meta["tasks"][n]["finetuned_acc"] for n in names}
+    steps_total = len(names) * (n_orders * len(specs) + min(cft_orders, n_orders))
+    bar = tqdm(total=steps_total, desc="bench", unit="step", disable=not progress or None, file=sys.stderr)
+    results: dict[str, Any] = {
+        "suite": zoo.meta["suite"], "backbone": str(zoo.backbone), "command": command,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "settings": {"orders": n_orders, "seed": seed, "full_matrix_orders": full_matrix_orders, "cft_orders": cft_orders,
+                     "zoo": zoo.meta["settings"]},
+        "tasks": {n: {k: zoo.meta["tasks"][n][k] for k in ("source", "labels", "n_train", "n_test", "pretrained_acc", "finetuned_acc")}
+                  for n in names},
+        "methods": {}, "references": {},
+    }
+    for spec in specs:
+        runs = []
+        for i, order in enumerate(orders):
+            merger = ContinualMerger(base, spec.method, linear_weights=scorer.model, **spec.params)
+
+            def advance(name: str) -> float:
+                t0 = time.perf_counter()
+                merger.partial_fit(checkpoints[name])
+                seconds = time.perf_counter() - t0
+                scorer.load(merger.merged_state_dict())
+                bar.update(1)
+                return seconds
+
+            bar.set_postfix_str(f"{spec.label} order {i + 1}")
+            runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
+        results["methods"][spec.label] = {"method": spec.method, "params": get_method(spec.method)(**spec.params).params.model_dump(),
+                                          **_summarize(runs, finetuned)}
+    results["references"]["pretrained"] = {"final_acc": {n: results["tasks"][n]["pretrained_acc"] for n in names}}
+    results["references"]["finetuned"] = {"final_acc": finetuned}
+    for ref in ("pretrained", "finetuned"):
+        results["references"][ref]["ACC_mean"] = sum(results["references"][ref]["final_acc"].values()) / len(names)
+    if cft_orders:
+        runs = []
+        settings = zoo.meta["settings"]
+        for i, order in enumerate(orders[:cft_orders]):
+            scorer.load(base)
+
+            def advance(name: str) -> float:
+                task = scorer.tasks[name]
+                t0 = time.perf_counter()
+                fine_tune(scorer.model, scorer.heads[name], scorer.tokenizer, *task.train, steps=settings["steps"],
+                          lr=settings["lr"], seed=settings["seed"])
+                bar.update(1)
+                return time.perf_counter() - t0
+
+            bar.set_postfix_str(f"continual fine-tuning order {i + 1}")
+            runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
+        results["references"]["continual_finetuning"] = {"method": "continual fine-tuning", **_summarize(runs, finetuned)}
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    from foldin.evaluation.report import write_report
+
+    write_report(results, out)
+    return results

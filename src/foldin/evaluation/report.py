@@ -1,0 +1,120 @@
+"""report.md (Table 1 and Table 3 of the OPCM paper, in form) and PNG plots from results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from foldin.evaluation.metrics import accuracy_after_each_step
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    tasks = list(results["tasks"])
+    refs = results["references"]
+    rows = {**({"continual fine-tuning": refs["continual_finetuning"]} if "continual_finetuning" in refs else {}),
+            **results["methods"]}
+    lines = [
+        f"# Continual merging benchmark: {results['suite']} suite, {len(tasks)} tasks, "
+        f"{results['settings']['orders']} task orders",
+        "",
+        f"Backbone: `{results['backbone']}`. Machine: {results['machine']}.",
+        f"Command: `{results['command']}`" if results["command"] else "",
+        "",
+        "## Table 1 form: average accuracy (ACC) and backward transfer (BWT), mean ± std over orders (%)",
+        "",
+        "| method | ACC | BWT | normalized ACC | orders | seconds / step |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| pretrained (reference) | {_pct(refs['pretrained']['ACC_mean'])} | - | - | - | - |",
+        f"| individually fine-tuned (reference) | {_pct(refs['finetuned']['ACC_mean'])} | - | 100.0 | - | - |",
+    ]
+    for label, r in rows.items():
+        lines.append(f"| {label} | {_pct(r['ACC_mean'])} ± {_pct(r['ACC_std'])} | {_pct(r['BWT_mean'])} ± {_pct(r['BWT_std'])} "
+                     f"| {_pct(r['normalized_acc_mean'])} | {len(r['runs'])} | {r['seconds_per_step']:.2f} |")
+    lines += ["", "## Table 3 form: final accuracy per task, mean over orders (%)", "",
+              "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    per_task = {"pretrained": refs["pretrained"]["final_acc"], "fine-tuned": refs["finetuned"]["final_acc"]}
+    for label, r in rows.items():
+        per_task[label] = {n: sum(run["final_acc"][n] for run in r["runs"]) / len(r["runs"]) for n in tasks}
+    for label, accs in per_task.items():
+        lines.append(f"| {label} | " + " | ".join(_pct(accs[n]) for n in tasks) + " |")
+    lines += ["", "## Tasks", "", "| task | source | classes | train | test | pretrained head | fine-tuned | lift |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for n, t in results["tasks"].items():
+        lines.append(f"| {n} | {t['source']} | {len(t['labels'])} | {t['n_train']} | {t['n_test']} | {_pct(t['pretrained_acc'])} "
+                     f"| {_pct(t['finetuned_acc'])} | {100 * (t['finetuned_acc'] - t['pretrained_acc']):+.1f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_all(results, out)
+
+
+def plot_all(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = {**results["methods"]}
+    if "continual_finetuning" in results["references"]:
+        rows["continual fine-tuning"] = results["references"]["continual_finetuning"]
+    # accuracy matrix heat maps (first order, which is evaluated in full)
+    for label, r in rows.items():
+        run = r["runs"][0]
+        acc = np.array([[np.nan if a is None else 100 * a for a in row] for row in run["acc_matrix"]])
+        n = len(run["order"])
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.8 * n), max(4.5, 1.5 + 0.6 * n)))
+        im = ax.imshow(acc, vmin=0, vmax=100, cmap="viridis")
+        for (t, k), v in np.ndenumerate(acc):
+            if not np.isnan(v):
+                ax.text(k, t, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
+        ax.set_xticks(range(n), run["order"], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(n), [f"{t + 1}" for t in range(n)], fontsize=8)
+        ax.set_ylabel("checkpoints folded in")
+        ax.set_title(f"{label}: accuracy matrix (%), order 1")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(out / f"acc_matrix_{_slug(label)}.png", dpi=110)
+        plt.close(fig)
+    # ACC versus number of tasks, band over the fully evaluated orders
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, r in rows.items():
+        curves = [c for c in (accuracy_after_each_step(run["acc_matrix"]) for run in r["runs"]) if None not in c]
+        if not curves:
+            continue
+        arr = 100 * np.array(curves, dtype=float)
+        x = np.arange(1, arr.shape[1] + 1)
+        ax.plot(x, arr.mean(0), marker="o", label=f"{label} ({len(curves)} orders)")
+        ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.15)
+    ax.set_xlabel("number of tasks folded in")
+    ax.set_ylabel("mean accuracy on tasks seen so far (%)")
+    ax.set_title(f"{results['suite']} suite: ACC versus number of tasks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "acc_vs_tasks.png", dpi=110)
+    plt.close(fig)
+    plot_sweeps(results, out, plt)
+
+
+def plot_sweeps(results: dict[str, Any], out: Path, plt) -> None:
+    """ACC versus OPCM's alpha and task arithmetic's scaling factor, when several values were run."""
+    for method, param in (("opcm", "alpha"), ("task_arithmetic", "scaling_factor")):
+        points = sorted((r["params"][param], r["ACC_mean"], r["ACC_std"]) for r in results["methods"].values() if r["method"] == method)
+        if len(points) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        xs, ys, es = zip(*points)
+        ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3)
+        ax.set_xlabel(param)
+        ax.set_ylabel("ACC (%)")
+        ax.set_title(f"{method}: ACC versus {param}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"sweep_{method}_{param}.png", dpi=110)
+        plt.close(fig)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
