@@ -35,11 +35,12 @@ def project_task_vector(merged: torch.Tensor, task: torch.Tensor, alpha: float) 
     u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     r = split_rank(s, alpha)
     coeffs = u.T @ task  # (k, n): rows are u_i^T task
-    diagonal = (coeffs * vh).sum(dim=1)  # u_i^T task v_i
+    diagonal = torch.bmm(coeffs.unsqueeze(1), vh.unsqueeze(2)).reshape(-1)  # u_i^T task v_i, no (k, n) temporary
     block = coeffs[:r] @ vh[:r].T  # U_r^T task V_r
+    del coeffs
     block.diagonal().zero_()  # the diagonal is removed below, once
-    removed = (u[:, :r] @ block) @ vh[:r] + (u * diagonal) @ vh
-    return task - removed
+    projected = torch.addmm(task, u * diagonal, vh, alpha=-1)
+    return projected.addmm_(u[:, :r] @ block, vh[:r], alpha=-1)
 
 
 class OPCMParams(MethodParams):
@@ -60,7 +61,7 @@ class OPCM(MergeMethod):
             if first:
                 merged = tau
             elif slot.is_linear:
-                merged = slot.merged + project_task_vector(slot.merged, tau, alpha)
+                merged = project_task_vector(slot.merged, tau, alpha).add_(slot.merged)
             else:
                 merged = slot.merged + tau
             return merged, (squared_norm(tau), squared_norm(merged))
