@@ -176,7 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     zoo = Zoo.open(zoo_dir) if (zoo_dir / "zoo.json").exists() and not args.tasks else build_zoo(
         zoo_dir, args.suite, args.tasks, progress=not args.quiet)
     results = run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
-                        cft_orders=args.cft_orders, progress=not args.quiet, command="foldin " + " ".join(sys.argv[1:]))
+                        cft_orders=args.cft_orders, max_test=args.max_test, progress=not args.quiet,
+                        command="foldin " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
 
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", type=int, default=10)
     p.add_argument("--full-matrix-orders", type=int, default=3, help="orders evaluated in full (the rest: diagonal + final row)")
     p.add_argument("--cft-orders", type=int, default=1, help="orders for the continual fine-tuning reference")
+    p.add_argument("--max-test", type=int, help="score on the first N test examples of each task (default: all the zoo kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")

@@ -62,11 +62,11 @@ def task_orders(names: list[str], n: int, seed: int) -> list[list[str]]:
 class Scorer:
     """Scores backbones on the zoo's test sets with the tasks' heads (test sets tokenized once)."""
 
-    def __init__(self, zoo: Zoo, names: list[str]):
+    def __init__(self, zoo: Zoo, names: list[str], max_test: int | None = None):
         self.model = load_backbone(zoo.backbone)
         self.tokenizer = load_tokenizer(zoo.backbone)
         self.tasks = {t.name: t for t in zoo.tasks(names)}
-        self.test = {n: Encoded(self.tokenizer, *t.test) for n, t in self.tasks.items()}
+        self.test = {n: Encoded(self.tokenizer, t.test[0][:max_test], t.test[1][:max_test]) for n, t in self.tasks.items()}
         self.heads = {n: zoo.head(n) for n in names}
 
     def load(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -107,24 +107,36 @@ def _run_record(order: list[str], acc: Matrix, seconds: list[float]) -> dict[str
             "ACC": final_accuracy(acc), "BWT": backward_transfer(acc), "seconds_per_step": seconds}
 
 
+def reference_accuracies(scorer: Scorer, base: dict[str, torch.Tensor], checkpoints: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
+    """(pretrained, individually fine-tuned) accuracy of each task, on the bench's own test sets."""
+    scorer.load(base)
+    pretrained = {n: scorer.score(n) for n in checkpoints}
+    finetuned = {}
+    for n, sd in checkpoints.items():
+        scorer.load(sd)
+        finetuned[n] = scorer.score(n)
+    return pretrained, finetuned
+
+
 def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed: int = 0,
               full_matrix_orders: int = 3, cft_orders: int = 1, tasks: list[str] | None = None,
-              progress: bool = True, command: str = "") -> dict[str, Any]:
+              max_test: int | None = None, progress: bool = True, command: str = "") -> dict[str, Any]:
     names = tasks or zoo.task_names
     orders = task_orders(names, n_orders, seed)
-    scorer = Scorer(zoo, names)
+    scorer = Scorer(zoo, names, max_test)
     base = load_file(Path(zoo.backbone) / "model.safetensors")
     checkpoints = {n: load_file(zoo.checkpoint(n) / "model.safetensors") for n in names}
-    finetuned = {n: zoo.meta["tasks"][n]["finetuned_acc"] for n in names}
+    pretrained, finetuned = reference_accuracies(scorer, base, checkpoints)
     steps_total = len(names) * (n_orders * len(specs) + min(cft_orders, n_orders))
     bar = tqdm(total=steps_total, desc="bench", unit="step", disable=not progress or None, file=sys.stderr)
     results: dict[str, Any] = {
         "suite": zoo.meta["suite"], "backbone": str(zoo.backbone), "command": command,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "settings": {"orders": n_orders, "seed": seed, "full_matrix_orders": full_matrix_orders, "cft_orders": cft_orders,
+        "settings": {"orders": n_orders, "seed": seed, "full_matrix_orders": full_matrix_orders, "cft_orders": cft_orders, "max_test": max_test,
                      "zoo": zoo.meta["settings"]},
-        "tasks": {n: {k: zoo.meta["tasks"][n][k] for k in ("source", "labels", "n_train", "n_test", "pretrained_acc", "finetuned_acc")}
-                  for n in names},
+        "tasks": {n: {"source": zoo.meta["tasks"][n]["source"], "labels": zoo.meta["tasks"][n]["labels"],
+                      "n_train": zoo.meta["tasks"][n]["n_train"], "n_test": len(scorer.test[n].labels),
+                      "pretrained_acc": pretrained[n], "finetuned_acc": finetuned[n]} for n in names},
         "methods": {}, "references": {},
     }
     for spec in specs:
@@ -144,7 +156,7 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
             runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
         results["methods"][spec.label] = {"method": spec.method, "params": get_method(spec.method)(**spec.params).params.model_dump(),
                                           **_summarize(runs, finetuned)}
-    results["references"]["pretrained"] = {"final_acc": {n: results["tasks"][n]["pretrained_acc"] for n in names}}
+    results["references"]["pretrained"] = {"final_acc": pretrained}
     results["references"]["finetuned"] = {"final_acc": finetuned}
     for ref in ("pretrained", "finetuned"):
         results["references"][ref]["ACC_mean"] = sum(results["references"][ref]["final_acc"].values()) / len(names)

@@ -38,9 +38,11 @@ class Encoded:
     """A task split tokenized once, in batches, so that every evaluation reuses it."""
 
     def __init__(self, tokenizer, texts: list[str], labels: list[int], batch: int = EVAL_BATCH):
-        self.labels = torch.tensor(labels)
-        self.batches = [tokenizer(texts[i: i + batch], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
-                        for i in range(0, len(texts), batch)]
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LEN)["input_ids"]]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)  # similar lengths share a batch: less padding
+        self.labels = torch.tensor([labels[i] for i in order])
+        self.batches = [tokenizer([texts[i] for i in order[j: j + batch]], padding=True, truncation=True,
+                                  max_length=MAX_LEN, return_tensors="pt") for j in range(0, len(order), batch)]
 
 
 def mean_pooled(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
