@@ -7,7 +7,7 @@ import ctypes
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -114,12 +114,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {e['step']:>4}  {e['added_at']}  {e['hash'][:19]}  {e['checkpoint']}")
 
 
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "|".join(map(str, get_args(annotation)))
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     listing = {
         name: {
             "summary": cls.summary,
             "params": {
-                p: {"type": str(f.annotation).replace("typing.", ""), "default": f.default, "description": f.description}
+                p: {"type": _type_name(f.annotation), "default": f.default, "description": f.description}
                 for p, f in cls.Params.model_fields.items()
             },
         }
@@ -131,7 +137,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
     for name, m in listing.items():
         print(f"{name}: {m['summary']}")
         for p, f in m["params"].items():
-            print(f"    {p} = {f['default']!r}  ({f['type']}) {f['description'] or ''}")
+            print(f"    {p} = {f['default']!r}  ({f['type']})  {f['description'] or ''}")
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> None:

@@ -99,13 +99,12 @@ class ModelLayout:
                 raise MismatchError(f"{ckpt.path}: tensor {name!r} is {c_dtype} but the base is {dtype}.")
 
 
-
 class CheckedReader:
     """Reads a checkpoint's tensors, checking each for NaN/Inf and hashing it the first time."""
 
-    def __init__(self, source: TensorSource, specs: dict[str, Spec]):
+    def __init__(self, source: TensorSource):
         self.source = source
-        self.specs = specs
+        self.specs = {n: source.spec(n) for n in source.names()}
         self.digests: dict[str, str] = {}
 
     def read(self, name: str) -> torch.Tensor:
@@ -125,8 +124,7 @@ class CheckedReader:
 
 def hash_source(source: TensorSource) -> str:
     """Content hash of a whole checkpoint (one streaming pass)."""
-    reader = CheckedReader(source, {n: source.spec(n) for n in source.names()})
-    return reader.content_hash()
+    return CheckedReader(source).content_hash()
 
 
 class _Step:
@@ -183,7 +181,7 @@ def fold_step(
     `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
     checkpoint is bad; the caller commits only on success."""
     layout.check_compatible(checkpoint)
-    new = CheckedReader(checkpoint, {n: checkpoint.spec(n) for n in checkpoint.names()})
+    new = CheckedReader(checkpoint)
     dtype = layout.compute_dtype
 
     def load(kind: str, name: str) -> torch.Tensor:
