@@ -234,7 +234,8 @@ class MergeState:
                         "history": [*self.history, entry], "foldin_version": __version__}
                 write_json_atomic(self.dir / STATE_FILE, meta)  # the commit point
             except BaseException:
-                shutil.rmtree(gen_dir, ignore_errors=True)
+                if self._committed_generation() != gen:  # a failure after the commit point keeps it
+                    shutil.rmtree(gen_dir, ignore_errors=True)
                 raise
             finally:
                 if previous is not None:
@@ -244,6 +245,12 @@ class MergeState:
         if old:
             shutil.rmtree(self.dir / old, ignore_errors=True)
         return entry
+
+    def _committed_generation(self) -> str | None:
+        try:
+            return json.loads((self.dir / STATE_FILE).read_text()).get("generation")
+        except (OSError, ValueError):
+            return None
 
     def _refuse_duplicate(self, checkpoint: Path, ckpt_hash: str) -> None:
         if ckpt_hash == self.meta["base"]["hash"]:
