@@ -87,6 +87,7 @@ def plot_all(results: dict[str, Any], out: Path) -> None:
         x = np.arange(1, arr.shape[1] + 1)
         ax.plot(x, arr.mean(0), marker="o", label=f"{label} ({len(curves)} orders)")
         ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.15)
+    ax.set_xticks(range(1, len(results["tasks"]) + 1))
     ax.set_xlabel("number of tasks folded in")
     ax.set_ylabel("mean accuracy on tasks seen so far (%)")
     ax.set_title(f"{results['suite']} suite: ACC versus number of tasks")
