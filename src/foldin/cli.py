@@ -181,9 +181,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     zoo_dir = Path(args.zoo or f"zoo/{args.suite}")
     zoo = Zoo.open(zoo_dir) if (zoo_dir / "zoo.json").exists() and not args.tasks else build_zoo(
         zoo_dir, args.suite, args.tasks, progress=not args.quiet)
-    results = run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
-                        cft_orders=args.cft_orders, max_test=args.max_test, progress=not args.quiet,
-                        command="foldin " + " ".join(sys.argv[1:]))
+    run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
+              cft_orders=args.cft_orders, max_test=args.max_test, progress=not args.quiet,
+              command="foldin " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
 
