@@ -182,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     zoo = Zoo.open(zoo_dir) if (zoo_dir / "zoo.json").exists() and not args.tasks else build_zoo(
         zoo_dir, args.suite, args.tasks, progress=not args.quiet)
     run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
-              cft_orders=args.cft_orders, max_test=args.max_test, progress=not args.quiet,
+              cft_orders=args.cft_orders, tasks=zoo.task_names[: args.tasks] if args.tasks else None, max_test=args.max_test, progress=not args.quiet,
               command="foldin " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
