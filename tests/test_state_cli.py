@@ -204,32 +204,39 @@ def _medium_model(folder: Path, seed: int) -> Path:
     return folder
 
 
+def _cli_add(state: Path, ckpt: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "foldin.cli", "add", str(state), str(ckpt), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def test_kill_minus_nine_leaves_the_old_or_the_new_step(tmp_path):
     base = _medium_model(tmp_path / "base", 0)
     ckpts = [_medium_model(tmp_path / f"ck{i}", i + 1) for i in range(2)]
     ref = MergeState.create(tmp_path / "ref", base, "opcm")
     ref_bytes = []
-    for c in ckpts:
-        ref.add(c, progress=False)
+    started = time.perf_counter()
+    for c in ckpts:  # the reference runs through the same CLI path as the killed processes
+        assert _cli_add(tmp_path / "ref", c).wait() == 0
+        ref = MergeState.open(tmp_path / "ref")
         ref_bytes.append((tmp_path / "ref" / ref.meta["generation"] / "merged.safetensors").read_bytes())
+    full = (time.perf_counter() - started) / 2  # one uninterrupted add, process start included
     rng = random.Random(0)
     outcomes = {"old": 0, "new": 0}
     for trial in range(8):
         sdir = tmp_path / f"s{trial}"
         s = MergeState.create(sdir, base, "opcm")
         s.add(ckpts[0], progress=False)
-        proc = subprocess.Popen([sys.executable, "-m", "foldin.cli", "add", str(sdir), str(ckpts[1]), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 3.0))
+        proc = _cli_add(sdir, ckpts[1])
+        time.sleep(rng.uniform(0.3, 1.1) * full)  # mostly inside the step, sometimes after it
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         s = MergeState.open(sdir)
         assert s.step in (1, 2)
         got = (sdir / s.meta["generation"] / "merged.safetensors").read_bytes()
-        assert got == ref_bytes[s.step - 1]  # bitwise the uninterrupted result at that step
+        assert got == ref_bytes[s.step - 1], f"trial {trial}: state at step {s.step} differs from an uninterrupted run"
         outcomes["old" if s.step == 1 else "new"] += 1
         if s.step == 1:
             s.add(ckpts[1], progress=False)  # the interrupted add can simply be retried
             assert (sdir / s.meta["generation"] / "merged.safetensors").read_bytes() == ref_bytes[1]
         assert len(list(sdir.glob("gen-*"))) == 1  # leftovers were cleaned up
-    assert outcomes["old"] > 0  # at least some kills landed mid-step
+    assert outcomes["old"] > 0, f"no kill landed inside the step ({outcomes}, a step takes {full:.2f}s)"
