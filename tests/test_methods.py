@@ -18,7 +18,7 @@ from foldin.select import kth_smallest_abs
 def reference_projection(merged: torch.Tensor, task: torch.Tensor, alpha: float) -> torch.Tensor:
     """FusionBench's computation, in float64 with full SVD matrices."""
     u, s, vh = torch.linalg.svd(merged.double(), full_matrices=True)
-    r = int((s.cumsum(0) / s.sum() > alpha).float().argmax())
+    r = int(((s.cumsum(0) / s.sum()).clamp(max=1.0) > alpha).float().argmax())  # shares never exceed 1
     x = u.T @ task.double() @ vh.T
     x.diagonal().fill_(0)
     x[:r, :r] = 0
@@ -50,6 +50,13 @@ def test_projection_is_orthogonal_to_the_protected_coefficients(m, n, alpha, see
     r = split_rank(s, alpha)
     assert coeffs.diagonal().abs().max() < 1e-10
     assert r == 0 or coeffs[:r, :r].abs().max() < 1e-10
+
+
+def test_alpha_one_removes_only_the_diagonal_even_when_rounding_pushes_the_last_share_above_one():
+    gen = torch.Generator().manual_seed(1)  # found by hypothesis: full SVD's shares end at 1 + 2e-16
+    merged, task = low_rank_plus_noise(21, 12, gen).double(), torch.randn(21, 12, generator=gen).double()
+    torch.testing.assert_close(project_task_vector(merged, task, 1.0), reference_projection(merged, task, 1.0), rtol=1e-9, atol=1e-9)
+    assert split_rank(torch.tensor([1.0, 1e-17, 1e-17], dtype=torch.float64), 1.0) == 0
 
 
 def test_split_rank_edges():

@@ -23,7 +23,8 @@ from foldin.methods.base import MergeMethod, MethodParams, StepContext, TensorSl
 
 def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
     """First index where the cumulative share of singular values exceeds alpha (0 if none does)."""
-    share = singular_values.cumsum(dim=0) / singular_values.sum()
+    # the last share is exactly 1 in exact arithmetic; rounding must not make alpha = 1 select r > 0
+    share = (singular_values.cumsum(dim=0) / singular_values.sum()).clamp(max=1.0)
     return int((share > alpha).float().argmax().item())
 
 
