@@ -7,6 +7,7 @@ from foldin.api import ContinualMerger, merge  # noqa: E402
 from foldin.errors import CheckpointError, FoldinError, MismatchError, StateError  # noqa: E402
 from foldin.io.checkpoint import open_checkpoint  # noqa: E402
 from foldin.methods import available_methods, get_method, register  # noqa: E402
+from foldin.methods.learned import TaskData  # noqa: E402
 from foldin.state import MergeState  # noqa: E402
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "MergeState",
     "MismatchError",
     "StateError",
+    "TaskData",
     "available_methods",
     "get_method",
     "merge",

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from foldin.engine import DictSource, ModelLayout, export_tensor, fold_step, hash_source
-from foldin.errors import MismatchError
+from foldin.errors import FoldinError, MismatchError
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
+from foldin.methods.learned import FeatureFn, Learning, TaskData
 
 
 class ContinualMerger:
@@ -21,34 +22,49 @@ class ContinualMerger:
 
     base: the pretrained state dict every checkpoint was fine-tuned from.
     linear_weights: which tensors OPCM treats as linear-layer weights: an nn.Module (its nn.Linear
-        modules), a regular expression over tensor names, or None for the fallback name rule.
+        modules), a regular expression over tensor names, or None (`module`'s nn.Linear modules if
+        given, else the fallback name rule).
+    module, features: for data-driven methods (otmf, adamerging): the architecture, whose
+        state_dict names are the checkpoints', and `features(module, batch) -> (batch, d)`.
 
-    Learned state: merged_task_vector_ (dict of tensors), stats_, step_, hashes_.
+    Learned state: merged_task_vector_ (dict of tensors), stats_, step_, hashes_; for data-driven
+    methods also buffer_ (examples of the last task, for the next step) and heads_ (refit heads).
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], method: str = "opcm",
-                 linear_weights: nn.Module | str | None = None, **params: Any):
+                 linear_weights: nn.Module | str | None = None, module: nn.Module | None = None,
+                 features: FeatureFn | None = None, **params: Any):
         self.base = base
         self.method = method
         self.linear_weights = linear_weights
+        self.module = module
+        self.features = features
         self.params = params
 
-    def partial_fit(self, checkpoint: Mapping[str, torch.Tensor]) -> "ContinualMerger":
-        """Fold one checkpoint in."""
+    def partial_fit(self, checkpoint: Mapping[str, torch.Tensor], data: TaskData | None = None) -> "ContinualMerger":
+        """Fold one checkpoint in; data-driven methods also need its task's `data`."""
         if not hasattr(self, "step_"):
             self._start()
+        learning = None
+        if self.method_.needs_data and data is not None:
+            if self.module is None or self.features is None:
+                raise FoldinError(f"method {self.method!r} runs the model: give ContinualMerger module= and features=.")
+            learning = Learning(self.module, self.features, data, self.buffer_)
         merged: dict[str, torch.Tensor] = {}
         stats, ckpt_hash = fold_step(
             self.method_, self.step_ + 1, self.stats_, self.layout_, self._base_source,
             DictSource(checkpoint, f"checkpoint {self.step_ + 1}"),
             DictSource(self.merged_task_vector_) if self.step_ else None,
-            merged.__setitem__, progress=False,
+            merged.__setitem__, progress=False, learning=learning,
         )
         if ckpt_hash in self.hashes_:
             raise MismatchError(f"checkpoint {self.step_ + 1} is identical to one already folded in (or to the base).")
         self.merged_task_vector_, self.stats_ = merged, stats
         self.step_ += 1
         self.hashes_.append(ckpt_hash)
+        if learning is not None:
+            self.buffer_ = learning.buffer
+            self.heads_.update(learning.heads)
         return self
 
     def _start(self) -> None:
@@ -56,6 +72,7 @@ class ContinualMerger:
         self._base_source = DictSource(self.base, "base")
         specs = {n: tuple(t.shape) for n, t in self.base.items()}
         module = self.linear_weights if isinstance(self.linear_weights, nn.Module) else None
+        module = module if module is not None or self.linear_weights is not None else self.module
         pattern = self.linear_weights if isinstance(self.linear_weights, str) else None
         linear, _ = resolve_linear_weights(specs, pattern=pattern, module=module)
         self.layout_ = ModelLayout.from_source(self._base_source, linear)
@@ -63,6 +80,8 @@ class ContinualMerger:
         self.stats_: dict[str, float] = {}
         self.step_ = 0
         self.hashes_ = [hash_source(self._base_source)]
+        self.buffer_: TaskData | None = None
+        self.heads_: dict[str, dict[str, torch.Tensor]] = {}
 
     def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The merged model after the last step (the base before the first)."""

@@ -17,9 +17,10 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from foldin.errors import CheckpointError, MismatchError
+from foldin.errors import CheckpointError, FoldinError, MismatchError
 from foldin.io.checkpoint import content_hash, tensor_digest
 from foldin.methods.base import MergeMethod, R, TensorSlot
+from foldin.methods.learned import Learning
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -131,8 +132,10 @@ class _Step:
     """The StepContext a method sees; drives passes over the layout's tensors."""
 
     def __init__(self, step: int, stats: Mapping[str, float], layout: ModelLayout,
-                 load: Callable[[str, str], torch.Tensor], sink: Callable[[str, torch.Tensor], None], progress: bool):
+                 load: Callable[[str, str], torch.Tensor], sink: Callable[[str, torch.Tensor], None], progress: bool,
+                 learning: Learning | None = None):
         self.step = step
+        self.learning = learning
         self.stats = dict(stats)
         self.compute_dtype = layout.compute_dtype
         self.numel = layout.numel
@@ -176,10 +179,13 @@ def fold_step(
     previous: TensorSource | None,
     sink: Callable[[str, torch.Tensor], None],
     progress: bool = True,
+    learning: Learning | None = None,
 ) -> tuple[dict[str, float], str]:
     """Fold `checkpoint` in as step `step`. Writes every tensor of the new merged task vector to
     `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
-    checkpoint is bad; the caller commits only on success."""
+    checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`."""
+    if method.needs_data and learning is None:
+        raise FoldinError(f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: --task SUITE:TASK).")
     layout.check_compatible(checkpoint)
     new = CheckedReader(checkpoint)
     dtype = layout.compute_dtype
@@ -193,7 +199,7 @@ def fold_step(
             return torch.zeros(layout.specs[name][1], dtype=dtype)
         return previous.read(name).to(dtype)
 
-    ctx = _Step(step, stats, layout, load, sink, progress)
+    ctx = _Step(step, stats, layout, load, sink, progress, learning)
     new_stats = method.fold(ctx)
     if not ctx.updated:
         raise RuntimeError(f"method {method.name!r} did not write the merged task vector")

@@ -3,6 +3,8 @@
 Layout of STATE_DIR:
   state.json                     method, parameters, step, stats, base identity, history
   gen-<step>-<token>/merged.safetensors   the merged task vector (one generation, float32)
+  gen-<step>-<token>/buffer.safetensors   data-driven methods: examples of the last task (bounded)
+  gen-<step>-<token>/heads.safetensors    data-driven methods: classification heads refit so far
   .lock                          advisory lock: one writer at a time
 
 Each `add` writes a complete new generation beside the current one, makes it durable, then
@@ -27,6 +29,7 @@ from typing import Any
 
 from foldin import __version__
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from foldin.engine import ModelLayout, export_tensor, fold_step, hash_source
@@ -37,9 +40,12 @@ from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
 from foldin.methods.base import MergeMethod
+from foldin.methods.learned import Learning, TaskData
 
 STATE_FILE = "state.json"
 MERGED_FILE = "merged.safetensors"
+BUFFER_FILE = "buffer.safetensors"
+HEADS_FILE = "heads.safetensors"
 FORMAT = "foldin-state"
 FORMAT_VERSION = 1
 
@@ -193,19 +199,20 @@ class MergeState:
             if hash_source(ckpt) != self.meta["base"]["hash"]:
                 raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
 
-    def add(self, checkpoint: str | os.PathLike[str], progress: bool = True) -> dict[str, Any]:
-        """Fold one checkpoint in, atomically. Returns its history entry."""
+    def add(self, checkpoint: str | os.PathLike[str], progress: bool = True, learning: Learning | None = None) -> dict[str, Any]:
+        """Fold one checkpoint in, atomically. Returns its history entry. Data-driven methods need
+        `learning` (the model and the new task's data); the previous task's examples come from the state."""
         with _locked(self.dir, exclusive=True):
             fresh = MergeState.open(self.dir)  # another process may have committed since we opened
             self.meta = fresh.meta
             self._remove_leftovers()
             try:
-                return self._add_locked(Path(checkpoint), progress)
+                return self._add_locked(Path(checkpoint), progress, learning)
             except OSError as e:  # disk full, I/O error: the new generation was discarded
                 raise StateError(f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
                                  f"the state is unchanged at step {self.step}.") from e
 
-    def _add_locked(self, checkpoint: Path, progress: bool) -> dict[str, Any]:
+    def _add_locked(self, checkpoint: Path, progress: bool, learning: Learning | None) -> dict[str, Any]:
         started = time.time()
         step = self.step + 1
         method = self.method
@@ -215,16 +222,24 @@ class MergeState:
             layout = ModelLayout.from_source(base, self.meta["linear_weights"])
             previous_file = self._generation_file()
             previous = open_checkpoint(previous_file) if previous_file else None
+            if learning is not None and method.needs_data:
+                learning.previous = self.buffer()
             gen_dir.mkdir()
             try:
                 with SafetensorsWriter(gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}) as writer:
                     stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt,
-                                                 previous, writer.write, progress)
+                                                 previous, writer.write, progress, learning if method.needs_data else None)
                     self._refuse_duplicate(checkpoint, ckpt_hash)
+                if learning is not None and learning.buffer is not None:
+                    write_task_data(gen_dir / BUFFER_FILE, learning.buffer)
+                    heads = {**self.heads(), **learning.heads}
+                    if heads:
+                        save_file({f"{task}/{k}": v.contiguous() for task, h in heads.items() for k, v in h.items()}, gen_dir / HEADS_FILE)
                 _fsync_dir(gen_dir)
                 entry = {
                     "step": step,
                     "checkpoint": str(checkpoint.resolve()),
+                    **({"task": learning.new.name} if learning is not None and method.needs_data else {}),
                     "hash": ckpt_hash,
                     "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "seconds": round(time.time() - started, 3),
@@ -245,6 +260,24 @@ class MergeState:
         if old:
             shutil.rmtree(self.dir / old, ignore_errors=True)
         return entry
+
+    def _generation_path(self, name: str) -> Path | None:
+        path = self.dir / self.meta["generation"] / name if self.meta["generation"] else None
+        return path if path is not None and path.exists() else None
+
+    def buffer(self) -> TaskData | None:
+        """The examples of the last task that a data-driven method kept for the next step."""
+        path = self._generation_path(BUFFER_FILE)
+        return read_task_data(path) if path else None
+
+    def heads(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Classification heads refit by a data-driven method (OTMF's head refit), by task."""
+        path = self._generation_path(HEADS_FILE)
+        heads: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in (load_file(path).items() if path else []):
+            task, _, part = key.rpartition("/")
+            heads.setdefault(task, {})[part] = tensor
+        return heads
 
     def _committed_generation(self) -> str | None:
         try:
@@ -329,6 +362,27 @@ class MergeState:
             "stats": self.meta["stats"],
             "history": self.history,
         }
+
+
+def write_task_data(path: Path, data: TaskData) -> None:
+    tensors = {f"inputs.{k}": v.contiguous() for k, v in data.inputs.items()}
+    if data.labels is not None:
+        tensors["labels"] = data.labels.contiguous()
+    for k, v in (data.head or {}).items():
+        tensors[f"head.{k}"] = v.contiguous()
+    save_file(tensors, path, metadata={"name": data.name, "total": str(data.total or len(data))})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def read_task_data(path: Path) -> TaskData:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    return TaskData(pick("inputs."), tensors.get("labels"), pick("head.") or None, meta.get("name", "task"), int(meta.get("total", 0)) or None)
 
 
 def ensure_state(state_dir: Path, base: str, method: str, params: dict[str, Any], linear_weights: str | None) -> MergeState:

@@ -12,10 +12,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from foldin.methods.learned import Learning
 
 R = TypeVar("R")
 
@@ -61,6 +64,7 @@ class StepContext(Protocol):
     stats: Mapping[str, float]  # the method's scalars after the previous step ({} before the first)
     compute_dtype: torch.dtype  # float32, or float64 for a float64 model
     numel: int  # number of floating-point entries in the whole model
+    learning: "Learning | None"  # the model and task data, for data-driven methods (None otherwise)
 
     def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
         """A read-only pass over every tensor; returns fn's results (for global reductions)."""
@@ -77,6 +81,7 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]]
     summary: ClassVar[str]
+    needs_data: ClassVar[bool] = False  # True: each step needs the model and the task's data (`Learning`)
 
     def __init__(self, **params: Any):
         self.params = self.Params(**params)

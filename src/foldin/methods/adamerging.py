@@ -1,0 +1,56 @@
+"""Task-wise AdaMerging (Yang et al., 2024), continual form: the baseline OTMF compares memory with.
+
+    merged = lambda_pre * tau_pre + lambda_post * tau_post,   lambda in [0, 1], initialised at 0.3
+
+The two coefficients are trained with Adam to minimise the entropy of the model's predictions
+(through each task's classification head) on unlabelled inputs of the previous task (the buffer
+the state keeps) and of the new task, one batch of each per step; they are clamped to [0, 1]
+after every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from foldin.errors import FoldinError
+from foldin.methods import register
+from foldin.methods.learned import FunctionalModel, LearnedMethod, LearnedParams, Learning, add_task_vectors, sample_index
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax predictions: low when the model is confident."""
+    return -(F.softmax(logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+class AdaMergingParams(LearnedParams):
+    init: float = Field(0.3, ge=0.0, le=1.0, description="Initial value of both coefficients.")
+
+
+@register
+class AdaMerging(LearnedMethod):
+    name = "adamerging"
+    Params = AdaMergingParams
+    summary = "Learns one coefficient for the merged and one for the new task vector by minimising prediction entropy on unlabelled inputs (needs task data and heads)."
+
+    def learn(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator):
+        p = self.params
+        tasks = [learning.previous, learning.new]
+        if any(t is None or t.head is None for t in tasks):
+            raise FoldinError("adamerging scores predictions, so each task's data needs its classification head (TaskData.head).")
+        model = FunctionalModel(learning)
+        coeffs = torch.full((2,), p.init, requires_grad=True)
+        opt = torch.optim.Adam([coeffs], lr=p.lr)
+        for _ in range(p.steps):
+            weights = add_task_vectors(base, (coeffs[0], tau_pre), (coeffs[1], tau_post))
+            loss = sum(prediction_entropy(F.linear(model(weights, t.batch(sample_index(t, p.batch_size, generator))), t.head["weight"], t.head["bias"]))
+                       for t in tasks)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                coeffs.clamp_(0.0, 1.0)
+        c_pre, c_post = (float(c) for c in coeffs.detach())
+        merged = {n: c_pre * tau_pre[n] + c_post * tau_post[n] for n in tau_pre}
+        return merged, {"lambda_pre": c_pre, "lambda_post": c_post}

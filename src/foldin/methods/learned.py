@@ -1,0 +1,168 @@
+"""What data-driven methods (OTMF, AdaMerging) share: the task data they see, a functional forward
+pass of the user's model under any candidate weights, batch sampling, and the buffer they keep.
+
+A data-driven method still folds through the same engine as the others (the checkpoint is
+validated and hashed, the merged task vector written tensor by tensor, the step committed
+atomically); it reads the whole model into memory first because it needs forward passes. Its
+memory is bounded by a few copies of the model (base, merged and new task vectors, what it
+learns) plus a bounded buffer of examples of the last task, never by the number of tasks.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from foldin.errors import FoldinError
+from foldin.methods.base import MergeMethod, MethodParams, StepContext
+
+Batch = dict[str, torch.Tensor]
+FeatureFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass
+class TaskData:
+    """Training examples of one task: `inputs` holds N examples along dim 0 of every tensor
+    (e.g. input_ids and attention_mask, or images); `labels` and `head` (the task's linear
+    classifier, {"weight", "bias"}) are needed only where a method uses them."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None = None
+    head: dict[str, torch.Tensor] | None = None
+    name: str = "task"
+    total: int | None = None  # examples of the task this data was drawn from (None: all of them are here)
+
+    def __post_init__(self) -> None:
+        sizes = {len(t) for t in self.inputs.values()} | ({len(self.labels)} if self.labels is not None else set())
+        if not self.inputs or len(sizes) != 1 or 0 in sizes:
+            raise FoldinError(f"task data {self.name!r}: inputs (and labels) must be non-empty and hold the same number of examples.")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        return {k: v[index] for k, v in self.inputs.items()}
+
+    def subset(self, n: int, generator: torch.Generator) -> "TaskData":
+        """At most n examples, drawn without replacement: the bounded buffer kept for the next step."""
+        index = torch.randperm(len(self), generator=generator)[:n]
+        labels = self.labels[index] if self.labels is not None else None
+        return TaskData({k: v[index].clone() for k, v in self.inputs.items()}, labels, self.head, self.name, self.total or len(self))
+
+
+@dataclass
+class Learning:
+    """What a data-driven step sees besides tensors, and what it leaves for the next step."""
+
+    module: nn.Module  # the architecture; its state_dict names are the checkpoint's
+    features: FeatureFn  # features(module, batch) -> (batch, d)
+    new: TaskData  # the incoming task's training data
+    previous: TaskData | None = None  # the buffer kept from the last task folded in
+    buffer: TaskData | None = None  # set by the method: what the next step will see as `previous`
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # set by the method: refit heads
+
+
+class _WithFeatures(nn.Module):
+    def __init__(self, module: nn.Module, features: FeatureFn):
+        super().__init__()
+        self.module = module
+        self.features = features
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.features(self.module, batch)
+
+
+class FunctionalModel:
+    """Features of the user's model under given weights, without copying weights into the module
+    (torch.func.functional_call), so candidate weights can carry gradients to masks or coefficients."""
+
+    def __init__(self, learning: Learning):
+        self._wrapped = _WithFeatures(learning.module, learning.features)
+        learning.module.eval()  # dropout off: the loss compares features, not noisy samples
+
+    def __call__(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Features under `weights` (the floating-point tensors; the module keeps its integer buffers)."""
+        params = {f"module.{k}": v for k, v in weights.items()}
+        return torch.func.functional_call(self._wrapped, params, (batch,), strict=False)
+
+
+def add_task_vectors(base: Mapping[str, torch.Tensor], *terms: tuple[torch.Tensor | float, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """base + sum of coefficient * task vector, name by name (a coefficient is a scalar or a tensor per name)."""
+    out = {}
+    for name, b in base.items():
+        w = b
+        for coeff, tv in terms:
+            c = coeff[name] if isinstance(coeff, Mapping) else coeff
+            w = w + c * tv[name]
+        out[name] = w
+    return out
+
+
+def sample_index(data: TaskData, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(len(data), (min(batch_size, len(data)),), generator=generator)
+
+
+def refit_head(head: Mapping[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, steps: int,
+               lr: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Continue training a linear head by cross-entropy on features of the merged model (full batch, Adam)."""
+    weight = head["weight"].detach().clone().requires_grad_()
+    bias = head["bias"].detach().clone().requires_grad_()
+    opt = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(F.linear(features, weight, bias), labels).backward()
+        opt.step()
+    return {"weight": weight.detach(), "bias": bias.detach()}
+
+
+@torch.no_grad()
+def batched_features(model: FunctionalModel, weights: Mapping[str, torch.Tensor], data: TaskData, batch_size: int = 64) -> torch.Tensor:
+    index = torch.arange(len(data))
+    return torch.cat([model(weights, data.batch(i)) for i in index.split(batch_size)])
+
+
+class LearnedParams(MethodParams):
+    steps: int = Field(100, ge=0, description="Optimisation steps per merge.")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimisation step.")
+    buffer_size: int = Field(512, ge=1, description="Examples of the last task kept in the state for the next step.")
+    seed: int = Field(0, description="Seeds batch sampling and the buffer.")
+
+
+class LearnedMethod(MergeMethod):
+    """A method that learns how to combine the merged task vector (`previous`) with the new one
+    from data. The first step has nothing to combine: the merged task vector is the task vector."""
+
+    needs_data = True
+    params: LearnedParams
+
+    @abstractmethod
+    def learn(self, base: dict[str, torch.Tensor], tau_pre: dict[str, torch.Tensor], tau_post: dict[str, torch.Tensor],
+              learning: Learning, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Return the next merged task vector and a few scalars worth recording (e.g. coefficients)."""
+
+    def fold(self, ctx: StepContext) -> dict[str, float]:
+        learning = ctx.learning
+        assert learning is not None  # fold_step refuses a data-driven step without data
+        rows = ctx.scan(lambda s: (s.name, s.base, s.merged, s.task_vector), desc="reading")
+        base = {n: b for n, b, _, _ in rows}
+        tau_pre = {n: m for n, _, m, _ in rows}
+        tau_post = {n: t for n, _, _, t in rows}
+        del rows
+        generator = torch.Generator().manual_seed(self.params.seed + ctx.step)
+        stats: dict[str, float] = {}
+        if ctx.step == 1:
+            merged = tau_post
+        elif learning.previous is None:
+            raise FoldinError(f"{self.name} needs examples of the previous task, and none were kept (was step {ctx.step - 1} made by another method?).")
+        else:
+            merged, stats = self.learn(base, tau_pre, tau_post, learning, generator)
+        learning.buffer = learning.new.subset(self.params.buffer_size, generator)
+        ctx.update(lambda s: (merged[s.name].detach(), None), desc="writing")
+        return stats
