@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from foldin.cli import main
 from foldin.errors import FoldinError
 from foldin.evaluation.bench import parse_method_specs, task_orders
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
-from foldin.evaluation.tasks import text_suite, user_task
+from foldin.evaluation.text_tasks import text_suite, user_task
 
 MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.4]]
 
@@ -76,3 +77,58 @@ def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(zoo / "tasks" / "reuters_r8"), "--zoo", str(zoo)]) == 0
     assert "reuters_r8" in capsys.readouterr().out
+
+
+def test_vision_tasks_from_real_packaged_images():
+    from foldin.evaluation.vision_tasks import vision_suite
+
+    mnist, digits, rotated, permuted = vision_suite(["mnist", "digits", "rotated_mnist", "permuted_mnist"], max_train=40, max_test=20)
+    for t in (mnist, digits, rotated, permuted):
+        assert t.train[0].dtype == torch.uint8 and t.train[0].ndim == 3 and len(t.train[1]) == 40 and len(t.test[1]) == 20
+        assert len(t.labels) == 10 and set(t.train[1]) <= set(range(10))
+    assert digits.train[0].shape[1:] == (8, 8) and mnist.train[0].shape[1:] == (28, 28)
+    # the variants are the same images with the same labels, transformed
+    assert torch.equal(rotated.train[0], torch.rot90(mnist.train[0], 1, dims=(1, 2))) and rotated.train[1] == mnist.train[1]
+    assert torch.equal(permuted.train[0].reshape(40, -1).sort(1).values, mnist.train[0].reshape(40, -1).sort(1).values)
+    assert not torch.equal(permuted.train[0], mnist.train[0])
+
+
+def test_user_vision_task_from_npz(tmp_path):
+    import numpy as np
+
+    from foldin.evaluation.vision_tasks import user_task as vision_user_task
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 255, (12, 16, 16), dtype=np.uint8), labels=np.arange(12) % 3)
+    (tmp_path / "shapes.yaml").write_text("name: shapes\ntrain: train.npz\ntest: test.npz\nlabel_names: [a, b, c]\n")
+    task = vision_user_task(tmp_path / "shapes.yaml")
+    assert task.labels == ["a", "b", "c"] and task.train[0].shape == (12, 16, 16)
+    np.savez(tmp_path / "bad.npz", pictures=np.zeros((2, 4, 4)))
+    (tmp_path / "bad.yaml").write_text("name: bad\ntrain: bad.npz\ntest: test.npz\n")
+    with pytest.raises(FoldinError, match="'images' and 'labels'"):
+        vision_user_task(tmp_path / "bad.yaml")
+
+
+def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
+    """EfficientNet-Lite0 (real ImageNet weights), 2 real image tasks: zoo, bench with OPCM on
+    convolution kernels, and a state built by the CLI from the zoo's checkpoint folders."""
+    zoo = tmp_path / "zoo"
+    assert main(["zoo", "build", "--suite", "vision", "--tasks", "2", "--steps", "3", "--max-train", "64", "--max-test", "64",
+                 "--out", str(zoo), "--quiet"]) == 0
+    meta = json.loads((zoo / "zoo.json").read_text())
+    assert meta["suite"] == "vision" and list(meta["tasks"]) == ["mnist", "digits"]
+    out = tmp_path / "bench"
+    methods = "task_arithmetic,opcm,opcm:linear_weights=.*conv.*weight"
+    assert main(["bench", "--zoo", str(zoo), "--methods", methods, "--orders", "2", "--full-matrix-orders", "1",
+                 "--cft-orders", "0", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["suite"] == "vision" and set(results["methods"]) == set(methods.split(","))
+    assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
+    state = tmp_path / "state"
+    assert main(["init", str(state), "--base", str(zoo / "base"), "--method", "opcm", "--linear-weights", r".*conv.*\.weight"]) == 0
+    for name in ("mnist", "digits"):
+        assert main(["add", str(state), str(zoo / "tasks" / name)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(state), "--zoo", str(zoo)]) == 0
+    assert "digits" in capsys.readouterr().out

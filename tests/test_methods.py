@@ -194,3 +194,13 @@ def test_integer_buffers_come_from_the_base_and_may_be_absent_from_checkpoints()
     base["embeddings.position_ids"] = torch.arange(8)
     out = merge(base, ckpts, method="opcm")
     assert torch.equal(out["embeddings.position_ids"], base["embeddings.position_ids"])
+
+
+def test_opcm_reads_a_convolution_kernel_as_out_by_patch_matrix():
+    """A kernel selected by pattern is projected exactly as its (out, in*kh*kw) matrix would be."""
+    g = torch.Generator().manual_seed(0)
+    base = {"conv.weight": torch.randn(8, 4, 3, 3, generator=g), "fc.weight": torch.randn(8, 36, generator=g)}
+    deltas = [torch.randn(8, 4, 3, 3, generator=g) for _ in range(3)]
+    conv = merge(base, [{"conv.weight": base["conv.weight"] + d, "fc.weight": base["fc.weight"] + d.flatten(1)} for d in deltas],
+                 method="opcm", linear_weights=r".*\.weight", alpha=0.5)
+    assert torch.allclose((conv["conv.weight"] - base["conv.weight"]).flatten(1), conv["fc.weight"] - base["fc.weight"], atol=1e-5)

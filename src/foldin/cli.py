@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from foldin import __version__
 from foldin.errors import FoldinError, StateError
+from foldin.evaluation.suite import SUITES
+from foldin.io.checkpoint import open_checkpoint
 from foldin.methods import available_methods
 from foldin.state import MergeState, ensure_state
 
@@ -58,8 +60,15 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_add(args: argparse.Namespace) -> None:
     state = MergeState.open(args.state_dir)
-    for ckpt in args.checkpoints:
-        entry = state.add(ckpt, progress=not args.quiet)
+    if args.task and len(args.task) != len(args.checkpoints):
+        raise FoldinError(f"give one --task per checkpoint ({len(args.checkpoints)} checkpoints, {len(args.task)} --task).")
+    for i, ckpt in enumerate(args.checkpoints):
+        learning = None
+        if args.task:
+            from foldin.evaluation.suite import learning_for_task
+
+            learning = learning_for_task(args.task[i], state.base_path, Path(ckpt))
+        entry = state.add(ckpt, progress=not args.quiet, learning=learning)
         print(f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s")
 
 
@@ -144,7 +153,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
     from foldin.evaluation.zoo import build_zoo
 
     zoo = build_zoo(args.out or f"zoo/{args.suite}", args.suite, args.tasks, args.task, progress=not args.quiet,
-                    steps=args.steps, seed=args.seed, max_train=args.max_train, max_test=args.max_test)
+                    steps=args.steps, lr=args.lr, seed=args.seed, max_train=args.max_train, max_test=args.max_test)
     print(f"{'task':<22}{'classes':>8}{'pretrained':>12}{'fine-tuned':>12}{'lift':>8}")
     for name, t in zoo.meta["tasks"].items():
         print(f"{name:<22}{len(t['labels']):>8}{100 * t['pretrained_acc']:>12.1f}{100 * t['finetuned_acc']:>12.1f}"
@@ -153,8 +162,6 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from transformers import AutoModel
-
     from foldin.evaluation.bench import Scorer
     from foldin.evaluation.zoo import Zoo
 
@@ -163,9 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     scorer = Scorer(zoo, names)
     target = Path(args.model)
     if (target / "state.json").exists():
-        scorer.load(MergeState.open(target).merged_state_dict())
+        state = MergeState.open(target)
+        scorer.load(state.merged_state_dict())
+        scorer.use_heads(state.heads())  # heads refit by OTMF, where it refit them
     else:
-        scorer.load(AutoModel.from_pretrained(target).state_dict())
+        with open_checkpoint(target) as ckpt:
+            scorer.load({n: ckpt.read(n) for n in ckpt.names()})
     scores = {n: scorer.score(n) for n in names}
     print(f"{'task':<22}{'accuracy':>10}{'fine-tuned':>12}")
     for n, a in scores.items():
@@ -204,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add", help="fold checkpoints in, in the order given")
     p.add_argument("state_dir")
     p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--task", action="append", default=[], metavar="SUITE:TASK",
+                   help="data-driven methods (otmf, adamerging): the checkpoint's task, e.g. text:reuters_r8 or vision:my_task.yaml; one per checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_add)
 
@@ -232,26 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zoo", help="task checkpoints for evaluation").add_subparsers(dest="zoo_command", required=True)
     p = p.add_parser("build", help="fine-tune the suite's backbone on each task (resumable)")
-    p.add_argument("--suite", default="text", choices=["text"])
+    p.add_argument("--suite", default="text", choices=SUITES)
     p.add_argument("--tasks", type=int, help="build only the first N tasks")
     p.add_argument("--task", action="append", default=[], metavar="TASK.yaml", help="add a task of your own (see docs)")
     p.add_argument("--out", help="default: zoo/SUITE")
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per task (batch 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train", type=int, default=2000)
-    p.add_argument("--max-test", type=int, default=500)
+    p.add_argument("--steps", type=int, help="fine-tuning steps per task (default: text 200 at batch 16, vision 400 at batch 32)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: 1e-4)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-train", type=int, help="training examples per task (default: text 2000, vision 3000)")
+    p.add_argument("--max-test", type=int, help="test examples per task (default: text 500, vision 1000)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_zoo_build)
 
     p = sub.add_parser("eval", help="accuracy of a merged model (folder or state) on each task, with the tasks' heads")
-    p.add_argument("model", help="a Hugging Face folder or a foldin state directory")
-    p.add_argument("--suite", default="text")
+    p.add_argument("model", help="a checkpoint (Hugging Face folder, .safetensors, .bin, ...) or a foldin state directory")
+    p.add_argument("--suite", default="text", choices=SUITES)
     p.add_argument("--zoo", help="default: zoo/SUITE")
     p.add_argument("--tasks", help="comma-separated task names (default: all in the zoo)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="every method over the same random task orders, with references, report and plots")
-    p.add_argument("--suite", default="text")
+    p.add_argument("--suite", default="text", choices=SUITES)
     p.add_argument("--zoo", help="default: zoo/SUITE (built if missing)")
     p.add_argument("--tasks", type=int, help="use only the first N tasks (builds them if needed)")
     p.add_argument("--methods", default="average,task_arithmetic,ties,opcm", help="name or name:key=value[:key=value], comma-separated")

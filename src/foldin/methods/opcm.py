@@ -61,8 +61,8 @@ class OPCM(MergeMethod):
             tau = slot.task_vector
             if first:
                 merged = tau
-            elif slot.is_linear:
-                merged = project_task_vector(slot.merged, tau, alpha).add_(slot.merged)
+            elif slot.is_linear:  # a convolution kernel selected by pattern is read as (out, in * kh * kw)
+                merged = project_task_vector(slot.merged.flatten(1), tau.flatten(1), alpha).view_as(tau).add_(slot.merged)
             else:
                 merged = slot.merged + tau
             return merged, (squared_norm(tau), squared_norm(merged))

@@ -17,22 +17,10 @@ import importlib.util
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from foldin.errors import FoldinError
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    source: str
-    labels: list[str]
-    train: tuple[list[str], list[int]]
-    test: tuple[list[str], list[int]]
-
+from foldin.evaluation.suite import Task, read_task_spec
 
 Rows = list[tuple[str, str]]  # (label, text)
 
@@ -81,7 +69,7 @@ def _keep(rows: Rows, labels: set[str]) -> Rows:
     return [r for r in rows if r[0] in labels]
 
 
-def _text_sources(seed: int) -> dict[str, tuple[str, Callable[[], tuple[Rows, Rows]]]]:
+def text_sources(seed: int) -> dict[str, tuple[str, Callable[[], tuple[Rows, Rows]]]]:
     """name -> (source description, loader returning (train rows, test rows))."""
     ng = lambda split: _tab(f"20newsgroups-{split}.tab", "Category", "Text")  # noqa: E731
     friends = {"Rachel", "Ross", "Chandler", "Monica", "Joey", "Phoebe"}
@@ -103,10 +91,14 @@ def _text_sources(seed: int) -> dict[str, tuple[str, Callable[[], tuple[Rows, Ro
     }
 
 
-def _to_task(name: str, source: str, train: Rows, test: Rows, max_train: int, max_test: int, seed: int) -> Task:
-    labels = sorted({label for label, _ in train})
+def check_labels(name: str, labels: list[str]) -> list[str]:
     if len(labels) < 2:
         raise FoldinError(f"task {name!r} has fewer than two labels in its training data.")
+    return labels
+
+
+def _to_task(name: str, source: str, train: Rows, test: Rows, max_train: int, max_test: int, seed: int) -> Task:
+    labels = check_labels(name, sorted({label for label, _ in train}))
     rng = random.Random(seed)
     train, test = list(train), [r for r in test if r[0] in labels]
     rng.shuffle(train)
@@ -116,7 +108,7 @@ def _to_task(name: str, source: str, train: Rows, test: Rows, max_train: int, ma
 
 
 def text_suite(names: list[str] | None = None, max_train: int = 2000, max_test: int = 500, seed: int = 0) -> list[Task]:
-    sources = _text_sources(seed)
+    sources = text_sources(seed)
     unknown = set(names or []) - set(sources)
     if unknown:
         raise FoldinError(f"unknown text task {sorted(unknown)[0]!r}; available: {', '.join(sources)}.")
@@ -129,8 +121,6 @@ def text_suite(names: list[str] | None = None, max_train: int = 2000, max_test: 
 
 
 def _read_table(path: Path, text: str, label: str) -> Rows:
-    if not path.is_file():
-        raise FoldinError(f"task data file {path} does not exist.")
     if path.suffix == ".jsonl":
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
@@ -143,14 +133,9 @@ def _read_table(path: Path, text: str, label: str) -> Rows:
 
 
 def user_task(spec_path: str | Path, max_train: int = 2000, max_test: int = 500, seed: int = 0) -> Task:
-    """A task described by a YAML file (see the module docstring)."""
+    """A text task described by a YAML file (see the module docstring)."""
     spec_path = Path(spec_path)
-    try:
-        spec = yaml.safe_load(spec_path.read_text())
-        name, train, test = spec["name"], spec["train"], spec["test"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise FoldinError(f"{spec_path} is not a task file (YAML with name, train, test).") from e
+    name, train, test, spec = read_task_spec(spec_path)
     text, label = spec.get("text", "text"), spec.get("label", "label")
-    here = spec_path.parent
-    return _to_task(str(name), f"user task {spec_path}", _read_table(here / train, text, label),
-                    _read_table(here / test, text, label), max_train, max_test, seed)
+    return _to_task(name, f"user task {spec_path}", _read_table(train, text, label),
+                    _read_table(test, text, label), max_train, max_test, seed)

@@ -1,0 +1,204 @@
+"""What a task suite is: a backbone, labelled tasks, and the two trainings the OPCM protocol needs
+(fitting a head on the frozen pretrained backbone; fine-tuning the backbone with that head frozen).
+
+Everything that differs between text and images (loading, batching, the feature function, how a
+backbone is saved) is a `Suite` method; the zoo, `foldin eval` and the benchmark only talk to a
+`Suite`, so a third modality is one new subclass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from foldin.errors import FoldinError
+from foldin.methods.learned import TaskData
+
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Task:
+    """A labelled task; inputs are a list of strings (text) or a uint8 image tensor (vision)."""
+
+    name: str
+    source: str
+    labels: list[str]
+    train: tuple[Any, list[int]]
+    test: tuple[Any, list[int]]
+
+
+class Encoded:
+    """A task split prepared once (tokenized / normalized, in batches) for every evaluation."""
+
+    def __init__(self, batches: list[Any], labels: torch.Tensor):
+        self.batches = batches
+        self.labels = labels
+
+
+class Suite(ABC):
+    name: str
+    defaults: dict[str, Any]  # zoo settings: steps, lr, max_train, max_test, seed
+    fine_tune_batch: int
+    head_weight_decay: float = 0.0  # L2 on the head: a head that already fits the training set leaves fine-tuning nothing to learn
+
+    def __init__(self, backbone: Path | str | None = None):
+        self.backbone = Path(backbone) if backbone else self.default_backbone()
+
+    @abstractmethod
+    def default_backbone(self) -> Path:
+        """The pretrained backbone that ships in a package (a folder with model.safetensors)."""
+
+    @abstractmethod
+    def builtin_task_names(self) -> list[str]:
+        """The names of the suite's own tasks, in the suite's order."""
+
+    @abstractmethod
+    def builtin_tasks(self, names: list[str] | None, max_train: int, max_test: int, seed: int) -> list[Task]:
+        """The suite's own tasks, all of them or those named."""
+
+    @abstractmethod
+    def user_task(self, spec_path: Path, max_train: int, max_test: int, seed: int) -> Task:
+        """A task the user describes in a YAML file (see README: evaluation)."""
+
+    def base_checkpoint(self, zoo_dir: Path) -> Path:
+        """The pretrained backbone as a checkpoint folder (the base every task was fine-tuned from)."""
+        return self.backbone
+
+    @abstractmethod
+    def load_backbone(self, path: Path | None = None) -> nn.Module:
+        """A backbone in eval mode: the suite's pretrained one, or a folder written by `save_backbone`."""
+
+    @abstractmethod
+    def save_backbone(self, model: nn.Module, folder: Path) -> None:
+        """Write a checkpoint folder that foldin (and, for text, transformers) can load."""
+
+    @abstractmethod
+    def encode(self, inputs: Any, labels: list[int]) -> Encoded:
+        """Batches for evaluation."""
+
+    @abstractmethod
+    def train_batch(self, inputs: Any, index: torch.Tensor) -> Any:
+        """One fine-tuning batch of the examples at `index`."""
+
+    @abstractmethod
+    def features(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The backbone's feature vectors for a batch (what the heads read)."""
+
+    @abstractmethod
+    def tensorize(self, inputs: Any) -> dict[str, torch.Tensor]:
+        """Inputs as tensors with one example per row: what data-driven methods batch and keep."""
+
+    @abstractmethod
+    def batch_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Features of a batch of `tensorize`d rows (the feature function data-driven methods get)."""
+
+    def task_data(self, task: Task, head: dict[str, torch.Tensor] | None = None) -> TaskData:
+        """A task's training split as data-driven methods see it."""
+        return TaskData(self.tensorize(task.train[0]), torch.tensor(list(task.train[1])), head, task.name)
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, data: Encoded) -> torch.Tensor:
+        model.eval()
+        return torch.cat([self.features(model, b) for b in data.batches])
+
+    def accuracy(self, model: nn.Module, head: Mapping[str, torch.Tensor], data: Encoded) -> float:
+        logits = F.linear(self.embed(model, data), head["weight"], head["bias"])
+        return float((logits.argmax(1) == data.labels).float().mean())
+
+    def train_mode(self, model: nn.Module) -> None:
+        """The module state during fine-tuning (dropout on, by default)."""
+        model.train()
+
+    def fine_tune(self, model: nn.Module, head: Mapping[str, torch.Tensor], inputs: Any, labels: Sequence[int],
+                  steps: int, lr: float, seed: int = 0, progress=None) -> nn.Module:
+        """Fine-tune the backbone with the head frozen (AdamW, linear decay), in place."""
+        batch = self.fine_tune_batch
+        torch.manual_seed(seed)
+        self.train_mode(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
+        y = torch.tensor(list(labels))
+        order = torch.randperm(len(y))
+        for step in range(steps):
+            start = (step * batch) % len(y)
+            idx = order[start: start + batch]
+            loss = F.cross_entropy(F.linear(self.features(model, self.train_batch(inputs, idx)), head["weight"], head["bias"]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress is not None:
+                progress.update(1)
+        return model.eval()
+
+
+def fit_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 300, seed: int = 0,
+             weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+    """A linear classifier on frozen features (full-batch Adam): the task's fixed head."""
+    torch.manual_seed(seed)
+    head = nn.Linear(features.shape[1], n_classes)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(head(features), labels).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+
+def read_task_spec(spec_path: Path) -> tuple[str, Path, Path, dict[str, Any]]:
+    """(name, train file, test file, the whole spec) from a user task's YAML file."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(spec_path.read_text())
+        name, train, test = str(spec["name"]), spec["train"], spec["test"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise FoldinError(f"{spec_path} is not a task file (YAML with name, train, test).") from e
+    for f in (train, test):
+        if not (spec_path.parent / f).is_file():
+            raise FoldinError(f"task data file {spec_path.parent / f} does not exist.")
+    return name, spec_path.parent / train, spec_path.parent / test, spec
+
+
+def get_suite(name: str, backbone: Path | str | None = None) -> Suite:
+    from foldin.evaluation.text_model import TextSuite
+    from foldin.evaluation.vision import VisionSuite
+
+    suites: dict[str, type[Suite]] = {"text": TextSuite, "vision": VisionSuite}
+    if name not in suites:
+        raise FoldinError(f"unknown suite {name!r}; available: {', '.join(suites)}.")
+    return suites[name](backbone)
+
+
+SUITES = ("text", "vision")
+
+
+def learning_for_task(spec: str, base: Path, checkpoint: Path) -> "Learning":
+    """The model and data a data-driven method needs, from `SUITE:TASK` (a built-in task name or a
+    task YAML file), the state's base, and the checkpoint (its head.safetensors, if any, is the head)."""
+    from safetensors.torch import load_file
+
+    from foldin.methods.learned import Learning
+
+    suite_name, sep, task_name = spec.partition(":")
+    if not sep or not task_name:
+        raise FoldinError(f"--task expects SUITE:TASK (e.g. text:reuters_r8), got {spec!r}.")
+    suite = get_suite(suite_name, base if Path(base).is_dir() else None)
+    settings = {k: suite.defaults[k] for k in ("max_train", "max_test", "seed")}
+    if task_name.endswith((".yaml", ".yml")):
+        task = suite.user_task(Path(task_name), **settings)
+    else:
+        if task_name not in suite.builtin_task_names():
+            raise FoldinError(f"unknown {suite_name} task {task_name!r}; available: {', '.join(suite.builtin_task_names())}.")
+        (task,) = suite.builtin_tasks([task_name], **settings)
+    head_file = Path(checkpoint) / "head.safetensors"
+    head = load_file(head_file) if head_file.is_file() else None
+    return Learning(suite.load_backbone(), suite.batch_features, suite.task_data(task, head))
