@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from foldin import MergeState
 from foldin.cli import main
 from foldin.errors import FoldinError
 from foldin.evaluation.bench import parse_method_specs, task_orders
@@ -119,16 +120,24 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     meta = json.loads((zoo / "zoo.json").read_text())
     assert meta["suite"] == "vision" and list(meta["tasks"]) == ["mnist", "digits"]
     out = tmp_path / "bench"
-    methods = "task_arithmetic,opcm,opcm:linear_weights=.*conv.*weight"
+    methods = "task_arithmetic,opcm,opcm:linear_weights=.*conv.*weight,otmf:steps=4:head_refit=true,adamerging:steps=2"
     assert main(["bench", "--zoo", str(zoo), "--methods", methods, "--orders", "2", "--full-matrix-orders", "1",
                  "--cft-orders", "0", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["suite"] == "vision" and set(results["methods"]) == set(methods.split(","))
     assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
+    assert "labels of 25%" in results["methods"]["otmf:steps=4:head_refit=true"]["data_use"]
+    assert "| adamerging:steps=2 |" in (out / "report.md").read_text()
     state = tmp_path / "state"
     assert main(["init", str(state), "--base", str(zoo / "base"), "--method", "opcm", "--linear-weights", r".*conv.*\.weight"]) == 0
     for name in ("mnist", "digits"):
         assert main(["add", str(state), str(zoo / "tasks" / name)]) == 0
+    learned = tmp_path / "otmf-state"
+    assert main(["init", str(learned), "--base", str(zoo / "base"), "--method", "otmf", "--set", "steps=2", "--set", "head_refit=true"]) == 0
+    assert main(["add", str(learned), str(zoo / "tasks" / "mnist"), str(zoo / "tasks" / "digits"),
+                 "--task", "vision:mnist", "--task", "vision:digits", "--quiet"]) == 0
+    assert set(MergeState.open(learned).heads()) == {"mnist"}
     capsys.readouterr()
-    assert main(["eval", str(state), "--zoo", str(zoo)]) == 0
-    assert "digits" in capsys.readouterr().out
+    for s in (state, learned):
+        assert main(["eval", str(s), "--zoo", str(zoo)]) == 0
+        assert "digits" in capsys.readouterr().out

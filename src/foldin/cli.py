@@ -193,7 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         zoo_dir, args.suite, args.tasks, progress=not args.quiet)
     run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
               cft_orders=args.cft_orders, tasks=zoo.task_names[: args.tasks] if args.tasks else None, max_test=args.max_test, progress=not args.quiet,
-              command="foldin " + " ".join(sys.argv[1:]))
+              command="foldin " + " ".join(sys.argv[1:]), extend=args.extend)
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
 
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, help="score on the first N test examples of each task (default: all the zoo kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--extend", action="store_true", help="add these methods to the results already in --out (same zoo, seed and test sets)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -125,9 +125,24 @@ def reference_accuracies(scorer: Scorer, base: dict[str, torch.Tensor], checkpoi
     return pretrained, finetuned
 
 
+def _extended(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new`'s methods added to an earlier run's results; refuses runs that are not comparable."""
+    same = lambda key: old["settings"].get(key) == new["settings"].get(key)  # noqa: E731
+    if old["suite"] != new["suite"] or list(old["tasks"]) != list(new["tasks"]) or not (same("seed") and same("max_test") and same("zoo")):
+        raise FoldinError("--extend: the results already in the output directory come from another suite, task list, seed, test set or zoo.")
+    if any(abs(old["tasks"][n]["finetuned_acc"] - t["finetuned_acc"]) > 1e-9 for n, t in new["tasks"].items()):
+        raise FoldinError("--extend: the fine-tuned accuracies differ from the earlier run's: not the same checkpoints.")
+    merged = {**old, "methods": {**old["methods"], **new["methods"]}}
+    merged["references"] = {**old["references"], **{k: v for k, v in new["references"].items() if k == "continual_finetuning"}}
+    merged["commands"] = [*old.get("commands", [old.get("command", "")]), new["command"]]
+    return merged
+
+
 def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed: int = 0,
               full_matrix_orders: int = 3, cft_orders: int = 1, tasks: list[str] | None = None,
-              max_test: int | None = None, progress: bool = True, command: str = "") -> dict[str, Any]:
+              max_test: int | None = None, progress: bool = True, command: str = "", extend: bool = False) -> dict[str, Any]:
+    """Run the benchmark and write results.json, report.md and plots to `out`. With `extend`, the
+    methods are added to the results already in `out` (same suite, tasks, seed and test sets)."""
     names = tasks or zoo.task_names
     orders = task_orders(names, n_orders, seed)
     scorer = Scorer(zoo, names, max_test)
@@ -168,7 +183,8 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
 
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
             runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
-        results["methods"][spec.label] = {"method": spec.method, "params": get_method(spec.method)(**spec.params).params.model_dump(),
+        method = get_method(spec.method)(**spec.params)
+        results["methods"][spec.label] = {"method": spec.method, "params": method.params.model_dump(), "data_use": method.data_use(),
                                           "linear_weights": spec.linear_weights or "nn.Linear modules of the backbone",
                                           **_summarize(runs, finetuned)}
     results["references"]["pretrained"] = {"final_acc": pretrained}
@@ -195,6 +211,8 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
         results["references"]["continual_finetuning"] = {"method": "continual fine-tuning", **_summarize(runs, finetuned)}
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
+    if extend and (out / "results.json").exists():
+        results = _extended(json.loads((out / "results.json").read_text()), results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     from foldin.evaluation.report import write_report
 

@@ -22,7 +22,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         f"{results['settings']['orders']} task orders",
         "",
         f"Backbone: `{results['backbone']}`. Machine: {results['machine']}.",
-        f"Command: `{results['command']}`" if results["command"] else "",
+        *(f"Command: `{c}`" for c in results.get("commands", [results["command"]]) if c),
         "",
         "## Table 1 form: average accuracy (ACC) and backward transfer (BWT), mean ± std over orders (%)",
         "",
@@ -41,6 +41,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         per_task[label] = {n: sum(run["final_acc"][n] for run in r["runs"]) / len(r["runs"]) for n in tasks}
     for label, accs in per_task.items():
         lines.append(f"| {label} | " + " | ".join(_pct(accs[n]) for n in tasks) + " |")
+    lines += ["", "## Data each method reads", "", "| method | besides the checkpoints |", "|---|---|"]
+    lines += [f"| {label} | {r.get('data_use', 'none (checkpoint weights only)')} |" for label, r in results["methods"].items()]
+    lines += ["", "Data-driven methods read training splits only; every accuracy is on the test splits."]
     lines += ["", "## Tasks", "", "| task | source | classes | train | test | pretrained head | fine-tuned | lift |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for n, t in results["tasks"].items():
         lines.append(f"| {n} | {t['source']} | {len(t['labels'])} | {t['n_train']} | {t['n_test']} | {_pct(t['pretrained_acc'])} "
@@ -101,8 +104,9 @@ def plot_all(results: dict[str, Any], out: Path) -> None:
 
 def plot_sweeps(results: dict[str, Any], out: Path, plt) -> None:
     """ACC versus OPCM's alpha and task arithmetic's scaling factor, when several values were run."""
-    for method, param in (("opcm", "alpha"), ("task_arithmetic", "scaling_factor")):
-        points = sorted((r["params"][param], r["ACC_mean"], r["ACC_std"]) for r in results["methods"].values() if r["method"] == method)
+    for method, param in (("opcm", "alpha"), ("task_arithmetic", "scaling_factor"), ("otmf", "alpha")):
+        points = sorted((r["params"][param], r["ACC_mean"], r["ACC_std"]) for r in results["methods"].values()
+                        if r["method"] == method and r["params"].get("masks", True) and not r["params"].get("head_refit"))
         if len(points) < 2:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))

@@ -34,6 +34,11 @@ class AdaMerging(LearnedMethod):
     Params = AdaMergingParams
     summary = "Learns one coefficient for the merged and one for the new task vector by minimising prediction entropy on unlabelled inputs (needs task data and heads)."
 
+    def data_use(self) -> str:
+        p = self.params
+        return (f"unlabelled training inputs of the previous task (a buffer of {p.buffer_size}) and of the new task, "
+                f"{p.steps} steps of {p.batch_size} each, and the two tasks' frozen heads; no labels")
+
     def learn(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator):
         p = self.params
         tasks = [learning.previous, learning.new]

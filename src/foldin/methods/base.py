@@ -94,6 +94,10 @@ class MergeMethod(ABC):
         """The global factor applied to the merged task vector to get the merged model."""
         return 1.0
 
+    def data_use(self) -> str:
+        """What the method reads besides checkpoints (stated in benchmark reports)."""
+        return "none (checkpoint weights only)"
+
 
 def squared_norm(t: torch.Tensor, chunk: int = 1 << 20) -> float:
     """Sum of squares in float64, so that a model's norm does not lose digits over many tensors

@@ -84,11 +84,13 @@ class FunctionalModel:
 
     def __init__(self, learning: Learning):
         self._wrapped = _WithFeatures(learning.module, learning.features)
+        self._buffers = {name for name, _ in learning.module.named_buffers()}
         learning.module.eval()  # dropout off: the loss compares features, not noisy samples
 
     def __call__(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Features under `weights` (the floating-point tensors; the module keeps its integer buffers)."""
-        params = {f"module.{k}": v for k, v in weights.items()}
+        """Features under `weights` (the floating-point tensors; the module keeps its integer buffers).
+        Buffers (BatchNorm statistics) are used as given but carry no gradient: they are not learned."""
+        params = {f"module.{k}": v.detach() if k in self._buffers else v for k, v in weights.items()}
         return torch.func.functional_call(self._wrapped, params, (batch,), strict=False)
 
 

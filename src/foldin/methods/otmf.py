@@ -53,6 +53,14 @@ class OTMF(LearnedMethod):
     Params = OTMFParams
     summary = "Learns element-wise masks on the merged and the new task vector by a Sinkhorn loss against both teachers' features (needs task data)."
 
+    def data_use(self) -> str:
+        p = self.params
+        refit = (f"labels of {p.head_refit_fraction:.0%} of the previous task's training examples (at most the buffer) to refit its head"
+                 if p.head_refit else "no labels")
+        inputs = (f"unlabelled training inputs of the previous task (a buffer of {p.buffer_size}) and of the new task, "
+                  f"{p.steps} batches of {p.batch_size}" if p.masks else "none for the fusion itself")
+        return f"{inputs}; {refit}"
+
     def learn(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator):
         p = self.params
         stats: dict[str, float] = {}
