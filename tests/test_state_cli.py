@@ -240,3 +240,57 @@ def test_kill_minus_nine_leaves_the_old_or_the_new_step(tmp_path):
             assert (sdir / s.meta["generation"] / "merged.safetensors").read_bytes() == ref_bytes[1]
         assert len(list(sdir.glob("gen-*"))) == 1  # leftovers were cleaned up
     assert outcomes["old"] > 0, f"no kill landed inside the step ({outcomes}, a step takes {full:.2f}s)"
+
+
+def _flip_byte(path: Path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("command", ["add", "export", "verify"])
+def test_a_flipped_bit_in_the_merged_tensors_is_reported_never_merged(bert_case, tmp_path, capsys, command):
+    state = tmp_path / "state"
+    cli("init", state, "--base", bert_case / "base", "--method", "task_arithmetic")
+    cli("add", state, bert_case / "ckpt_1", "--quiet")
+    assert cli("verify", state) == 0
+    _flip_byte(next(state.glob("gen-*")) / "merged.safetensors")
+    before = snapshot(state)
+    capsys.readouterr()
+    args = {"add": ("add", state, bert_case / "ckpt_2", "--quiet"), "export": ("export", state, tmp_path / "out", "--quiet"),
+            "verify": ("verify", state)}[command]
+    assert cli(*args) == 1
+    err = capsys.readouterr().err
+    assert "corrupted" in err and "checksum" in err and err.count("\n") == 1
+    assert snapshot(state) == before and not (tmp_path / "out").exists()
+
+
+def test_a_changed_state_json_is_reported(bert_case, tmp_path, capsys):
+    state = tmp_path / "state"
+    cli("init", state, "--base", bert_case / "base", "--method", "opcm")
+    cli("add", state, bert_case / "ckpt_1", "--quiet")
+    meta = json.loads((state / "state.json").read_text())
+    meta["stats"]["scale"] = meta["stats"]["scale"] * 1.0001  # valid JSON, wrong content
+    (state / "state.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli("info", state) == 1
+    assert "does not match its checksum" in capsys.readouterr().err
+
+
+def test_two_concurrent_adds_fold_in_one_checkpoint_each_time_never_twice(tmp_path):
+    """Two real `foldin add` processes on one state at once: one wins, the other fails clearly
+    (or runs after it); the history never holds a checkpoint twice or loses one that succeeded."""
+    base = _medium_model(tmp_path / "base", 0)
+    ckpts = [_medium_model(tmp_path / f"ck{i}", i + 1) for i in range(2)]
+    MergeState.create(tmp_path / "s", base, "opcm")
+    procs = [subprocess.Popen([sys.executable, "-m", "foldin.cli", "add", str(tmp_path / "s"), str(c), "--quiet"],
+                              stderr=subprocess.PIPE, text=True) for c in ckpts]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    succeeded = [c for c, (rc, _) in zip(ckpts, results) if rc == 0]
+    for rc, err in results:
+        assert rc == 0 or "in use by another foldin process" in err
+    state = MergeState.open(tmp_path / "s")
+    assert [Path(e["checkpoint"]) for e in state.history] == [c.resolve() for c in succeeded] or \
+        sorted(Path(e["checkpoint"]) for e in state.history) == sorted(c.resolve() for c in succeeded)
+    assert state.step == len(succeeded) >= 1
+    assert cli("verify", tmp_path / "s") == 0

@@ -110,6 +110,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    state = MergeState.open(args.state_dir)
+    checked = state.verify()
+    print(f"{args.state_dir}: step {state.step}, {checked / 2**20:.1f} MiB checked, every checksum matches")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     info = MergeState.open(args.state_dir).info()
     if args.json:
@@ -237,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("state_dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", help="read the whole state and check it against the checksums recorded at each commit")
+    p.add_argument("state_dir")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("methods", help="registered methods and their parameters")
     p.add_argument("--json", action="store_true")

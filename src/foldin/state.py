@@ -16,6 +16,7 @@ generations from an interrupted step are removed the next time the state is open
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from foldin.engine import ModelLayout, export_tensor, fold_step, hash_source
 from foldin.errors import FoldinError, MismatchError, StateError
-from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.io.checkpoint import Checkpoint, open_checkpoint, tensor_digest
 from foldin.io.export import DTYPES, parse_size, write_hf_folder
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.layers import resolve_linear_weights
@@ -47,7 +48,7 @@ MERGED_FILE = "merged.safetensors"
 BUFFER_FILE = "buffer.safetensors"
 HEADS_FILE = "heads.safetensors"
 FORMAT = "foldin-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of state.json and of every tensor and file of the generation
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,6 +72,53 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_meta(state_dir: Path, meta: dict[str, Any]) -> None:
+    """Seal state.json with a checksum of its content, then replace it atomically (the commit point)."""
+    write_json_atomic(state_dir / STATE_FILE, {**meta, "meta_sha256": _meta_digest(meta)})
+
+
+class VerifiedGeneration:
+    """The merged task vector of a generation, each tensor checked against the checksum recorded
+    at commit the first time it is read: a flipped bit is reported, never merged."""
+
+    def __init__(self, ckpt: Checkpoint, digests: dict[str, str], state_dir: Path):
+        self.ckpt, self.path, self._digests, self._dir = ckpt, ckpt.path, digests, state_dir
+        self._verified: set[str] = set()
+        if set(ckpt.names()) != set(digests):
+            raise StateError(f"the merge state in {state_dir} is corrupted: its merged tensors do not match the list recorded at commit.")
+
+    def names(self) -> list[str]:
+        return self.ckpt.names()
+
+    def spec(self, name: str):
+        return self.ckpt.spec(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.ckpt.read(name)
+        if name not in self._verified:
+            if tensor_digest(t) != self._digests[name]:
+                raise StateError(f"the merge state in {self._dir} is corrupted: tensor {name!r} does not match its checksum "
+                                 "(disk or copy damage); restore the state directory from a backup.")
+            self._verified.add(name)
+        return t
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 @contextmanager
@@ -149,7 +197,7 @@ class MergeState:
             "history": [],
         }
         with _locked(state_dir, exclusive=True):
-            write_json_atomic(state_dir / STATE_FILE, meta)
+            _write_meta(state_dir, meta)
         return cls(state_dir, meta)
 
     @classmethod
@@ -166,6 +214,9 @@ class MergeState:
             raise StateError(f"{path} is not a foldin state file.")
         if meta.get("format_version") != FORMAT_VERSION:
             raise StateError(f"{path} has state format {meta.get('format_version')}, this foldin reads {FORMAT_VERSION}.")
+        if meta.get("meta_sha256") != _meta_digest(meta):
+            raise StateError(f"{path} is corrupted: its content does not match its checksum; restore the state directory from a backup.")
+        meta.pop("meta_sha256")
         return cls(state_dir, meta)
 
     # ---- folding in -------------------------------------------------------------------------
@@ -220,21 +271,26 @@ class MergeState:
         gen_dir = self.dir / gen
         with self.open_base() as base, open_checkpoint(checkpoint) as ckpt:
             layout = ModelLayout.from_source(base, self.meta["linear_weights"])
-            previous_file = self._generation_file()
-            previous = open_checkpoint(previous_file) if previous_file else None
+            previous = self._open_generation()
             if learning is not None and method.needs_data:
                 learning.previous = self.buffer()
             gen_dir.mkdir()
             try:
+                digests: dict[str, str] = {}
                 with SafetensorsWriter(gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}) as writer:
+                    def sink(name: str, tensor: torch.Tensor) -> None:
+                        digests[name] = tensor_digest(tensor)
+                        writer.write(name, tensor)
+
                     stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt,
-                                                 previous, writer.write, progress, learning if method.needs_data else None)
+                                                 previous, sink, progress, learning if method.needs_data else None)
                     self._refuse_duplicate(checkpoint, ckpt_hash)
                 if learning is not None and learning.buffer is not None:
                     write_task_data(gen_dir / BUFFER_FILE, learning.buffer)
                     heads = {**self.heads(), **learning.heads}
                     if heads:
                         save_file({f"{task}/{k}": v.contiguous() for task, h in heads.items() for k, v in h.items()}, gen_dir / HEADS_FILE)
+                files = {f.name: _file_digest(f) for f in (gen_dir / BUFFER_FILE, gen_dir / HEADS_FILE) if f.exists()}
                 _fsync_dir(gen_dir)
                 entry = {
                     "step": step,
@@ -246,8 +302,9 @@ class MergeState:
                     "stats": stats,
                 }
                 meta = {**self.meta, "step": step, "stats": stats, "generation": gen,
+                        "checksums": {"merged": digests, "files": files},
                         "history": [*self.history, entry], "foldin_version": __version__}
-                write_json_atomic(self.dir / STATE_FILE, meta)  # the commit point
+                _write_meta(self.dir, meta)  # the commit point
             except BaseException:
                 if self._committed_generation() != gen:  # a failure after the commit point keeps it
                     shutil.rmtree(gen_dir, ignore_errors=True)
@@ -262,8 +319,38 @@ class MergeState:
         return entry
 
     def _generation_path(self, name: str) -> Path | None:
+        """A file of the current generation (None if it has none), checked against its recorded checksum."""
         path = self.dir / self.meta["generation"] / name if self.meta["generation"] else None
-        return path if path is not None and path.exists() else None
+        if path is None or not path.exists():
+            if name in self.meta.get("checksums", {}).get("files", {}):
+                raise StateError(f"the merge state in {self.dir} is corrupted: {name} is missing from its generation.")
+            return None
+        expected = self.meta.get("checksums", {}).get("files", {}).get(name)
+        if expected is None or _file_digest(path) != expected:
+            raise StateError(f"the merge state in {self.dir} is corrupted: {name} does not match its checksum; restore it from a backup.")
+        return path
+
+    def _open_generation(self) -> VerifiedGeneration | None:
+        """The merged task vector of the current generation (None at step 0), verified as it is read."""
+        path = self._generation_file()
+        if path is None:
+            return None
+        try:
+            ckpt = open_checkpoint(path)
+        except FoldinError as e:
+            raise StateError(f"the merge state in {self.dir} is corrupted: {e}") from e
+        return VerifiedGeneration(ckpt, self.meta["checksums"]["merged"], self.dir)
+
+    def verify(self) -> int:
+        """Read everything the state holds and check it against its checksums; returns bytes checked."""
+        with self.reading() as (_, merged):
+            if merged is not None:
+                for name in merged.names():
+                    merged.read(name)
+            for name in (BUFFER_FILE, HEADS_FILE):
+                self._generation_path(name)
+        gen = self.dir / self.meta["generation"] if self.meta["generation"] else None
+        return sum(f.stat().st_size for f in gen.iterdir()) if gen else 0
 
     def buffer(self) -> TaskData | None:
         """The examples of the last task that a data-driven method kept for the next step."""
@@ -299,8 +386,7 @@ class MergeState:
         with _locked(self.dir, exclusive=False):
             self.meta = MergeState.open(self.dir).meta
             with self.open_base() as base:
-                gen_file = self._generation_file()
-                merged = open_checkpoint(gen_file) if gen_file else None
+                merged = self._open_generation()
                 try:
                     yield base, merged
                 finally:
