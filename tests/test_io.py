@@ -72,6 +72,13 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+def _hf_folder_with_config(p: Path, config: bytes) -> Path:
+    (p / "m").mkdir()
+    save_file({"w": torch.zeros(2)}, p / "m" / "model.safetensors")
+    _write(p / "m" / "config.json", config)
+    return p / "m"
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
@@ -87,6 +94,8 @@ class Evil:
         (lambda p: _write(p / "x.safetensors", b"abc"), "shorter than 8 bytes"),
         (lambda p: p / "missing.safetensors", "does not exist"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no model weights"),
+        (lambda p: _hf_folder_with_config(p, b"{'model_type': bert,"), "not valid JSON"),
+        (lambda p: _hf_folder_with_config(p, b"[1, 2]"), "not valid JSON"),
     ],
 )
 def test_bad_files_give_one_clear_sentence(tmp_path, make, message, capsys):

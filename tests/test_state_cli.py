@@ -227,3 +227,23 @@ def test_a_changed_state_json_is_reported(bert_case, tmp_path, capsys):
     capsys.readouterr()
     assert cli("info", state) == 1
     assert "does not match its checksum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("generation", "../../elsewhere"), ("step", -1), ("params", {"alpha": "high"}),
+                                          ("checksums", None)])
+def test_a_resealed_but_invalid_state_json_is_refused(bert_case, tmp_path, capsys, field, value):
+    """Even with a valid seal (a buggy tool, a hand edit), a state.json that points outside its
+    directory or contradicts itself is refused in one sentence."""
+    from foldin.state import _meta_digest
+
+    state = tmp_path / "state"
+    cli("init", state, "--base", bert_case / "base", "--method", "opcm")
+    cli("add", state, bert_case / "ckpt_1", "--quiet")
+    meta = json.loads((state / "state.json").read_text())
+    meta[field] = value
+    meta["meta_sha256"] = _meta_digest(meta)
+    (state / "state.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli("info", state) == 1
+    err = capsys.readouterr().err
+    assert "is not a valid foldin state" in err and err.count("\n") == 1

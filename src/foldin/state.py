@@ -26,10 +26,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from foldin import __version__
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -72,6 +73,54 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+class _BaseInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    hash: str
+    fingerprint: list[list[Any]]
+    config_dir: str | None
+
+
+class _Checksums(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merged: dict[str, str]
+    files: dict[str, str]
+
+
+class _HistoryEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    step: int
+    checkpoint: str
+    hash: str
+
+
+class StateMeta(BaseModel):
+    """The schema of state.json: checked on open, so that a damaged or hand-edited file gives one
+    clear error instead of a crash deep inside a step."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: Literal["foldin-state"]
+    format_version: int
+    foldin_version: str
+    method: str
+    params: dict[str, Any]
+    base: _BaseInfo
+    linear_weights: list[str]
+    linear_weights_source: str
+    step: int = Field(ge=0)
+    stats: dict[str, float]
+    generation: str | None = Field(pattern=r"^gen-\d{6}-[0-9a-f]{8}$")  # a plain name: never a path elsewhere
+    history: list[_HistoryEntry]
+    checksums: _Checksums | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StateMeta":
+        if self.step != len(self.history) or (self.generation is None) != (self.step == 0) or (self.checksums is None) != (self.step == 0):
+            raise ValueError("step, history, generation and checksums disagree")
+        get_method(self.method)(**self.params)
+        return self
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -217,6 +266,14 @@ class MergeState:
         if meta.get("meta_sha256") != _meta_digest(meta):
             raise StateError(f"{path} is corrupted: its content does not match its checksum; restore the state directory from a backup.")
         meta.pop("meta_sha256")
+        try:
+            StateMeta.model_validate(meta)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "state"
+            raise StateError(f"{path} is not a valid foldin state ({where}: {first['msg']}).") from None
+        except FoldinError as e:
+            raise StateError(f"{path} is not a valid foldin state ({e})") from None
         return cls(state_dir, meta)
 
     # ---- folding in -------------------------------------------------------------------------

@@ -135,8 +135,15 @@ class TorchCheckpoint(Checkpoint):
         return self._tensors[name].clone()
 
 
+def _is_zip(f: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(f)
+    except zipfile.BadZipFile as e:  # is_zipfile itself raises on some damaged end records
+        raise CheckpointError(f"{f} is truncated or corrupted: {e}") from e
+
+
 def _load_state_dict(f: Path) -> dict[str, torch.Tensor]:
-    mmap = zipfile.is_zipfile(f)  # legacy (non-zip) pickles cannot be memory-mapped
+    mmap = _is_zip(f)  # legacy (non-zip) pickles cannot be memory-mapped
     try:
         obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -145,8 +152,9 @@ def _load_state_dict(f: Path) -> dict[str, torch.Tensor]:
             f"pickles with weights_only=True so that a checkpoint cannot run code (re-save it as "
             f"safetensors or as a plain state dict): {str(e).splitlines()[0]}"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{f} is truncated or corrupted: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001  torch.load on damaged bytes raises many types (KeyError, ...)
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{f} is truncated or corrupted: {first_line}") from e
     if isinstance(obj, dict) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -165,6 +173,8 @@ def _index_files(index: Path) -> tuple[list[Path], dict[str, str]]:
     folder = index.parent.resolve()
     files: list[Path] = []
     for shard in dict.fromkeys(weight_map.values()):
+        if not shard or "\0" in shard:
+            raise CheckpointError(f"{index} names an empty or invalid shard file name {shard!r}.")
         target = (index.parent / shard).resolve()
         if os.path.isabs(shard) or "/" in shard or "\\" in shard or target.parent != folder:
             raise CheckpointError(f"{index} points to {shard!r}, outside the checkpoint folder; refusing to read it.")
@@ -174,12 +184,26 @@ def _index_files(index: Path) -> tuple[list[Path], dict[str, str]]:
     return files, weight_map
 
 
+def _check_config(config: Path) -> None:
+    """A folder's config.json decides which weights are linear layers and is copied on export:
+    refuse one that is not a JSON object rather than silently fall back."""
+    if not config.exists():
+        return
+    try:
+        ok = isinstance(json.loads(config.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{config} is not valid JSON (a JSON object was expected); fix or remove it.")
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint of any supported format; validates headers, reads no tensor data."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist.")
     if p.is_dir():
+        _check_config(p / "config.json")
         found = next((p / n for n in WEIGHT_FILES if (p / n).is_file()), None)
         if found is None:
             raise CheckpointError(f"{p} holds no model weights (looked for {', '.join(WEIGHT_FILES)}).")
@@ -196,7 +220,7 @@ def _open_file(f: Path, shown_as: Path) -> Checkpoint:
         return TorchCheckpoint(shown_as, files)
     if f.suffix == ".safetensors":
         return SafetensorsCheckpoint(shown_as, [f])
-    if f.suffix in (".bin", ".pt", ".pth") or zipfile.is_zipfile(f):
+    if f.suffix in (".bin", ".pt", ".pth") or _is_zip(f):
         return TorchCheckpoint(shown_as, [f])
     return SafetensorsCheckpoint(shown_as, [f])
 
