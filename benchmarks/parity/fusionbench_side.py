@@ -46,12 +46,21 @@ def load(folder: Path) -> torch.nn.Module:
     return cls.from_pretrained(folder).eval()
 
 
+def lazy_config(folder: Path) -> dict:
+    """A Hydra config FusionBench instantiates when the model is needed (from_pretrained)."""
+    arch = AutoConfig.from_pretrained(folder).architectures[0]
+    return {"_target_": f"transformers.{arch}.from_pretrained", "pretrained_model_name_or_path": str(folder)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("case", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--methods", default="average,task_arithmetic,ties,opcm")
     ap.add_argument("--params", default="{}", help="JSON of method parameters")
+    ap.add_argument("--lazy", action="store_true",
+                    help="give FusionBench model configs (loaded from disk when it asks), as its YAML configs do, "
+                         "instead of models loaded up front")
     ap.add_argument("--float64-norm", action="store_true",
                     help="diagnostic: compute OPCM's whole-model norms in float64 instead of FusionBench's float32")
     a = ap.parse_args()
@@ -67,7 +76,8 @@ def main() -> None:
     ckpts = sorted(p for p in a.case.iterdir() if p.name.startswith("ckpt_"))
     timings = {}
     for method in a.methods.split(","):
-        pool = BaseModelPool(models={"_pretrained_": load(a.case / "base"), **{p.name: load(p) for p in ckpts}})
+        get = lazy_config if a.lazy else load
+        pool = BaseModelPool(models={"_pretrained_": get(a.case / "base"), **{p.name: get(p) for p in ckpts}})
         algo = algorithms(json.loads(a.params))[method]()
         algo._program = _Program()
         t0 = time.perf_counter()

@@ -180,30 +180,45 @@ def fold_step(
     sink: Callable[[str, torch.Tensor], None],
     progress: bool = True,
     learning: Learning | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[dict[str, float], str]:
     """Fold `checkpoint` in as step `step`. Writes every tensor of the new merged task vector to
     `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
-    checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`."""
+    checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`.
+    `device` (e.g. "cuda") is where the arithmetic runs; tensors are read and written on the CPU."""
     if method.needs_data and learning is None:
         raise FoldinError(f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: --task SUITE:TASK).")
+    compute = resolve_device(device)
+    if method.needs_data and compute.type != "cpu":
+        raise FoldinError(f"--device applies to the weight-only methods; {method.name!r} runs on the CPU.")
     layout.check_compatible(checkpoint)
     new = CheckedReader(checkpoint)
     dtype = layout.compute_dtype
 
     def load(kind: str, name: str) -> torch.Tensor:
         if kind == "base":
-            return base.read(name).to(dtype)
+            return base.read(name).to(compute, dtype)
         if kind == "new":
-            return new.read(name).to(dtype)
+            return new.read(name).to(compute, dtype)
         if previous is None:
-            return torch.zeros(layout.specs[name][1], dtype=dtype)
-        return previous.read(name).to(dtype)
+            return torch.zeros(layout.specs[name][1], dtype=dtype, device=compute)
+        return previous.read(name).to(compute, dtype)
 
-    ctx = _Step(step, stats, layout, load, sink, progress, learning)
+    ctx = _Step(step, stats, layout, load, lambda name, t: sink(name, t.cpu()), progress, learning)
     new_stats = method.fold(ctx)
     if not ctx.updated:
         raise RuntimeError(f"method {method.name!r} did not write the merged task vector")
     return new_stats, new.content_hash()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The compute device, refused in one sentence if this machine does not have it."""
+    try:
+        d = torch.device(device or "cpu")
+        torch.empty(1, device=d)
+    except (RuntimeError, AssertionError) as e:
+        raise FoldinError(f"device {device!r} is not available here ({str(e).splitlines()[0]}).") from None
+    return d
 
 
 def export_tensor(method: MergeMethod, stats: Mapping[str, float], base: torch.Tensor,
