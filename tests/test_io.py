@@ -149,3 +149,48 @@ def test_sizes_and_shard_plans():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100") == 100
     assert plan_shards({"a": 6, "b": 6, "c": 20, "d": 1}, 10) == [["a"], ["b"], ["c"], ["d"]]
     assert plan_shards({"a": 3, "b": 3, "c": 3}, 10) == [["a", "b", "c"]]
+
+
+LORA = Path(__file__).parent / "fixtures" / "lora"
+
+
+@pytest.mark.parametrize("i", [1, 2])
+def test_lora_adapters_give_exactly_what_peft_merge_and_unload_gives(i):
+    """Adapters written by PEFT itself (plain LoRA on query/value; rsLoRA on every dense layer)."""
+    from foldin.io.lora import open_model_or_adapter
+
+    with open_checkpoint(LORA.parent / "parity" / "bert-tiny" / "base") as base, open_model_or_adapter(LORA / f"adapter_{i}", base) as ckpt:
+        ours = {n: ckpt.read(n) for n in ckpt.names()}
+    peft = load_file(LORA / f"merged_{i}" / "model.safetensors")
+    assert set(peft) <= set(ours)
+    for name, t in peft.items():
+        assert torch.allclose(ours[name], t, rtol=0, atol=1e-6), name
+    assert sum(not torch.equal(ours[n], t) for n, t in load_file(LORA.parent / "parity" / "bert-tiny" / "base" / "model.safetensors").items()) > 0
+
+
+def test_lora_adapters_fold_in_like_the_dense_models_they_stand_for(tmp_path):
+    from foldin import MergeState
+
+    base = LORA.parent / "parity" / "bert-tiny" / "base"
+    a = MergeState.create(tmp_path / "adapters", base, "opcm")
+    b = MergeState.create(tmp_path / "dense", base, "opcm")
+    for i in (1, 2):
+        a.add(LORA / f"adapter_{i}", progress=False)
+        b.add(LORA / f"merged_{i}", progress=False)
+    assert [e["hash"] for e in a.history] == [e["hash"] for e in b.history]  # same content, same hash
+    ma, mb = a.merged_state_dict(), b.merged_state_dict()
+    assert all(torch.allclose(ma[k], mb[k], atol=1e-6) for k in mb)
+
+
+def test_unsupported_adapters_are_refused(tmp_path):
+    import shutil
+
+    from foldin.io.lora import open_model_or_adapter
+
+    bad = tmp_path / "dora"
+    shutil.copytree(LORA / "adapter_1", bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with open_checkpoint(LORA.parent / "parity" / "bert-tiny" / "base") as base:
+        with pytest.raises(CheckpointError, match="DoRA"):
+            open_model_or_adapter(bad, base)

@@ -38,6 +38,7 @@ from foldin.engine import ModelLayout, export_tensor, fold_step, hash_source
 from foldin.errors import FoldinError, MismatchError, StateError
 from foldin.io.checkpoint import Checkpoint, open_checkpoint, tensor_digest
 from foldin.io.export import DTYPES, parse_size, write_hf_folder
+from foldin.io.lora import open_model_or_adapter
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
@@ -327,7 +328,7 @@ class MergeState:
         method = self.method
         gen = f"gen-{step:06d}-{secrets.token_hex(4)}"
         gen_dir = self.dir / gen
-        with self.open_base() as base, open_checkpoint(checkpoint) as ckpt:
+        with self.open_base() as base, open_model_or_adapter(checkpoint, base) as ckpt:
             layout = ModelLayout.from_source(base, self.meta["linear_weights"])
             previous = self._open_generation()
             if learning is not None and method.needs_data:

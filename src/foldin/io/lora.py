@@ -1,0 +1,120 @@
+"""PEFT LoRA adapter folders as checkpoints: a fine-tuned model that is its base plus, for each
+adapted linear layer, the low-rank update  B @ A * scaling  (scaling = lora_alpha / r, or
+lora_alpha / sqrt(r) with rsLoRA; rank_pattern / alpha_pattern per module), exactly what PEFT's
+merge_and_unload computes. The dense weight is built one tensor at a time when the engine asks for
+it, so an adapter costs no more memory than its largest adapted matrix and nothing on disk.
+
+Supported: plain LoRA (adapter_config.json with peft_type LORA), fan_in_fan_out, bias "none".
+Refused with a clear error: DoRA, LoRA biases, modules_to_save, other PEFT types.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from foldin.errors import CheckpointError
+from foldin.io.checkpoint import Checkpoint, open_checkpoint
+
+PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
+def is_lora_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern: the first key that matches the end of the module's name."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+class LoraCheckpoint(Checkpoint):
+    """`base` with the adapter's updates applied (tensor names and dtypes are the base's)."""
+
+    def __init__(self, path: Path, base: Checkpoint):
+        config = self._config(path)
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"{path} is a LoRA adapter without adapter_model.safetensors (adapter_model.bin is not read).")
+        super().__init__(path, [path / "adapter_config.json", weights])
+        self._base = base
+        self._adapter = open_checkpoint(weights)
+        self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        pairs: dict[str, dict[str, str]] = {}
+        for key in self._adapter.names():
+            m = LORA_KEY.match(key.removeprefix(PREFIX))
+            if m is None:
+                raise CheckpointError(f"{path}: adapter tensor {key!r} is not a LoRA A or B matrix (modules_to_save and biases are not supported).")
+            pairs.setdefault(m["module"], {})[m["ab"]] = key
+        self._updates: dict[str, tuple[str, str, float]] = {}  # base tensor name -> (A key, B key, scaling)
+        base_names = set(base.names())
+        for module, ab in pairs.items():
+            if set(ab) != {"A", "B"}:
+                raise CheckpointError(f"{path}: module {module!r} has lora_{next(iter(ab))} but not its partner.")
+            target = self._base_name(f"{module}.weight", base_names, path)
+            r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            self._updates[target] = (ab["A"], ab["B"], scaling)
+
+    @staticmethod
+    def _config(path: Path) -> dict:
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+            if not isinstance(config, dict):
+                raise ValueError
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / 'adapter_config.json'} is not valid JSON.") from e
+        if config.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{path} is a {config.get('peft_type')} adapter; foldin reads LoRA adapters.")
+        if config.get("use_dora") or config.get("bias", "none") != "none" or config.get("lora_bias") or config.get("modules_to_save"):
+            raise CheckpointError(f"{path}: DoRA, LoRA biases and modules_to_save are not supported; merge the adapter with PEFT first.")
+        if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)) or config["r"] <= 0:
+            raise CheckpointError(f"{path / 'adapter_config.json'} lacks a valid r and lora_alpha.")
+        return config
+
+    @staticmethod
+    def _base_name(name: str, base_names: set[str], path: Path) -> str:
+        """The base tensor an adapter module updates; checkpoints may add or drop a prefix such as 'bert.'."""
+        if name in base_names:
+            return name
+        matches = [n for n in base_names if n.endswith("." + name) or name.endswith("." + n)]
+        if len(matches) != 1:
+            raise CheckpointError(f"{path}: the adapter updates {name!r}, which the base model does not have.")
+        return matches[0]
+
+    def names(self) -> list[str]:
+        return self._base.names()
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._base.spec(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        weight = self._base.read(name)
+        if name not in self._updates:
+            return weight
+        a_key, b_key, scaling = self._updates[name]
+        a, b = self._adapter.read(a_key).float(), self._adapter.read(b_key).float()
+        delta = (b @ a) * scaling
+        if self._fan_in_fan_out:
+            delta = delta.T
+        if delta.shape != weight.shape:
+            raise CheckpointError(f"{self.path}: the update of {name!r} has shape {list(delta.shape)}, the base weight {list(weight.shape)}.")
+        return (weight.float() + delta).to(weight.dtype)
+
+    def close(self) -> None:
+        self._adapter.close()
+
+
+def open_model_or_adapter(path: str | Path, base: Checkpoint) -> Checkpoint:
+    """A checkpoint to fold in: a model in any format, or a LoRA adapter of `base`."""
+    path = Path(path)
+    return LoraCheckpoint(path, base) if is_lora_adapter(path) else open_checkpoint(path)
