@@ -1,7 +1,8 @@
-"""Peak RSS of `foldin add` for two model sizes and at step 2 versus step 8.
+"""Scaling of `foldin add`: seconds and peak RSS against model size (at step 2) and against the
+number of steps (on the smallest model), with plots.
 
-    python benchmarks/memory.py                    # opcm, 0.4 GB and 3.2 GB models
-    python benchmarks/memory.py --method ties --layers 2,16
+    python benchmarks/memory.py                                  # opcm, 0.1 and 0.8 GB, steps 1..8
+    python benchmarks/memory.py --method task_arithmetic --layers 2,16,64,256 --steps 20 --plot DIR
 
 Models are synthetic transformer-shaped safetensors files (hidden 1024, six matrices a layer:
 four 1024x1024 and two 1024x4096, plus norms), written tensor by tensor; checkpoints are the base
@@ -70,14 +71,15 @@ def interpreter_rss() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="opcm")
-    ap.add_argument("--layers", default="2,16", help="layers of the small and the large model")
-    ap.add_argument("--steps", type=int, default=8, help="steps on the small model (RSS at 2 and at this)")
+    ap.add_argument("--layers", default="2,16", help="model sizes, in layers of ~48 MiB, comma-separated (the first also gets the step curve)")
+    ap.add_argument("--steps", type=int, default=8, help="steps on the smallest model (every step is measured)")
+    ap.add_argument("--plot", type=Path, help="write scaling_size.png and scaling_steps.png here")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "_work" / "memory")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
-    small, large = (int(x) for x in a.layers.split(","))
+    sizes = [int(x) for x in a.layers.split(",")]
     rows = []
-    for layers, steps in ((small, a.steps), (large, 2)):
+    for layers, steps in [(sizes[0], a.steps), *((n, 2) for n in sizes[1:])]:
         shapes = layer_shapes(layers)
         work = a.work / f"L{layers}"
         shutil.rmtree(work, ignore_errors=True)
@@ -92,7 +94,7 @@ def main() -> None:
             ckpt = work / "ckpt.safetensors"
             write_model(ckpt, shapes, seed=step)
             rss, seconds = timed_add(state, ckpt)
-            if step in (2, steps):
+            if steps > 2 or step == 2:
                 rows.append({"layers": layers, "model_gb": model_bytes / 1e9, "largest_tensor_mb": largest / 2**20,
                              "step": step, "peak_rss_mb": rss, "seconds": seconds})
                 print(f"  measured L{layers} step {step}: {rss:.0f} MiB, {seconds:.1f} s", file=sys.stderr)
@@ -105,6 +107,38 @@ def main() -> None:
               f"{r['peak_rss_mb'] - base_rss:>15.0f}{r['seconds']:>9.1f}")
     if a.json:
         a.json.write_text(json.dumps({"method": a.method, "interpreter_rss_mb": base_rss, "rows": rows}, indent=2))
+    if a.plot:
+        plot(rows, a.method, base_rss, a.plot)
+
+
+def plot(rows: list[dict], method: str, base_rss: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    by_size = [r for r in rows if r["step"] == 2]
+    first = rows[0]["layers"]
+    by_step = [r for r in rows if r["layers"] == first]
+    for name, xs, pick, xlabel in (("size", by_size, "model_gb", "model size (GB, float32)"), ("steps", by_step, "step", "step")):
+        fig, ax1 = plt.subplots(figsize=(6, 4))
+        x = [r[pick] for r in xs]
+        ax1.plot(x, [r["seconds"] for r in xs], "o-", color="tab:blue", label="seconds per step")
+        ax1.set_xlabel(xlabel)
+        ax1.set_ylabel("seconds per step", color="tab:blue")
+        ax2 = ax1.twinx()
+        ax2.plot(x, [r["peak_rss_mb"] for r in xs], "s--", color="tab:red", label="peak RSS")
+        ax2.axhline(base_rss, color="grey", lw=0.8, ls=":")
+        ax2.set_ylabel("peak RSS of the add process (MiB)", color="tab:red")
+        ax2.set_ylim(0, max(r["peak_rss_mb"] for r in xs) * 1.3)
+        if name == "size":
+            ax1.set_xscale("log")
+            ax1.set_yscale("log")
+        ax1.set_title(f"foldin add ({method}): {'model size' if name == 'size' else 'number of steps'}")
+        fig.tight_layout()
+        fig.savefig(out / f"scaling_{name}_{method}.png", dpi=110)
+        plt.close(fig)
 
 
 if __name__ == "__main__":
