@@ -128,6 +128,14 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
     assert "labels of 25%" in results["methods"]["otmf:steps=4:head_refit=true"]["data_use"]
     assert "| adamerging:steps=2 |" in (out / "report.md").read_text()
+    assert main(["bench", "--zoo", str(zoo), "--methods", "average", "--orders", "2", "--full-matrix-orders", "1",
+                 "--cft-orders", "0", "--out", str(out), "--extend", "--quiet"]) == 0
+    extended = json.loads((out / "results.json").read_text())
+    assert set(extended["methods"]) == set(methods.split(",")) | {"average"} and len(extended["commands"]) == 2
+    capsys.readouterr()
+    assert main(["bench", "--zoo", str(zoo), "--methods", "average", "--orders", "2", "--seed", "7", "--cft-orders", "0",
+                 "--out", str(out), "--extend", "--quiet"]) == 1
+    assert "--extend: the results already in the output directory" in capsys.readouterr().err
     state = tmp_path / "state"
     assert main(["init", str(state), "--base", str(zoo / "base"), "--method", "opcm", "--linear-weights", r".*conv.*\.weight"]) == 0
     for name in ("mnist", "digits"):

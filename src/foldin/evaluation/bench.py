@@ -161,6 +161,9 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
                       "pretrained_acc": pretrained[n], "finetuned_acc": finetuned[n]} for n in names},
         "methods": {}, "references": {},
     }
+    previous = out / "results.json"
+    if extend and previous.exists():
+        _extended(json.loads(previous.read_text()), results)  # refuse an incomparable run before it starts
     train_data = {}
     if any(get_method(s.method).needs_data for s in specs):  # data-driven methods learn from the train splits only
         train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
@@ -211,8 +214,8 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
         results["references"]["continual_finetuning"] = {"method": "continual fine-tuning", **_summarize(runs, finetuned)}
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    if extend and (out / "results.json").exists():
-        results = _extended(json.loads((out / "results.json").read_text()), results)
+    if extend and previous.exists():
+        results = _extended(json.loads(previous.read_text()), results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     from foldin.evaluation.report import write_report
 
