@@ -48,3 +48,16 @@ def test_gpu_matches_cpu(tmp_path, method):
         if cpu[k].is_floating_point():
             err = float((gpu[k].double() - cpu[k].double()).norm() / cpu[k].double().norm().clamp(min=1e-30))
             assert err < 1e-5, (k, err)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_workers_give_the_same_bits(tmp_path, method):
+    """Threads change when tensors are processed, never what comes out (results are consumed in order)."""
+    outs = []
+    for workers in (1, 3):
+        state = MergeState.create(tmp_path / f"{method}-{workers}", PARITY / "clip-vision-tiny" / "base", method)
+        for i in (1, 2, 3):
+            state.add(PARITY / "clip-vision-tiny" / f"ckpt_{i}", progress=False, workers=workers)
+        outs.append((state.dir / state.meta["generation"] / "merged.safetensors").read_bytes())
+        assert state.meta["stats"] == MergeState.open(state.dir).meta["stats"]
+    assert outs[0] == outs[1]

@@ -53,13 +53,13 @@ def run_fusionbench(case: Path, out: Path) -> dict[str, float]:
     return {"merge_s": json.loads((out / "timings.json").read_text())["opcm"], "wall_s": wall, "peak_rss_mb": rss}
 
 
-def run_foldin(case: Path, work: Path) -> dict[str, float]:
+def run_foldin(case: Path, work: Path, workers: int = 1) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     foldin = [sys.executable, "-m", "foldin.cli"]
     walls, rsses = [], []
     for cmd in ([*foldin, "init", str(work / "state"), "--base", str(case / "base"), "--method", "opcm"],
-                *([*foldin, "add", str(work / "state"), str(c), "--quiet"] for c in sorted(case.glob("ckpt_*")))):
+                *([*foldin, "add", str(work / "state"), str(c), "--quiet", "--workers", str(workers)] for c in sorted(case.glob("ckpt_*")))):
         wall, rss, _ = timed(cmd)
         walls.append(wall)
         rsses.append(rss)
@@ -73,10 +73,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="clip-vit-b32,minilm-l6")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1, help="foldin add --workers")
     ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "perf")
     ap.add_argument("--out", type=Path, default=HERE.parent / "results" / "perf" / "opcm_vs_fusionbench.json")
     a = ap.parse_args()
-    results = {"machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}", "repeats": a.repeats, "cases": {}}
+    results = {"machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}", "repeats": a.repeats,
+               "foldin_workers": a.workers, "cases": {}}
     for kind in a.cases.split(","):
         case = a.work / kind
         if not (case / "ckpt_3").exists():
@@ -85,7 +87,7 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {"fusionbench": [], "foldin": []}
         for r in range(a.repeats):  # alternate, so that drifts in machine load hit both sides
             runs["fusionbench"].append(run_fusionbench(case, a.work / f"{kind}-fb"))
-            runs["foldin"].append(run_foldin(case, a.work / f"{kind}-foldin"))
+            runs["foldin"].append(run_foldin(case, a.work / f"{kind}-foldin", a.workers))
             print(f"  {kind} repeat {r + 1}: fusionbench {runs['fusionbench'][-1]['merge_s']:.1f} s, "
                   f"foldin {runs['foldin'][-1]['merge_s']:.1f} s", file=sys.stderr)
         errs = relative_errors(load_file(a.work / f"{kind}-foldin" / "out" / "model.safetensors"),

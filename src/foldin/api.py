@@ -33,13 +33,14 @@ class ContinualMerger:
 
     def __init__(self, base: Mapping[str, torch.Tensor], method: str = "opcm",
                  linear_weights: nn.Module | str | None = None, module: nn.Module | None = None,
-                 features: FeatureFn | None = None, device: str | None = None, **params: Any):
+                 features: FeatureFn | None = None, device: str | None = None, workers: int = 1, **params: Any):
         self.base = base
         self.method = method
         self.linear_weights = linear_weights
         self.module = module
         self.features = features
         self.device = device
+        self.workers = workers
         self.params = params
 
     def partial_fit(self, checkpoint: Mapping[str, torch.Tensor], data: TaskData | None = None) -> "ContinualMerger":
@@ -56,7 +57,7 @@ class ContinualMerger:
             self.method_, self.step_ + 1, self.stats_, self.layout_, self._base_source,
             DictSource(checkpoint, f"checkpoint {self.step_ + 1}"),
             DictSource(self.merged_task_vector_) if self.step_ else None,
-            merged.__setitem__, progress=False, learning=learning, device=self.device,
+            merged.__setitem__, progress=False, learning=learning, device=self.device, workers=self.workers,
         )
         if ckpt_hash in self.hashes_:
             raise MismatchError(f"checkpoint {self.step_ + 1} is identical to one already folded in (or to the base).")

@@ -68,7 +68,7 @@ def cmd_add(args: argparse.Namespace) -> None:
             from foldin.evaluation.suite import learning_for_task
 
             learning = learning_for_task(args.task[i], state.base_path, Path(ckpt))
-        entry = state.add(ckpt, progress=not args.quiet, learning=learning, device=args.device)
+        entry = state.add(ckpt, progress=not args.quiet, learning=learning, device=args.device, workers=args.workers)
         print(f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s")
 
 
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--task", action="append", default=[], metavar="SUITE:TASK",
                    help="data-driven methods (otmf, adamerging): the checkpoint's task, e.g. text:reuters_r8 or vision:my_task.yaml; one per checkpoint")
+    p.add_argument("--workers", type=int, default=1, help="tensors processed at once on threads (same result, bit for bit)")
     p.add_argument("--device", help="where the arithmetic runs, e.g. cuda or cuda:1 (default: cpu); results are identical up to float rounding")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_add)

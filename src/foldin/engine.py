@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 
 import sys
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -133,8 +135,9 @@ class _Step:
 
     def __init__(self, step: int, stats: Mapping[str, float], layout: ModelLayout,
                  load: Callable[[str, str], torch.Tensor], sink: Callable[[str, torch.Tensor], None], progress: bool,
-                 learning: Learning | None = None):
+                 learning: Learning | None = None, workers: int = 1):
         self.step = step
+        self._workers = workers
         self.learning = learning
         self.stats = dict(stats)
         self.compute_dtype = layout.compute_dtype
@@ -152,15 +155,38 @@ class _Step:
         for name in bar:
             yield TensorSlot(name, name in self._layout.linear, self._load)
 
+    def _map(self, fn: Callable[[TensorSlot], R], desc: str) -> Iterator[tuple[TensorSlot, R]]:
+        """fn over every slot, in tensor order. With workers > 1, up to `workers` tensors are in
+        flight on threads (torch releases the GIL in its kernels), each with its share of torch's
+        threads; results still come back in order, so reductions and outputs are bit-identical."""
+        if self._workers <= 1:
+            for slot in self._slots(desc):
+                yield slot, fn(slot)
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // self._workers))
+        try:
+            with ThreadPoolExecutor(self._workers) as pool:
+                in_flight: deque = deque()
+                for slot in self._slots(desc):
+                    in_flight.append((slot, pool.submit(fn, slot)))
+                    if len(in_flight) >= self._workers:  # bounded: memory is `workers` tensors' worth
+                        done, future = in_flight.popleft()
+                        yield done, future.result()
+                while in_flight:
+                    done, future = in_flight.popleft()
+                    yield done, future.result()
+        finally:
+            torch.set_num_threads(threads)
+
     def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
-        return [fn(slot) for slot in self._slots(desc)]
+        return [result for _, result in self._map(fn, desc)]
 
     def update(self, fn: Callable[[TensorSlot], tuple[torch.Tensor, R]], desc: str) -> list[R]:
         if self.updated:
             raise RuntimeError("a method may call update() only once per step")
         results = []
-        for slot in self._slots(desc):
-            tensor, result = fn(slot)
+        for slot, (tensor, result) in self._map(fn, desc):
             if tuple(tensor.shape) != self._layout.specs[slot.name][1]:
                 raise RuntimeError(f"method returned shape {tuple(tensor.shape)} for {slot.name!r}")
             self._sink(slot.name, tensor.to(self.compute_dtype).contiguous())
@@ -181,11 +207,13 @@ def fold_step(
     progress: bool = True,
     learning: Learning | None = None,
     device: str | torch.device | None = None,
+    workers: int = 1,
 ) -> tuple[dict[str, float], str]:
     """Fold `checkpoint` in as step `step`. Writes every tensor of the new merged task vector to
     `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
     checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`.
-    `device` (e.g. "cuda") is where the arithmetic runs; tensors are read and written on the CPU."""
+    `device` (e.g. "cuda") is where the arithmetic runs; tensors are read and written on the CPU.
+    `workers` tensors are processed at once on threads (same result, bit for bit)."""
     if method.needs_data and learning is None:
         raise FoldinError(f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: --task SUITE:TASK).")
     compute = resolve_device(device)
@@ -204,7 +232,10 @@ def fold_step(
             return torch.zeros(layout.specs[name][1], dtype=dtype, device=compute)
         return previous.read(name).to(compute, dtype)
 
-    ctx = _Step(step, stats, layout, load, lambda name, t: sink(name, t.cpu()), progress, learning)
+    if workers < 1:
+        raise FoldinError(f"--workers must be at least 1, not {workers}.")
+    ctx = _Step(step, stats, layout, load, lambda name, t: sink(name, t.cpu()), progress, learning,
+                1 if method.needs_data else workers)
     new_stats = method.fold(ctx)
     if not ctx.updated:
         raise RuntimeError(f"method {method.name!r} did not write the merged task vector")

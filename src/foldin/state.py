@@ -309,7 +309,7 @@ class MergeState:
                 raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
 
     def add(self, checkpoint: str | os.PathLike[str], progress: bool = True, learning: Learning | None = None,
-            device: str | None = None) -> dict[str, Any]:
+            device: str | None = None, workers: int = 1) -> dict[str, Any]:
         """Fold one checkpoint in, atomically. Returns its history entry. Data-driven methods need
         `learning` (the model and the new task's data); the previous task's examples come from the state."""
         with _locked(self.dir, exclusive=True):
@@ -317,12 +317,13 @@ class MergeState:
             self.meta = fresh.meta
             self._remove_leftovers()
             try:
-                return self._add_locked(Path(checkpoint), progress, learning, device)
+                return self._add_locked(Path(checkpoint), progress, learning, device, workers)
             except OSError as e:  # disk full, I/O error: the new generation was discarded
                 raise StateError(f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
                                  f"the state is unchanged at step {self.step}.") from e
 
-    def _add_locked(self, checkpoint: Path, progress: bool, learning: Learning | None, device: str | None) -> dict[str, Any]:
+    def _add_locked(self, checkpoint: Path, progress: bool, learning: Learning | None, device: str | None,
+                    workers: int) -> dict[str, Any]:
         started = time.time()
         step = self.step + 1
         method = self.method
@@ -342,7 +343,7 @@ class MergeState:
                         writer.write(name, tensor)
 
                     stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt,
-                                                 previous, sink, progress, learning if method.needs_data else None, device)
+                                                 previous, sink, progress, learning if method.needs_data else None, device, workers)
                     self._refuse_duplicate(checkpoint, ckpt_hash)
                 if learning is not None and learning.buffer is not None:
                     write_task_data(gen_dir / BUFFER_FILE, learning.buffer)
