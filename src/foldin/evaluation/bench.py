@@ -125,7 +125,7 @@ def reference_accuracies(scorer: Scorer, base: dict[str, torch.Tensor], checkpoi
     return pretrained, finetuned
 
 
-def _extended(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`new`'s methods added to an earlier run's results; refuses runs that are not comparable."""
     same = lambda key: old["settings"].get(key) == new["settings"].get(key)  # noqa: E731
     if old["suite"] != new["suite"] or list(old["tasks"]) != list(new["tasks"]) or not (same("seed") and same("max_test") and same("zoo")):
@@ -163,7 +163,7 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
     }
     previous = out / "results.json"
     if extend and previous.exists():
-        _extended(json.loads(previous.read_text()), results)  # refuse an incomparable run before it starts
+        extend_results(json.loads(previous.read_text()), results)  # refuse an incomparable run before it starts
     train_data = {}
     if any(get_method(s.method).needs_data for s in specs):  # data-driven methods learn from the train splits only
         train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
@@ -215,7 +215,7 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
     if extend and previous.exists():
-        results = _extended(json.loads(previous.read_text()), results)
+        results = extend_results(json.loads(previous.read_text()), results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     from foldin.evaluation.report import write_report
 
