@@ -125,6 +125,17 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
                  "--cft-orders", "0", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["suite"] == "vision" and set(results["methods"]) == set(methods.split(","))
+    assert not (out / "bench-progress.json").exists()
+    # a stopped bench resumes: finished orders saved in bench-progress.json are not run again
+    saved = {"settings": results["settings"], "orders": [r["order"] for r in results["methods"]["opcm"]["runs"]],
+             "runs": {"opcm": [{**r, "final_acc": {n: 0.123 for n in r["final_acc"]}} for r in results["methods"]["opcm"]["runs"]]}}
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "bench-progress.json").write_text(json.dumps(saved))
+    assert main(["bench", "--zoo", str(zoo), "--methods", "opcm", "--orders", "2", "--full-matrix-orders", "1",
+                 "--cft-orders", "0", "--out", str(resumed), "--quiet"]) == 0
+    again = json.loads((resumed / "results.json").read_text())["methods"]["opcm"]["runs"]
+    assert all(v == 0.123 for r in again for v in r["final_acc"].values())
     assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
     assert "labels of 25%" in results["methods"]["otmf:steps=4:head_refit=true"]["data_use"]
     assert "| adamerging:steps=2 |" in (out / "report.md").read_text()

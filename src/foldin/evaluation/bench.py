@@ -4,7 +4,8 @@ orders, plus the references (pretrained, individually fine-tuned, continual fine
 Merging runs in memory through `foldin.ContinualMerger` (the same engine as the CLI); after each
 step the merged backbone is scored with the tasks' frozen heads. Orders listed in
 `full_matrix_orders` get the whole accuracy matrix (T(T+1)/2 evaluations); the others only its
-diagonal and final row (2T - 1), which is all ACC and BWT need.
+diagonal and final row (2T - 1), which is all ACC and BWT need. Finished orders are saved in
+OUT/bench-progress.json as they finish, so a bench that is stopped resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from foldin.errors import FoldinError
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
 from foldin.evaluation.zoo import Zoo
 from foldin.methods import get_method
+from foldin.state import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,16 @@ def reference_accuracies(scorer: Scorer, base: dict[str, torch.Tensor], checkpoi
     return pretrained, finetuned
 
 
+def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """Finished orders of an interrupted run with the same settings (by method label), else none."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != settings or saved.get("orders") != orders:
+        return {}
+    return saved["runs"]
+
+
 def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`new`'s methods added to an earlier run's results; refuses runs that are not comparable."""
     same = lambda key: old["settings"].get(key) == new["settings"].get(key)  # noqa: E731
@@ -167,10 +179,22 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
     train_data = {}
     if any(get_method(s.method).needs_data for s in specs):  # data-driven methods learn from the train splits only
         train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
+    progress_file = out / "bench-progress.json"
+    done = _load_progress(progress_file, results["settings"], orders)
+
+    def record(label: str, runs: list[dict[str, Any]]) -> None:
+        """Save finished orders as they finish: a killed bench resumes where it stopped."""
+        done[label] = runs
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(progress_file, {"settings": results["settings"], "orders": orders, "runs": done})
+
     for spec in specs:
-        runs = []
+        runs = list(done.get(spec.label, []))
         needs_data = get_method(spec.method).needs_data
+        bar.update(len(names) * len(runs))
         for i, order in enumerate(orders):
+            if i < len(runs):
+                continue
             merger = ContinualMerger(base, spec.method, linear_weights=spec.linear_weights or scorer.model,
                                      module=scorer.model, features=scorer.suite.batch_features, **spec.params)
             scorer.use_heads({})
@@ -186,6 +210,7 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
 
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
             runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
+            record(spec.label, runs)
         method = get_method(spec.method)(**spec.params)
         results["methods"][spec.label] = {"method": spec.method, "params": method.params.model_dump(), "data_use": method.data_use(),
                                           "linear_weights": spec.linear_weights or "nn.Linear modules of the backbone",
@@ -195,9 +220,11 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
     for ref in ("pretrained", "finetuned"):
         results["references"][ref]["ACC_mean"] = sum(results["references"][ref]["final_acc"].values()) / len(names)
     if cft_orders:
-        runs = []
+        runs = list(done.get("continual_finetuning", []))
         settings = zoo.meta["settings"]
         for i, order in enumerate(orders[:cft_orders]):
+            if i < len(runs):
+                continue
             scorer.load(base)
             scorer.use_heads({})
 
@@ -211,12 +238,14 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
 
             bar.set_postfix_str(f"continual fine-tuning order {i + 1}")
             runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
+            record("continual_finetuning", runs)
         results["references"]["continual_finetuning"] = {"method": "continual fine-tuning", **_summarize(runs, finetuned)}
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
     if extend and previous.exists():
         results = extend_results(json.loads(previous.read_text()), results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    progress_file.unlink(missing_ok=True)
     from foldin.evaluation.report import write_report
 
     write_report(results, out)
