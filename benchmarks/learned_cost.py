@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402
+
 METHODS = {"opcm": [], "otmf": ["--set", "head_refit=true"], "adamerging": []}
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of one process."""
-    t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if out.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1024, seconds
 
 
 def main() -> None:
@@ -46,7 +37,8 @@ def main() -> None:
         steps = []
         for task in (first, second):
             task_args = ["--task", f"{zoo['suite']}:{task}"] if method != "opcm" else []
-            steps.append(timed([*foldin, "add", str(state), str(a.zoo / "tasks" / task), *task_args, "--quiet"]))
+            wall, rss, _ = timed([*foldin, "add", str(state), str(a.zoo / "tasks" / task), *task_args, "--quiet"])
+            steps.append((rss, wall))
         state_mb = sum(p.stat().st_size for p in state.rglob("*") if p.is_file()) / 2**20
         rows.append({"method": method, "step2_peak_rss_mb": steps[1][0], "step2_seconds": steps[1][1],
                      "step1_seconds": steps[0][1], "state_mb": state_mb})

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,19 +30,10 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 PARITY = HERE.parent / "parity"
 sys.path.insert(0, str(PARITY))
+sys.path.insert(0, str(HERE.parent))
 from cases import make_case  # noqa: E402
 from check_parity import fusionbench_python, relative_errors  # noqa: E402
-
-
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MiB, stdout) of one process under /usr/bin/time -v."""
-    t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1024
-    return wall, rss, out.stdout
+from timing import timed  # noqa: E402
 
 
 def run_fusionbench(case: Path, out: Path) -> dict[str, float]:

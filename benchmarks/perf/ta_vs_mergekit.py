@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,8 +27,10 @@ from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "parity"))
+sys.path.insert(0, str(HERE.parent))
 from cases import fine_tuned_like  # noqa: E402
 from check_parity import relative_errors  # noqa: E402
+from timing import timed  # noqa: E402
 
 
 def mergekit_bin() -> Path:
@@ -56,30 +56,22 @@ def make_models(work: Path, layers: int) -> tuple[Path, Path]:
     return base, ckpt
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return wall, int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1024
-
-
 def run_mergekit(base: Path, ckpt: Path, out: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     config = out.with_suffix(".yml")
     config.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ckpt}\n"
                       f"    parameters:\n      weight: 0.3\ndtype: float32\n")
-    wall, rss = timed([str(mergekit_bin()), str(config), str(out), "--no-copy-tokenizer"])
+    wall, rss, _ = timed([str(mergekit_bin()), str(config), str(out), "--no-copy-tokenizer"])
     return {"wall_s": wall, "peak_rss_mb": rss}
 
 
 def run_foldin(base: Path, ckpt: Path, work: Path) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
     foldin = [sys.executable, "-m", "foldin.cli"]
-    runs = [timed([*foldin, "init", str(work / "state"), "--base", str(base), "--method", "task_arithmetic", "--set", "scaling_factor=0.3"]),
-            timed([*foldin, "add", str(work / "state"), str(ckpt), "--quiet"]),
-            timed([*foldin, "export", str(work / "state"), str(work / "out"), "--quiet"])]
+    runs = [timed(cmd)[:2] for cmd in (
+        [*foldin, "init", str(work / "state"), "--base", str(base), "--method", "task_arithmetic", "--set", "scaling_factor=0.3"],
+        [*foldin, "add", str(work / "state"), str(ckpt), "--quiet"],
+        [*foldin, "export", str(work / "state"), str(work / "out"), "--quiet"])]
     return {"wall_s": sum(w for w, _ in runs), "peak_rss_mb": max(r for _, r in runs), "add_wall_s": runs[1][0]}
 
 
