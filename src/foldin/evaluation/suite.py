@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foldin.errors import FoldinError
-from foldin.methods.learned import TaskData
+from foldin.methods.learned import Learning, TaskData
 
 EVAL_BATCH = 64
 
@@ -181,12 +181,10 @@ def get_suite(name: str, backbone: Path | str | None = None) -> Suite:
 SUITES = ("text", "vision")
 
 
-def learning_for_task(spec: str, base: Path, checkpoint: Path) -> "Learning":
+def learning_for_task(spec: str, base: Path, checkpoint: Path) -> Learning:
     """The model and data a data-driven method needs, from `SUITE:TASK` (a built-in task name or a
     task YAML file), the state's base, and the checkpoint (its head.safetensors, if any, is the head)."""
     from safetensors.torch import load_file
-
-    from foldin.methods.learned import Learning
 
     suite_name, sep, task_name = spec.partition(":")
     if not sep or not task_name:
