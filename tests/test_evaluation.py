@@ -124,7 +124,8 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     assert main(["bench", "--zoo", str(zoo), "--methods", methods, "--orders", "2", "--full-matrix-orders", "1",
                  "--cft-orders", "0", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["suite"] == "vision" and set(results["methods"]) == set(methods.split(","))
+    labels = {*methods.split(","), "otmf:steps=4"}  # the refit run also scores the no-refit ablation (zoo heads)
+    assert results["suite"] == "vision" and set(results["methods"]) == labels
     assert not (out / "bench-progress.json").exists()
     # a stopped bench resumes: finished orders saved in bench-progress.json are not run again
     saved = {"settings": results["settings"], "orders": [r["order"] for r in results["methods"]["opcm"]["runs"]],
@@ -138,11 +139,12 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     assert all(v == 0.123 for r in again for v in r["final_acc"].values())
     assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
     assert "labels of 25%" in results["methods"]["otmf:steps=4:head_refit=true"]["data_use"]
+    assert results["methods"]["otmf:steps=4"]["scored_from"].startswith("the otmf:steps=4:head_refit=true runs")
     assert "| adamerging:steps=2 |" in (out / "report.md").read_text()
     assert main(["bench", "--zoo", str(zoo), "--methods", "average", "--orders", "2", "--full-matrix-orders", "1",
                  "--cft-orders", "0", "--out", str(out), "--extend", "--quiet"]) == 0
     extended = json.loads((out / "results.json").read_text())
-    assert set(extended["methods"]) == set(methods.split(",")) | {"average"} and len(extended["commands"]) == 2
+    assert set(extended["methods"]) == labels | {"average"} and len(extended["commands"]) == 2
     capsys.readouterr()
     assert main(["bench", "--zoo", str(zoo), "--methods", "average", "--orders", "2", "--seed", "7", "--cft-orders", "0",
                  "--out", str(out), "--extend", "--quiet"]) == 1

@@ -14,7 +14,7 @@ from transformers import AutoModel
 from foldin import ContinualMerger, MergeState, TaskData
 from foldin.errors import FoldinError
 from foldin.methods.adamerging import prediction_entropy
-from foldin.methods.learned import Learning
+from foldin.methods.learned import FunctionalModel, Learning, LinearWeights, add_task_vectors
 from foldin.methods.otmf import masked_fusion, sinkhorn_divergence
 
 from conftest import PARITY
@@ -72,6 +72,28 @@ def _data(i: int, n: int = 24) -> TaskData:
     return TaskData({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.randint(0, 3, (n,), generator=g), head, f"task{i}")
 
 
+def test_mask_gradients_by_the_chain_rule_equal_autograd_through_the_fusion():
+    """OTMF and AdaMerging differentiate the loss with respect to the weights and apply the chain
+    rule themselves (LinearWeights); that must be what autograd gives through the whole fusion."""
+    module, (base, a, b, _), _ = _tiny_bert()
+    tau_pre, tau_post = ({n: t[n] - base[n] for n in base} for t in (a, b))
+    g = torch.Generator().manual_seed(3)
+    m_pre = {n: (1 + 0.1 * torch.randn(t.shape, generator=g)).requires_grad_() for n, t in base.items()}
+    batch = _data(0).batch(torch.arange(6))
+    model = FunctionalModel(Learning(module, _features, _data(0)))
+    expected = model(add_task_vectors(base, (0.8, {n: m_pre[n] * tau_pre[n] for n in base}), (0.2, tau_post)), batch).square().sum()
+    expected.backward()
+    weights = LinearWeights(model, base)
+    weights.fill((0.8, m_pre, tau_pre), (0.2, None, tau_post))
+    loss, grads = weights.gradient(lambda features: features(batch).square().sum())
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    for name, m in m_pre.items():
+        if m.grad is None:
+            assert grads[name] is None or not grads[name].any()
+        else:
+            assert torch.allclose(grads[name] * tau_pre[name] * 0.8, m.grad, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("method,params", [("otmf", {"steps": 4}), ("otmf", {"steps": 4, "head_refit": True}),
                                            ("adamerging", {"steps": 3})])
 def test_continual_api_run(method, params):
@@ -87,6 +109,19 @@ def test_continual_api_run(method, params):
         assert set(merger.heads_) == {"task0", "task1"}  # the previous task's head, after steps 2 and 3
     if method == "adamerging":
         assert 0.0 <= merger.stats_["lambda_pre"] <= 1.0 and 0.0 <= merger.stats_["lambda_post"] <= 1.0
+
+
+def test_head_refit_changes_the_heads_and_not_the_merged_weights():
+    """What lets `foldin bench` score the no-refit ablation from the refit run."""
+    module, (base, *ckpts), _ = _tiny_bert()
+    mergers = [ContinualMerger(base, "otmf", module=module, features=_features, buffer_size=8, steps=4, head_refit=refit)
+               for refit in (False, True)]
+    for merger in mergers:
+        for i, ckpt in enumerate(ckpts):
+            merger.partial_fit(ckpt, data=_data(i))
+    plain, refit = (m.merged_state_dict() for m in mergers)
+    assert all(torch.equal(plain[n], refit[n]) for n in plain)
+    assert not mergers[0].heads_ and set(mergers[1].heads_) == {"task0", "task1"}
 
 
 def test_otmf_without_masks_is_alpha_interpolation_of_task_vectors():

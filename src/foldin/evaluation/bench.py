@@ -72,11 +72,11 @@ class Scorer:
         self.tasks = {t.name: t for t in zoo.tasks(names)}
         self.test = {n: self.suite.encode(t.test[0][:max_test], t.test[1][:max_test]) for n, t in self.tasks.items()}
         self.zoo_heads = {n: zoo.head(n) for n in names}
-        self.heads = dict(self.zoo_heads)
+        self.refit_heads: dict[str, dict[str, torch.Tensor]] = {}
 
     def use_heads(self, refit: dict[str, dict[str, torch.Tensor]]) -> None:
         """Score with the zoo's heads, except where a method refit a task's head."""
-        self.heads = {**self.zoo_heads, **{n: h for n, h in refit.items() if n in self.zoo_heads}}
+        self.refit_heads = {n: h for n, h in refit.items() if n in self.zoo_heads}
 
     def load(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored."""
@@ -84,22 +84,37 @@ class Scorer:
         if missing:
             raise FoldinError(f"the model to score lacks {len(missing)} of the backbone's weights (e.g. {missing[0]!r}).")
 
-    def score(self, name: str) -> float:
-        return self.suite.accuracy(self.model, self.heads[name], self.test[name])
+    def score(self, name: str, refit: bool = True) -> float:
+        """Accuracy on the task's test set, with its refit head if there is one and `refit`."""
+        head = self.refit_heads.get(name) if refit else None
+        return self.suite.accuracy(self.model, head or self.zoo_heads[name], self.test[name])
 
 
-def run_order(order: list[str], advance: Callable[[str], float], scorer: Scorer, full: bool) -> tuple[Matrix, list[float]]:
+def run_order(order: list[str], advance: Callable[[str], float], scorer: Scorer, full: bool,
+              refit_variants: tuple[bool, ...] = (True,)) -> tuple[dict[bool, Matrix], list[float]]:
     """Fold the tasks in, in order; `advance(name)` does one step, loads the result into the
-    scorer and returns its merge seconds. Returns (accuracy matrix, seconds per step)."""
+    scorer and returns its merge seconds. Returns (an accuracy matrix per variant: scored with the
+    refit heads or with the zoo's heads, seconds per step)."""
     n = len(order)
-    acc: Matrix = [[None] * n for _ in range(n)]
+    accs: dict[bool, Matrix] = {v: [[None] * n for _ in range(n)] for v in refit_variants}
     seconds = []
     for t, name in enumerate(order):
         seconds.append(advance(name))
         columns = range(t + 1) if full else ([*range(n)] if t == n - 1 else [t])
         for k in columns:
-            acc[t][k] = scorer.score(order[k])
-    return acc, seconds
+            for refit, acc in accs.items():
+                acc[t][k] = scorer.score(order[k], refit)
+    return accs, seconds
+
+
+def without_head_refit(spec: MethodSpec) -> MethodSpec | None:
+    """For a spec that refits heads, the same spec without: head refit never changes the merged
+    weights, so one run scores both (with the refit heads and with the zoo's), the ablation for free."""
+    if spec.params.get("head_refit") is not True:
+        return None
+    name, *settings = spec.label.split(":")
+    label = ":".join([name, *(s for s in settings if s.partition("=")[0] != "head_refit")])
+    return MethodSpec(label, spec.method, {k: v for k, v in spec.params.items() if k != "head_refit"}, spec.linear_weights)
 
 
 def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[str, Any]:
@@ -182,18 +197,19 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
     progress_file = out / "bench-progress.json"
     done = _load_progress(progress_file, results["settings"], orders)
 
-    def record(label: str, runs: list[dict[str, Any]]) -> None:
+    def record(**runs: list[dict[str, Any]]) -> None:
         """Save finished orders as they finish: a killed bench resumes where it stopped."""
-        done[label] = runs
+        done.update(runs)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(progress_file, {"settings": results["settings"], "orders": orders, "runs": done})
 
     for spec in specs:
-        runs = list(done.get(spec.label, []))
+        variants = {True: spec, **({False: ablation} if (ablation := without_head_refit(spec)) else {})}
+        runs = {refit: list(done.get(v.label, [])) for refit, v in variants.items()}
         needs_data = get_method(spec.method).needs_data
-        bar.update(len(names) * len(runs))
+        bar.update(len(names) * len(runs[True]))
         for i, order in enumerate(orders):
-            if i < len(runs):
+            if i < len(runs[True]):
                 continue
             merger = ContinualMerger(base, spec.method, linear_weights=spec.linear_weights or scorer.model,
                                      module=scorer.model, features=scorer.suite.batch_features, **spec.params)
@@ -209,12 +225,16 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
                 return seconds
 
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
-            runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
-            record(spec.label, runs)
-        method = get_method(spec.method)(**spec.params)
-        results["methods"][spec.label] = {"method": spec.method, "params": method.params.model_dump(), "data_use": method.data_use(),
-                                          "linear_weights": spec.linear_weights or "nn.Linear modules of the backbone",
-                                          **_summarize(runs, finetuned)}
+            accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders, tuple(variants))
+            for refit, v in variants.items():
+                runs[refit].append(_run_record(order, accs[refit], seconds))
+            record(**{v.label: runs[refit] for refit, v in variants.items()})
+        for refit, v in variants.items():
+            method = get_method(v.method)(**v.params)
+            results["methods"][v.label] = {"method": v.method, "params": method.params.model_dump(), "data_use": method.data_use(),
+                                           "linear_weights": v.linear_weights or "nn.Linear modules of the backbone",
+                                           **({} if refit else {"scored_from": f"the {spec.label} runs: the same merged weights, scored with the zoo's heads"}),
+                                           **_summarize(runs[refit], finetuned)}
     results["references"]["pretrained"] = {"final_acc": pretrained}
     results["references"]["finetuned"] = {"final_acc": finetuned}
     for ref in ("pretrained", "finetuned"):
@@ -231,14 +251,15 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
             def advance(name: str) -> float:
                 task = scorer.tasks[name]
                 t0 = time.perf_counter()
-                scorer.suite.fine_tune(scorer.model, scorer.heads[name], *task.train, steps=settings["steps"],
+                scorer.suite.fine_tune(scorer.model, scorer.zoo_heads[name], *task.train, steps=settings["steps"],
                                        lr=settings["lr"], seed=settings["seed"])
                 bar.update(1)
                 return time.perf_counter() - t0
 
             bar.set_postfix_str(f"continual fine-tuning order {i + 1}")
-            runs.append(_run_record(order, *run_order(order, advance, scorer, full=i < full_matrix_orders)))
-            record("continual_finetuning", runs)
+            accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders)
+            runs.append(_run_record(order, accs[True], seconds))
+            record(continual_finetuning=runs)
         results["references"]["continual_finetuning"] = {"method": "continual fine-tuning", **_summarize(runs, finetuned)}
     bar.close()
     out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     for label, accs in per_task.items():
         lines.append(f"| {label} | " + " | ".join(_pct(accs[n]) for n in tasks) + " |")
     lines += ["", "## Data each method reads", "", "| method | besides the checkpoints |", "|---|---|"]
-    lines += [f"| {label} | {r.get('data_use', 'none (checkpoint weights only)')} |" for label, r in results["methods"].items()]
+    lines += [f"| {label} | {r.get('data_use', 'none (checkpoint weights only)')}{' (scored from ' + r['scored_from'] + ')' if 'scored_from' in r else ''} |"
+              for label, r in results["methods"].items()]
     lines += ["", "Data-driven methods read training splits only; every accuracy is on the test splits."]
     lines += ["", "## Tasks", "", "| task | source | classes | train | test | pretrained head | fine-tuned | lift |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for n, t in results["tasks"].items():

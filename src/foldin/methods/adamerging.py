@@ -16,7 +16,7 @@ from pydantic import Field
 
 from foldin.errors import FoldinError
 from foldin.methods import register
-from foldin.methods.learned import FunctionalModel, LearnedMethod, LearnedParams, Learning, add_task_vectors, sample_index
+from foldin.methods.learned import FunctionalModel, LearnedMethod, LearnedParams, Learning, LinearWeights, sample_index
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -44,18 +44,19 @@ class AdaMerging(LearnedMethod):
         tasks = [learning.previous, learning.new]
         if any(t is None or t.head is None for t in tasks):
             raise FoldinError("adamerging scores predictions, so each task's data needs its classification head (TaskData.head).")
-        model = FunctionalModel(learning)
-        coeffs = torch.full((2,), p.init, requires_grad=True)
+        weights = LinearWeights(FunctionalModel(learning), base)
+        taus = (tau_pre, tau_post)
+        coeffs = torch.full((2,), p.init)
         opt = torch.optim.Adam([coeffs], lr=p.lr)
         for _ in range(p.steps):
-            weights = add_task_vectors(base, (coeffs[0], tau_pre), (coeffs[1], tau_post))
-            loss = sum(prediction_entropy(F.linear(model(weights, t.batch(sample_index(t, p.batch_size, generator))), t.head["weight"], t.head["bias"]))
-                       for t in tasks)
-            opt.zero_grad()
-            loss.backward()
+            batches = [t.batch(sample_index(t, p.batch_size, generator)) for t in tasks]
+            weights.fill(*((float(c), None, tau) for c, tau in zip(coeffs, taus)))
+            _, grads = weights.gradient(lambda features: sum(prediction_entropy(F.linear(features(b), t.head["weight"], t.head["bias"]))
+                                                             for t, b in zip(tasks, batches)))
+            coeffs.grad = torch.stack([sum(torch.dot(g.flatten(), tau[n].flatten()) for n, g in grads.items() if g is not None)
+                                       for tau in taus])  # the chain rule: d loss/d lambda = <d loss/d weights, tau>
             opt.step()
-            with torch.no_grad():
-                coeffs.clamp_(0.0, 1.0)
+            coeffs.clamp_(0.0, 1.0)
         c_pre, c_post = (float(c) for c in coeffs.detach())
         merged = {n: c_pre * tau_pre[n] + c_post * tau_post[n] for n in tau_pre}
         return merged, {"lambda_pre": c_pre, "lambda_post": c_post}

@@ -106,6 +106,47 @@ def add_task_vectors(base: Mapping[str, torch.Tensor], *terms: tuple[torch.Tenso
     return out
 
 
+class LinearWeights:
+    """One reusable copy of the model's weights, refilled in place as base + sum of scale * mask *
+    task vector, for methods whose learned quantities (masks, coefficients) enter the weights
+    linearly. The forward and backward passes treat the weights as a leaf; the learned quantities'
+    gradients then follow by the chain rule (d loss/d mask = scale * task vector * d loss/d weights).
+    This gives autograd's gradients without an autograd graph over every element of the model at
+    each step: a third of OTMF's step time and most of its memory went there."""
+
+    def __init__(self, model: FunctionalModel, base: dict[str, torch.Tensor]):
+        self.model = model
+        self.base = base
+        self.weights = {n: torch.empty_like(b) for n, b in base.items()}
+
+    @torch.no_grad()
+    def fill(self, *terms: tuple[float, Mapping[str, torch.Tensor] | None, Mapping[str, torch.Tensor]]) -> None:
+        """weights = base + sum of scale * mask * task vector (mask None: no mask)."""
+        for name, w in self.weights.items():
+            w.copy_(self.base[name])
+            for scale, mask, tv in terms:
+                if mask is None:
+                    w.add_(tv[name], alpha=scale)
+                else:
+                    w.addcmul_(mask[name], tv[name], value=scale)
+
+    @torch.no_grad()
+    def features(self, batch: Batch) -> torch.Tensor:
+        return self.model(self.weights, batch)
+
+    def gradient(self, loss_of: Callable[[Callable[[Batch], torch.Tensor]], torch.Tensor]) -> tuple[float, dict[str, torch.Tensor | None]]:
+        """The loss `loss_of(features)` computes from features under the current weights, and its
+        gradient with respect to each weight (None where the loss does not depend on it)."""
+        leaves = {n: w.requires_grad_() for n, w in self.weights.items()}
+        try:
+            loss = loss_of(lambda batch: self.model(leaves, batch))
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        finally:
+            for w in leaves.values():
+                w.requires_grad_(False)
+        return loss.item(), dict(zip(leaves, grads))
+
+
 def sample_index(data: TaskData, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(len(data), (min(batch_size, len(data)),), generator=generator)
 

@@ -17,8 +17,8 @@ import torch
 from pydantic import Field
 
 from foldin.methods import register
-from foldin.methods.learned import (FunctionalModel, LearnedMethod, LearnedParams, Learning, add_task_vectors,
-                                    batched_features, refit_head, sample_index)
+from foldin.methods.learned import (FunctionalModel, LearnedMethod, LearnedParams, Learning, LinearWeights,
+                                    add_task_vectors, batched_features, refit_head, sample_index)
 
 
 def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, p: int = 2, blur: float = 0.05, scaling: float = 0.5) -> torch.Tensor:
@@ -78,36 +78,38 @@ class OTMF(LearnedMethod):
     def _train_masks(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
         """The fused task vector with the best masks, and their (pre + post) loss."""
         p = self.params
-        model = FunctionalModel(learning)
-        masks = {side: {n: torch.ones_like(t, requires_grad=True) for n, t in tau_pre.items()} for side in ("pre", "post")}
-        optimizers = {side: torch.optim.Adam(list(m.values()), lr=p.lr) for side, m in masks.items()}
-        teachers = {"pre": add_task_vectors(base, (1.0, tau_pre)), "post": add_task_vectors(base, (1.0, tau_post))}
+        weights = LinearWeights(FunctionalModel(learning), base)
+        tau = {"pre": tau_pre, "post": tau_post}
+        scale = {"pre": p.alpha, "post": 1 - p.alpha}
+        masks = {side: {n: torch.ones_like(t) for n, t in tau_pre.items()} for side in tau}
+        optimizers = {side: torch.optim.Adam(list(m.values()), lr=p.lr, fused=True) for side, m in masks.items()}
         data = {"pre": learning.previous, "post": learning.new}
         best, best_loss, pair_loss = None, float("inf"), 0.0
         for step in range(p.steps):
             side = "pre" if step % 2 == 0 else "post"
             batch = data[side].batch(sample_index(data[side], p.batch_size, generator))
-            with torch.no_grad():
-                target = model(teachers[side], batch)
-            weights = add_task_vectors(base, (1.0, masked_fusion(tau_pre, tau_post, masks["pre"], masks["post"], p.alpha)))
-            loss = sinkhorn_divergence(model(weights, batch), target, p.p, p.blur)
-            optimizers[side].zero_grad()
-            loss.backward()
+            weights.fill((1.0, None, tau[side]))  # the teacher: the previous merged model, or the fine-tuned one
+            target = weights.features(batch)
+            weights.fill(*((scale[s], masks[s], tau[s]) for s in tau))
+            loss, grads = weights.gradient(lambda features: sinkhorn_divergence(features(batch), target, p.p, p.blur))
+            for name, mask in masks[side].items():  # only this side's masks move
+                g = grads[name]
+                mask.grad = None if g is None else g.mul_(tau[side][name]).mul_(scale[side])
             optimizers[side].step()
-            pair_loss += loss.item()
-            if side == "post":  # a (pre, post) pair is complete: keep the best masks so far
+            pair_loss += loss
+            if side == "post":  # a (pre, post) pair is complete: keep the best fusion so far
                 if pair_loss < best_loss:
                     best_loss = pair_loss
-                    best = {s: {n: m.detach().clone() for n, m in ms.items()} for s, ms in masks.items()}
+                    best = masked_fusion(tau_pre, tau_post, masks["pre"], masks["post"], p.alpha)
                 pair_loss = 0.0
-        best = best or {s: {n: m.detach() for n, m in ms.items()} for s, ms in masks.items()}
-        return masked_fusion(tau_pre, tau_post, best["pre"], best["post"], p.alpha), best_loss
+        return best or masked_fusion(tau_pre, tau_post, masks["pre"], masks["post"], p.alpha), best_loss
 
     def _refit_previous_head(self, base, fused, learning: Learning, generator: torch.Generator) -> None:
         previous = learning.previous
         if previous is None or previous.labels is None or previous.head is None:
             return  # nothing labelled to refit with
         wanted = round(self.params.head_refit_fraction * (previous.total or len(previous)))  # a fraction of the task's examples
-        labelled = previous.subset(max(1, wanted), generator)  # as many as the buffer holds
+        draws = torch.Generator().set_state(generator.get_state())  # a copy: refitting leaves the merged weights as they would be without it
+        labelled = previous.subset(max(1, wanted), draws)  # as many as the buffer holds
         features = batched_features(FunctionalModel(learning), add_task_vectors(base, (1.0, fused)), labelled)
         learning.heads[previous.name] = refit_head(previous.head, features, labelled.labels, self.params.head_refit_steps)
