@@ -7,7 +7,7 @@ import ctypes
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,6 +18,9 @@ from foldin.evaluation.suite import SUITES
 from foldin.io.checkpoint import open_checkpoint
 from foldin.methods import available_methods
 from foldin.state import MergeState, ensure_state
+
+if TYPE_CHECKING:
+    from foldin.ray_backend import RayBackend
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -52,6 +55,25 @@ class RunConfig(BaseModel):
     max_shard_size: str = "5GB"
 
 
+def _backend(args: argparse.Namespace) -> "RayBackend | None":
+    """--backend ray [--address ADDR] [--threads-per-task N]; None: in this process."""
+    if args.backend == "local":
+        if args.address:
+            raise FoldinError("--address applies to --backend ray.")
+        return None
+    from foldin.ray_backend import RayBackend
+
+    return RayBackend(args.address, threads=args.threads_per_task)
+
+
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="ray: run the work as Ray tasks that read and write the files themselves (pip install 'foldin[ray]'; paths must be on storage every node sees)")
+    p.add_argument("--address", help="the Ray cluster to use (e.g. auto or HOST:6379); default: RAY_ADDRESS, else a new local one")
+    p.add_argument("--threads-per-task", type=int, default=1,
+                   help="torch threads per Ray task; the bits equal a local run with as many threads (OMP_NUM_THREADS)")
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     state = MergeState.create(args.state_dir, args.base, args.method, parse_settings(args.set), args.linear_weights)
     print(f"created {args.method} state in {state.dir} (base {state.meta['base']['hash'][:19]}, "
@@ -68,13 +90,14 @@ def cmd_add(args: argparse.Namespace) -> None:
             from foldin.evaluation.suite import learning_for_task
 
             learning = learning_for_task(args.task[i], state.base_path, Path(ckpt))
-        entry = state.add(ckpt, progress=not args.quiet, learning=learning, device=args.device, workers=args.workers)
+        entry = state.add(ckpt, progress=not args.quiet, learning=learning, device=args.device, workers=args.workers,
+                          backend=_backend(args))
         print(f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     state = MergeState.open(args.state_dir)
-    out = state.export(args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet)
+    out = state.export(args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet, backend=_backend(args))
     print(f"exported the merged model after step {state.step} to {out}")
 
 
@@ -103,10 +126,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise StateError(f"{state_dir} already holds a different sequence of checkpoints than {path} lists; use another state directory.")
     if done:
         print(f"resuming {state_dir} at step {len(done)}")
+    backend = _backend(args)
     for ckpt in checkpoints[len(done):]:
-        entry = state.add(ckpt, progress=not args.quiet)
+        entry = state.add(ckpt, progress=not args.quiet, backend=backend)
         print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
-    state.export(output, cfg.dtype, cfg.max_shard_size, overwrite=True, progress=not args.quiet)
+    state.export(output, cfg.dtype, cfg.max_shard_size, overwrite=True, progress=not args.quiet, backend=backend)
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
 
 
@@ -222,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--task", action="append", default=[], metavar="SUITE:TASK",
                    help="data-driven methods (otmf, adamerging): the checkpoint's task, e.g. text:reuters_r8 or vision:my_task.yaml; one per checkpoint")
-    p.add_argument("--workers", type=int, default=1, help="tensors processed at once on threads (same result, bit for bit)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that share)")
     p.add_argument("--device", help="where the arithmetic runs, e.g. cuda or cuda:1 (default: cpu); results are identical up to float rounding")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_backend_options(p)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("export", help="write the merged model as a Hugging Face folder")
@@ -234,11 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true")
+    _add_backend_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="init/resume, add every checkpoint and export, from a YAML file")
     p.add_argument("config")
     p.add_argument("--quiet", action="store_true")
+    _add_backend_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="method, parameters, step and history of a state")

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +23,9 @@ from foldin.errors import CheckpointError, FoldinError, MismatchError
 from foldin.io.checkpoint import content_hash, tensor_digest
 from foldin.methods.base import MergeMethod, R, TensorSlot
 from foldin.methods.learned import Learning
+
+if TYPE_CHECKING:
+    from foldin.ray_backend import RayStepRunner
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -79,6 +82,12 @@ class ModelLayout:
     def state_specs(self) -> dict[str, Spec]:
         """Dtype and shape of each tensor of the merged task vector."""
         return {n: (self.compute_dtype, self.specs[n][1]) for n in self.merged_names}
+
+    def as_stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A method's output for `name` as the state stores it (checked shape, compute dtype, contiguous)."""
+        if tuple(tensor.shape) != self.specs[name][1]:
+            raise RuntimeError(f"method returned shape {tuple(tensor.shape)} for {name!r}")
+        return tensor.to(self.compute_dtype).contiguous()
 
     def check_compatible(self, ckpt: TensorSource) -> None:
         """Refuse a checkpoint whose keys, shapes or dtypes differ from the base's. Tensors that are
@@ -158,7 +167,8 @@ class _Step:
     def _map(self, fn: Callable[[TensorSlot], R], desc: str) -> Iterator[tuple[TensorSlot, R]]:
         """fn over every slot, in tensor order. With workers > 1, up to `workers` tensors are in
         flight on threads (torch releases the GIL in its kernels), each with its share of torch's
-        threads; results still come back in order, so reductions and outputs are bit-identical."""
+        threads; results still come back in order, so reductions are done in the same order and the
+        bits equal those of a one-worker run with that many threads."""
         if self._workers <= 1:
             for slot in self._slots(desc):
                 yield slot, fn(slot)
@@ -187,9 +197,7 @@ class _Step:
             raise RuntimeError("a method may call update() only once per step")
         results = []
         for slot, (tensor, result) in self._map(fn, desc):
-            if tuple(tensor.shape) != self._layout.specs[slot.name][1]:
-                raise RuntimeError(f"method returned shape {tuple(tensor.shape)} for {slot.name!r}")
-            self._sink(slot.name, tensor.to(self.compute_dtype).contiguous())
+            self._sink(slot.name, self._layout.as_stored(slot.name, tensor))
             results.append(result)
         self.updated = True
         return results
@@ -208,12 +216,16 @@ def fold_step(
     learning: Learning | None = None,
     device: str | torch.device | None = None,
     workers: int = 1,
+    cluster: "RayStepRunner | None" = None,
 ) -> tuple[dict[str, float], str]:
     """Fold `checkpoint` in as step `step`. Writes every tensor of the new merged task vector to
     `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
     checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`.
     `device` (e.g. "cuda") is where the arithmetic runs; tensors are read and written on the CPU.
-    `workers` tensors are processed at once on threads (same result, bit for bit)."""
+    `workers` tensors are processed at once on threads, each with torch's threads divided among
+    them; the bits depend only on the threads each tensor gets (BLAS and LAPACK split work by thread
+    count). With `cluster`, the passes run as Ray tasks that read the files and write the merged
+    task vector's shards themselves; `sink` is not used."""
     if method.needs_data and learning is None:
         raise FoldinError(f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: --task SUITE:TASK).")
     compute = resolve_device(device)
@@ -221,6 +233,24 @@ def fold_step(
         raise FoldinError(f"--device applies to the weight-only methods; {method.name!r} runs on the CPU.")
     layout.check_compatible(checkpoint)
     new = CheckedReader(checkpoint)
+    if workers < 1:
+        raise FoldinError(f"--workers must be at least 1, not {workers}.")
+    if cluster is not None:
+        if method.needs_data:
+            raise FoldinError(f"--backend ray applies to the weight-only methods; {method.name!r} learns on one machine (use the local backend).")
+        ctx: _Step = cluster.step_context(step, stats, layout, new, progress)
+    else:
+        ctx = _Step(step, stats, layout, tensor_loader(layout, base, new, previous, compute), lambda name, t: sink(name, t.cpu()),
+                    progress, learning, 1 if method.needs_data else workers)
+    new_stats = method.fold(ctx)
+    if not ctx.updated:
+        raise RuntimeError(f"method {method.name!r} did not write the merged task vector")
+    return new_stats, new.content_hash()
+
+
+def tensor_loader(layout: ModelLayout, base: TensorSource, new: CheckedReader, previous: TensorSource | None,
+                  compute: torch.device) -> Callable[[str, str], torch.Tensor]:
+    """load(kind, name) for TensorSlot: kind is "base", "new" or "merged" (zeros before the first step)."""
     dtype = layout.compute_dtype
 
     def load(kind: str, name: str) -> torch.Tensor:
@@ -232,14 +262,7 @@ def fold_step(
             return torch.zeros(layout.specs[name][1], dtype=dtype, device=compute)
         return previous.read(name).to(compute, dtype)
 
-    if workers < 1:
-        raise FoldinError(f"--workers must be at least 1, not {workers}.")
-    ctx = _Step(step, stats, layout, load, lambda name, t: sink(name, t.cpu()), progress, learning,
-                1 if method.needs_data else workers)
-    new_stats = method.fold(ctx)
-    if not ctx.updated:
-        raise RuntimeError(f"method {method.name!r} did not write the merged task vector")
-    return new_stats, new.content_hash()
+    return load
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -259,3 +282,10 @@ def export_tensor(method: MergeMethod, stats: Mapping[str, float], base: torch.T
         return base
     out = base.to(merged.dtype) + method.scale(stats) * merged
     return out.to(dtype or base.dtype)
+
+
+def read_export_tensor(method: MergeMethod, stats: Mapping[str, float], base: TensorSource, merged: TensorSource | None,
+                       name: str, dtype: torch.dtype) -> torch.Tensor:
+    """export_tensor for `name`, read from the base and the merged task vector (non-float tensors: the base's)."""
+    m = merged.read(name) if merged is not None and dtype.is_floating_point else None
+    return export_tensor(method, stats, base.read(name), m, dtype)

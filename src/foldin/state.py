@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from foldin import __version__
 import torch
@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from foldin.engine import ModelLayout, export_tensor, fold_step, hash_source
+from foldin.engine import ModelLayout, fold_step, hash_source, read_export_tensor
 from foldin.errors import FoldinError, MismatchError, StateError
 from foldin.io.checkpoint import Checkpoint, open_checkpoint, tensor_digest
 from foldin.io.export import DTYPES, parse_size, write_hf_folder
@@ -45,8 +45,12 @@ from foldin.methods import get_method
 from foldin.methods.base import MergeMethod
 from foldin.methods.learned import Learning, TaskData
 
+if TYPE_CHECKING:
+    from foldin.ray_backend import RayBackend, StateFiles
+
 STATE_FILE = "state.json"
 MERGED_FILE = "merged.safetensors"
+MERGED_INDEX = "merged.safetensors.index.json"  # a generation written in shards by Ray tasks
 BUFFER_FILE = "buffer.safetensors"
 HEADS_FILE = "heads.safetensors"
 FORMAT = "foldin-state"
@@ -280,7 +284,18 @@ class MergeState:
     # ---- folding in -------------------------------------------------------------------------
     def _generation_file(self) -> Path | None:
         gen = self.meta["generation"]
-        return self.dir / gen / MERGED_FILE if gen else None
+        if not gen:
+            return None
+        single = self.dir / gen / MERGED_FILE
+        return single if single.exists() or not (self.dir / gen / MERGED_INDEX).exists() else self.dir / gen / MERGED_INDEX
+
+    def _files(self) -> "StateFiles":
+        """The state's tensors as paths, for Ray tasks to open (they verify what they read)."""
+        from foldin.ray_backend import StateFiles
+
+        gen = self._generation_file()
+        return StateFiles(str(self.dir.resolve()), self.meta["base"]["path"], str(gen.resolve()) if gen else None,
+                          dict(self.meta.get("checksums", {}).get("merged", {})))
 
     def _remove_leftovers(self) -> None:
         """Delete generations and temporary files that an interrupted step left behind."""
@@ -309,21 +324,22 @@ class MergeState:
                 raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
 
     def add(self, checkpoint: str | os.PathLike[str], progress: bool = True, learning: Learning | None = None,
-            device: str | None = None, workers: int = 1) -> dict[str, Any]:
+            device: str | None = None, workers: int = 1, backend: "RayBackend | None" = None) -> dict[str, Any]:
         """Fold one checkpoint in, atomically. Returns its history entry. Data-driven methods need
-        `learning` (the model and the new task's data); the previous task's examples come from the state."""
+        `learning` (the model and the new task's data); the previous task's examples come from the state.
+        With `backend` (a RayBackend) the step runs as Ray tasks that read and write the files themselves."""
         with _locked(self.dir, exclusive=True):
             fresh = MergeState.open(self.dir)  # another process may have committed since we opened
             self.meta = fresh.meta
             self._remove_leftovers()
             try:
-                return self._add_locked(Path(checkpoint), progress, learning, device, workers)
+                return self._add_locked(Path(checkpoint), progress, learning, device, workers, backend)
             except OSError as e:  # disk full, I/O error: the new generation was discarded
                 raise StateError(f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
                                  f"the state is unchanged at step {self.step}.") from e
 
     def _add_locked(self, checkpoint: Path, progress: bool, learning: Learning | None, device: str | None,
-                    workers: int) -> dict[str, Any]:
+                    workers: int, backend: "RayBackend | None") -> dict[str, Any]:
         started = time.time()
         step = self.step + 1
         method = self.method
@@ -336,15 +352,19 @@ class MergeState:
                 learning.previous = self.buffer()
             gen_dir.mkdir()
             try:
-                digests: dict[str, str] = {}
-                with SafetensorsWriter(gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}) as writer:
-                    def sink(name: str, tensor: torch.Tensor) -> None:
-                        digests[name] = tensor_digest(tensor)
-                        writer.write(name, tensor)
+                if backend is not None:
+                    stats, ckpt_hash, digests = self._fold_on_ray(backend, checkpoint, layout, method, step, gen_dir, base, ckpt, previous,
+                                                                  progress, device)
+                else:
+                    digests = {}
+                    with SafetensorsWriter(gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}) as writer:
+                        def sink(name: str, tensor: torch.Tensor) -> None:
+                            digests[name] = tensor_digest(tensor)
+                            writer.write(name, tensor)
 
-                    stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt,
-                                                 previous, sink, progress, learning if method.needs_data else None, device, workers)
-                    self._refuse_duplicate(checkpoint, ckpt_hash)
+                        stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt,
+                                                     previous, sink, progress, learning if method.needs_data else None, device, workers)
+                self._refuse_duplicate(checkpoint, ckpt_hash)
                 if learning is not None and learning.buffer is not None:
                     write_task_data(gen_dir / BUFFER_FILE, learning.buffer)
                     heads = {**self.heads(), **learning.heads}
@@ -377,6 +397,26 @@ class MergeState:
         if old:
             shutil.rmtree(self.dir / old, ignore_errors=True)
         return entry
+
+    def _fold_on_ray(self, backend: "RayBackend", checkpoint: Path, layout: ModelLayout, method: MergeMethod, step: int,
+                     gen_dir: Path, base: Checkpoint, ckpt: Any, previous: Any, progress: bool,
+                     device: str | None) -> tuple[dict[str, float], str, dict[str, str]]:
+        """The step as Ray tasks that write the merged task vector in shards, plus their index."""
+        from foldin.ray_backend import RayStepRunner, StepFiles
+
+        if device not in (None, "cpu"):
+            raise FoldinError("--device with --backend ray is not supported yet; the Ray tasks compute on their nodes' CPUs.")
+        files = StepFiles(self._files(), str(checkpoint.resolve()), layout, "cpu", backend.threads)
+        runner = RayStepRunner(backend, files, gen_dir, MERGED_FILE.removesuffix(".safetensors"))
+        stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt, previous, lambda *_: None, progress,
+                                     cluster=runner)
+        index = {"metadata": {"format": "pt", "foldin_step": str(step)},
+                 "weight_map": {n: runner.weight_map[n] for n in layout.merged_names}}
+        with open(gen_dir / MERGED_INDEX, "w") as f:
+            f.write(json.dumps(index, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return stats, ckpt_hash, runner.digests
 
     def _generation_path(self, name: str) -> Path | None:
         """A file of the current generation (None if it has none), checked against its recorded checksum."""
@@ -462,8 +502,7 @@ class MergeState:
             specs[name] = (dtype if dtype is not None and b_dtype.is_floating_point else b_dtype, shape)
 
         def produce(name: str) -> torch.Tensor:
-            m = merged.read(name) if merged is not None and specs[name][0].is_floating_point else None
-            return export_tensor(method, self.meta["stats"], base.read(name), m, specs[name][0])
+            return read_export_tensor(method, self.meta["stats"], base, merged, name, specs[name][0])
 
         return specs, produce
 
@@ -474,8 +513,9 @@ class MergeState:
             return {name: produce(name) for name in specs}
 
     def export(self, out_dir: str | os.PathLike[str], dtype: str | None = None, max_shard_size: str = "5GB",
-               overwrite: bool = False, progress: bool = True) -> Path:
-        """Write the merged model after the current step as a Hugging Face folder."""
+               overwrite: bool = False, progress: bool = True, backend: "RayBackend | None" = None) -> Path:
+        """Write the merged model after the current step as a Hugging Face folder. With `backend`
+        (a RayBackend), each shard is written by a Ray task (out_dir's parent must be shared storage)."""
         out_dtype = None
         if dtype is not None:
             if dtype not in DTYPES:
@@ -491,10 +531,20 @@ class MergeState:
                     overwrite=overwrite, torch_dtype=out_dtype,
                     progress=lambda names: tqdm(names, desc="exporting", unit="tensor", leave=False,
                                                 disable=not progress or None, file=sys.stderr),
+                    write_shards=None if backend is None else lambda shards: self._export_on_ray(backend, shards, specs, progress),
                 )
             except OSError as e:
                 raise FoldinError(f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
                                   f"{out_dir} was left as it was.") from e
+
+    def _export_on_ray(self, backend: "RayBackend", shards: list[tuple[Path, list[str]]],
+                       specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], progress: bool) -> None:
+        from foldin.ray_backend import export_shard
+
+        files, method, stats = self._files(), self.method, self.meta["stats"]
+        calls = [(files, names, method, stats, {n: specs[n] for n in names}, str(path.resolve()), backend.threads) for path, names in shards]
+        timings = backend.run(export_shard, calls, "exporting", progress, [len(names) for _, names in shards])
+        backend.timings.append({"pass": "export", "seconds": {k: v for t in timings for k, v in t.items()}})
 
     def info(self) -> dict[str, Any]:
         return {

@@ -60,9 +60,11 @@ def write_hf_folder(
     overwrite: bool = False,
     progress: Callable[[list[str]], object] = iter,
     torch_dtype: torch.dtype | None = None,
+    write_shards: Callable[[list[tuple[Path, list[str]]]], None] | None = None,
 ) -> Path:
     """Write the folder. `specs` gives each output tensor's dtype and shape in file order;
-    `produce(name)` computes it. torch_dtype, when the weights were cast, is recorded in config.json."""
+    `produce(name)` computes it. torch_dtype, when the weights were cast, is recorded in config.json.
+    `write_shards`, if given, writes the planned (path, names) shards instead (e.g. as Ray tasks)."""
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FoldinError(f"{out_dir} exists and is not empty; choose another directory or pass --overwrite.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -71,13 +73,15 @@ def write_hf_folder(
     try:
         sizes = {n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()}
         shards = plan_shards(sizes, max_shard_bytes)
-        weight_map: dict[str, str] = {}
-        for i, names in enumerate(shards):
-            filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            with SafetensorsWriter(tmp / filename, {n: specs[n] for n in names}) as writer:
-                for name in progress(names):
-                    writer.write(name, produce(name))
-                    weight_map[name] = filename
+        filenames = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
+        if write_shards is not None:
+            write_shards([(tmp / filename, names) for filename, names in zip(filenames, shards)])
+        else:
+            for filename, names in zip(filenames, shards):
+                with SafetensorsWriter(tmp / filename, {n: specs[n] for n in names}) as writer:
+                    for name in progress(names):
+                        writer.write(name, produce(name))
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

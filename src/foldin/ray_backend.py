@@ -1,0 +1,249 @@
+"""`--backend ray`: a merge step's passes, and the export, as Ray tasks over chunks of tensors.
+
+Every task gets file locations and tensor names, never tensors: it opens the base, the new
+checkpoint and the state's current generation itself (storage every node can see), runs the
+method's per-tensor function, and in the writing pass writes its own shard of the new merged task
+vector. Back to the driver come only what the local engine would have kept: the per-tensor results
+(scalars, in tensor order, so the driver's reductions such as OPCM's global norm are the local
+ones, bit for bit), tensor checksums and timings. The driver writes the shard index and commits
+the step exactly as the local backend does; a failed or lost task leaves the state at its last
+good step. A killed worker's task is run again (`retries`), which is safe: a task only writes its
+own shard, from scratch.
+
+The bits equal the local backend's when each tensor gets the same number of torch threads
+(`threads`, default 1: `OMP_NUM_THREADS=1 foldin add ...` gives the same files), the same dtype and
+device, and the same torch version on every node (checked).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from foldin.engine import CheckedReader, ModelLayout, _Step, read_export_tensor, tensor_loader
+from foldin.errors import FoldinError
+from foldin.io.checkpoint import Checkpoint, open_checkpoint, tensor_digest
+from foldin.io.export import plan_shards
+from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.methods.base import R, TensorSlot
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """Where a state's tensors live, as paths every node can open."""
+
+    state_dir: str
+    base: str
+    generation: str | None  # the current merged task vector (a .safetensors file or a shard index)
+    digests: dict[str, str] = field(default_factory=dict)  # its checksums recorded at commit
+
+    @contextmanager
+    def open(self) -> Iterator[tuple[Checkpoint, Any]]:
+        """(base, verified merged task vector or None)."""
+        from foldin.state import VerifiedGeneration
+
+        with ExitStack() as stack:
+            base = stack.enter_context(open_checkpoint(self.base))
+            previous = None
+            if self.generation is not None:
+                previous = VerifiedGeneration(open_checkpoint(self.generation), self.digests, Path(self.state_dir))
+                stack.callback(previous.close)
+            yield base, previous
+
+
+@dataclass(frozen=True)
+class StepFiles:
+    """What a task of one step opens: the state's files and the incoming checkpoint."""
+
+    state: StateFiles
+    checkpoint: str
+    layout: ModelLayout
+    device: str
+    threads: int
+
+
+@dataclass
+class ChunkResult:
+    results: list[Any]
+    digests: dict[str, str]  # of the tensors this task wrote
+    new_digests: dict[str, str]  # of the incoming checkpoint's tensors it read (the driver hashes the checkpoint from them)
+    seconds: dict[str, float]  # per tensor
+    versions: tuple[str, str]  # foldin and torch on the node that ran it
+
+
+def _versions() -> tuple[str, str]:
+    from foldin import __version__
+
+    return __version__, torch.__version__
+
+
+def fold_chunk(files: StepFiles, names: list[str], fn: Callable[[TensorSlot], Any], shard: str | None,
+               also_hash: list[str]) -> ChunkResult:
+    """One task: `fn` over the slots of `names`; with `shard`, fn returns (tensor, result) and the
+    tensors are written there. Runs on a Ray worker (or anywhere: it needs only the files)."""
+    from foldin.io.lora import open_model_or_adapter
+
+    torch.set_num_threads(files.threads)
+    layout = files.layout
+    results, digests, seconds = [], {}, {}
+    with files.state.open() as (base, previous), open_model_or_adapter(files.checkpoint, base) as ckpt:
+        new = CheckedReader(ckpt)
+        load = tensor_loader(layout, base, new, previous, torch.device(files.device))
+        specs = layout.state_specs()
+        with ExitStack() as stack:
+            writer = stack.enter_context(SafetensorsWriter(Path(shard), {n: specs[n] for n in names})) if shard else None
+            for name in names:
+                started = time.perf_counter()
+                out = fn(TensorSlot(name, name in layout.linear, load))
+                if writer is not None:
+                    tensor, out = out
+                    tensor = layout.as_stored(name, tensor).cpu()
+                    digests[name] = tensor_digest(tensor)
+                    writer.write(name, tensor)
+                results.append(out)
+                seconds[name] = time.perf_counter() - started
+        for name in also_hash:
+            new.read(name)
+    return ChunkResult(results, digests, dict(new.digests), seconds, _versions())
+
+
+def export_shard(files: StateFiles, names: list[str], method: Any, stats: dict[str, float],
+                 specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], path: str, threads: int) -> dict[str, float]:
+    """One task of an export: compute the merged model's `names` and write them to `path`."""
+    torch.set_num_threads(threads)
+    seconds = {}
+    with files.open() as (base, merged), SafetensorsWriter(Path(path), specs) as writer:
+        for name in names:
+            started = time.perf_counter()
+            writer.write(name, read_export_tensor(method, stats, base, merged, name, specs[name][0]))
+            seconds[name] = time.perf_counter() - started
+    return seconds
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise FoldinError("--backend ray needs Ray: pip install 'foldin[ray]'.") from None
+    return ray
+
+
+class RayBackend:
+    """Where and how steps run on Ray. `address`: an existing cluster ("auto", "HOST:PORT",
+    "ray://HOST:10001"); None starts a local one (or joins RAY_ADDRESS). `threads`: torch threads
+    per task (the bits depend on it). `retries`: how often a task whose worker died is run again.
+    `tasks_per_cpu`: chunks per CPU of the cluster, for balance (tensors differ in cost)."""
+
+    def __init__(self, address: str | None = None, threads: int = 1, retries: int = 2, tasks_per_cpu: int = 4):
+        if threads < 1 or retries < 0 or tasks_per_cpu < 1:
+            raise FoldinError("--backend ray: threads and tasks per CPU must be at least 1, retries at least 0.")
+        self.address, self.threads, self.retries, self.tasks_per_cpu = address, threads, retries, tasks_per_cpu
+        self.timings: list[dict[str, Any]] = []  # per pass: description and seconds per tensor
+
+    def connect(self):
+        ray = _import_ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, logging_level="ERROR", log_to_driver=False,
+                         **({} if self.address else {"include_dashboard": False}))
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise FoldinError(f"could not reach the Ray cluster at {self.address or 'a new local cluster'}: {e}") from None
+        return ray
+
+    def chunks(self, layout: ModelLayout, names: list[str]) -> list[list[str]]:
+        """Consecutive tensors grouped into about tasks_per_cpu chunks per CPU of the cluster."""
+        ray = self.connect()
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        sizes = {n: math.prod(layout.specs[n][1]) * layout.compute_dtype.itemsize for n in names}
+        return plan_shards(sizes, max(1, math.ceil(sum(sizes.values()) / (cpus * self.tasks_per_cpu))))
+
+    def run(self, function: Callable[..., R], calls: list[tuple], desc: str, progress: bool, weights: list[int]) -> list[R]:
+        """Run `function(*call)` for each call as a Ray task; results in call order. A task that
+        raises a foldin error re-raises it here; a task lost for good fails the step clearly."""
+        ray = self.connect()
+        remote = ray.remote(num_cpus=self.threads, max_retries=self.retries)(function)
+        futures = [remote.remote(*call) for call in calls]
+        pending = {f: w for f, w in zip(futures, weights)}
+        with tqdm(total=sum(weights), desc=desc, unit="tensor", leave=False, disable=not progress or None, file=sys.stderr) as bar:
+            try:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    bar.update(pending.pop(done[0]))
+                    ray.get(done[0])  # raise now, not after the other tasks
+                return ray.get(futures)
+            except ray.exceptions.RayTaskError as e:
+                for f in pending:
+                    ray.cancel(f, force=True)
+                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
+                if isinstance(cause, FoldinError):
+                    raise cause from None
+                raise FoldinError(f"a Ray task failed during {desc}: {cause or e}") from None
+            except ray.exceptions.RayError as e:
+                for f in pending:
+                    ray.cancel(f, force=True)
+                raise FoldinError(f"a Ray worker was lost during {desc} and {self.retries} retries did not bring it back "
+                                  f"({type(e).__name__}).") from None
+
+    def check_versions(self, results: list[ChunkResult]) -> None:
+        driver = _versions()
+        for r in results:
+            if r.versions != driver:
+                raise FoldinError(f"a Ray worker runs foldin {r.versions[0]} with torch {r.versions[1]}, the driver foldin "
+                                  f"{driver[0]} with torch {driver[1]}: install the same versions on every node.")
+
+
+class RayStepRunner:
+    """What fold_step needs to run one step on Ray: the files, and where the shards go."""
+
+    def __init__(self, backend: RayBackend, files: StepFiles, out_dir: Path, shard_prefix: str):
+        self.backend, self.files, self.out_dir, self.shard_prefix = backend, files, out_dir, shard_prefix
+        self.weight_map: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
+
+    def step_context(self, step: int, stats: dict[str, float], layout: ModelLayout, new: CheckedReader, progress: bool) -> "_RayStep":
+        return _RayStep(self, step, stats, layout, new, progress)
+
+
+class _RayStep(_Step):
+    """The StepContext of a step on Ray: scan and update as rounds of tasks over chunks."""
+
+    def __init__(self, runner: RayStepRunner, step: int, stats: dict[str, float], layout: ModelLayout, new: CheckedReader, progress: bool):
+        super().__init__(step, stats, layout, load=None, sink=None, progress=progress)  # type: ignore[arg-type]
+        self._runner, self._new = runner, new
+        self._chunks = runner.backend.chunks(layout, layout.merged_names)
+        self._unmerged = [n for n in new.specs if n not in set(layout.merged_names)]  # hashed, never merged
+
+    def _round(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
+        r, n = self._runner, len(self._chunks)
+        shards = [f"{r.shard_prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if write else [None] * n
+        calls = [(r.files, names, fn, str(r.out_dir / s) if s else None, self._unmerged if i == 0 else [])
+                 for i, (names, s) in enumerate(zip(self._chunks, shards))]
+        outs: list[ChunkResult] = r.backend.run(fold_chunk, calls, f"step {self.step}: {desc}", self._progress,
+                                                [len(c) for c in self._chunks])
+        r.backend.check_versions(outs)
+        for names, shard, out in zip(self._chunks, shards, outs):
+            self._new.digests.update(out.new_digests)
+            if shard:
+                r.digests.update(out.digests)
+                r.weight_map.update(dict.fromkeys(names, shard))
+        r.backend.timings.append({"step": self.step, "pass": desc, "seconds": {k: v for o in outs for k, v in o.seconds.items()}})
+        return [x for out in outs for x in out.results]
+
+    def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
+        return self._round(fn, desc, write=False)
+
+    def update(self, fn: Callable[[TensorSlot], tuple[torch.Tensor, R]], desc: str) -> list[R]:
+        if self.updated:
+            raise RuntimeError("a method may call update() only once per step")
+        results = self._round(fn, desc, write=True)
+        self.updated = True
+        return results
