@@ -133,6 +133,20 @@ def test_otmf_without_masks_is_alpha_interpolation_of_task_vectors():
     assert torch.allclose(merger.merged_state_dict()[name], expected, atol=1e-6)
 
 
+def test_a_duplicate_is_refused_before_the_learning_starts(tmp_path):
+    """A million optimisation steps would never end: the duplicate must be caught when the
+    checkpoint has been read, before learning, through the API and the on-disk state."""
+    module, (base, *ckpts), folders = _tiny_bert()
+    merger = ContinualMerger(base, "otmf", module=module, features=_features, steps=1_000_000).partial_fit(ckpts[0], data=_data(0))
+    with pytest.raises(FoldinError, match="identical to one already folded in"):
+        merger.partial_fit(ckpts[0], data=_data(1))
+    state = MergeState.create(tmp_path / "s", folders[0], "otmf", {"steps": 1_000_000})
+    state.add(folders[1], progress=False, learning=Learning(module, _features, _data(0)))
+    with pytest.raises(FoldinError, match="already folded in at step 1"):
+        state.add(folders[1], progress=False, learning=Learning(module, _features, _data(1)))
+    assert MergeState.open(state.dir).step == 1
+
+
 def test_data_driven_method_without_data_is_refused():
     module, (base, *ckpts), _ = _tiny_bert()
     with pytest.raises(FoldinError, match="learns from data"):

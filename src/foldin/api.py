@@ -58,9 +58,8 @@ class ContinualMerger:
             DictSource(checkpoint, f"checkpoint {self.step_ + 1}"),
             DictSource(self.merged_task_vector_) if self.step_ else None,
             merged.__setitem__, progress=False, learning=learning, device=self.device, workers=self.workers,
+            on_hashed=self._refuse_duplicate,
         )
-        if ckpt_hash in self.hashes_:
-            raise MismatchError(f"checkpoint {self.step_ + 1} is identical to one already folded in (or to the base).")
         self.merged_task_vector_, self.stats_ = merged, stats
         self.step_ += 1
         self.hashes_.append(ckpt_hash)
@@ -68,6 +67,10 @@ class ContinualMerger:
             self.buffer_ = learning.buffer
             self.heads_.update(learning.heads)
         return self
+
+    def _refuse_duplicate(self, ckpt_hash: str) -> None:
+        if ckpt_hash in self.hashes_:
+            raise MismatchError(f"checkpoint {self.step_ + 1} is identical to one already folded in (or to the base).")
 
     def _start(self) -> None:
         self.method_ = get_method(self.method)(**self.params)

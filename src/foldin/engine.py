@@ -112,20 +112,30 @@ class ModelLayout:
 
 
 class CheckedReader:
-    """Reads a checkpoint's tensors, checking each for NaN/Inf and hashing it the first time."""
+    """Reads a checkpoint's tensors, checking each for NaN/Inf and hashing it the first time.
+    `on_hashed(content_hash)` runs as soon as every tensor has been hashed: a step can refuse a
+    checkpoint it has already folded in (or the base) before doing the expensive part."""
 
-    def __init__(self, source: TensorSource):
+    def __init__(self, source: TensorSource, on_hashed: Callable[[str], None] | None = None):
         self.source = source
         self.specs = {n: source.spec(n) for n in source.names()}
         self.digests: dict[str, str] = {}
+        self._on_hashed = on_hashed
 
     def read(self, name: str) -> torch.Tensor:
         t = self.source.read(name)
         if name not in self.digests:
             if t.dtype.is_floating_point and not torch.isfinite(t).all():
                 raise CheckpointError(f"{self.source.path}: tensor {name!r} contains NaN or Inf values.")
-            self.digests[name] = tensor_digest(t)
+            self.add_digests({name: tensor_digest(t)})
         return t
+
+    def add_digests(self, digests: Mapping[str, str]) -> None:
+        """Record tensor digests (computed here, or by a Ray task that read the tensors)."""
+        self.digests.update(digests)
+        if self._on_hashed is not None and len(self.digests) == len(self.specs):
+            callback, self._on_hashed = self._on_hashed, None
+            callback(self.content_hash())
 
     def content_hash(self) -> str:
         for name in self.specs:
@@ -217,6 +227,7 @@ def fold_step(
     device: str | torch.device | None = None,
     workers: int = 1,
     cluster: "RayStepRunner | None" = None,
+    on_hashed: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, float], str]:
     """Fold `checkpoint` in as step `step`. Writes every tensor of the new merged task vector to
     `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
@@ -225,14 +236,18 @@ def fold_step(
     `workers` tensors are processed at once on threads, each with torch's threads divided among
     them; the bits depend only on the threads each tensor gets (BLAS and LAPACK split work by thread
     count). With `cluster`, the passes run as Ray tasks that read the files and write the merged
-    task vector's shards themselves; `sink` is not used."""
+    task vector's shards themselves; `sink` is not used. `on_hashed(content_hash)` runs once the
+    whole checkpoint has been read (e.g. to refuse a duplicate before a long learning phase)."""
     if method.needs_data and learning is None:
         raise FoldinError(f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: --task SUITE:TASK).")
     compute = resolve_device(device)
     if method.needs_data and compute.type != "cpu":
         raise FoldinError(f"--device applies to the weight-only methods; {method.name!r} runs on the CPU.")
     layout.check_compatible(checkpoint)
-    new = CheckedReader(checkpoint)
+    new = CheckedReader(checkpoint, on_hashed)
+    if cluster is None:  # tensors that are not merged (integer buffers) are hashed first, so on_hashed fires once the merged ones are read
+        for name in [n for n in new.specs if n not in layout.specs or not layout.specs[n][0].is_floating_point]:
+            new.read(name)
     if workers < 1:
         raise FoldinError(f"--workers must be at least 1, not {workers}.")
     if cluster is not None:

@@ -231,7 +231,7 @@ class _RayStep(_Step):
                                                 [len(c) for c in self._chunks])
         r.backend.check_versions(outs)
         for names, shard, out in zip(self._chunks, shards, outs):
-            self._new.digests.update(out.new_digests)
+            self._new.add_digests(out.new_digests)
             if shard:
                 r.digests.update(out.digests)
                 r.weight_map.update(dict.fromkeys(names, shard))

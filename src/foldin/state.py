@@ -363,8 +363,8 @@ class MergeState:
                             writer.write(name, tensor)
 
                         stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt,
-                                                     previous, sink, progress, learning if method.needs_data else None, device, workers)
-                self._refuse_duplicate(checkpoint, ckpt_hash)
+                                                     previous, sink, progress, learning if method.needs_data else None, device, workers,
+                                                     on_hashed=lambda h: self._refuse_duplicate(checkpoint, h))
                 if learning is not None and learning.buffer is not None:
                     write_task_data(gen_dir / BUFFER_FILE, learning.buffer)
                     heads = {**self.heads(), **learning.heads}
@@ -409,7 +409,7 @@ class MergeState:
         files = StepFiles(self._files(), str(checkpoint.resolve()), layout, "cpu", backend.threads)
         runner = RayStepRunner(backend, files, gen_dir, MERGED_FILE.removesuffix(".safetensors"))
         stats, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, base, ckpt, previous, lambda *_: None, progress,
-                                     cluster=runner)
+                                     cluster=runner, on_hashed=lambda h: self._refuse_duplicate(checkpoint, h))
         index = {"metadata": {"format": "pt", "foldin_step": str(step)},
                  "weight_map": {n: runner.weight_map[n] for n in layout.merged_names}}
         with open(gen_dir / MERGED_INDEX, "w") as f:
