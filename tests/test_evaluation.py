@@ -162,3 +162,17 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     for s in (state, learned):
         assert main(["eval", str(s), "--zoo", str(zoo)]) == 0
         assert "digits" in capsys.readouterr().out
+
+
+def test_bench_progress_resumes_with_more_or_fewer_orders(tmp_path):
+    """A stopped bench's finished orders count for a rerun asking for more orders (it goes on)
+    or fewer (it reports those), never for other settings or other orders."""
+    from foldin.evaluation.bench import _load_progress
+
+    settings, orders = {"orders": 5, "seed": 0, "max_test": 200}, [["a", "b"], ["b", "a"], ["a", "b"]]
+    path = tmp_path / "bench-progress.json"
+    path.write_text(json.dumps({"settings": {**settings, "orders": 3}, "orders": orders, "runs": {"m": [1, 2, 3]}}))
+    assert _load_progress(path, settings, orders + [["b", "a"]]) == {"m": [1, 2, 3]}
+    assert _load_progress(path, {**settings, "orders": 2}, orders[:2]) == {"m": [1, 2]}
+    assert _load_progress(path, {**settings, "seed": 1}, orders) == {}
+    assert _load_progress(path, settings, [["b", "a"], *orders[1:]]) == {}

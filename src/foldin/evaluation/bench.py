@@ -143,13 +143,16 @@ def reference_accuracies(scorer: Scorer, base: dict[str, torch.Tensor], checkpoi
 
 
 def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
-    """Finished orders of an interrupted run with the same settings (by method label), else none."""
+    """Finished orders of an interrupted run with the same settings (by method label), else none.
+    A run asked for more orders counts too (its first orders are these): a stopped 5-order bench
+    can be finished, or reported at the orders it completed with --orders N."""
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("settings") != settings or saved.get("orders") != orders:
+    ignoring_orders = lambda d: {k: v for k, v in (d or {}).items() if k != "orders"}  # noqa: E731
+    if ignoring_orders(saved.get("settings")) != ignoring_orders(settings) or saved.get("orders", [])[:len(orders)] != orders[:len(saved.get("orders", []))]:
         return {}
-    return saved["runs"]
+    return {label: runs[:len(orders)] for label, runs in saved["runs"].items()}
 
 
 def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
