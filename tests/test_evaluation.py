@@ -140,7 +140,12 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
     assert "labels of 25%" in results["methods"]["otmf:steps=4:head_refit=true"]["data_use"]
     assert results["methods"]["otmf:steps=4"]["scored_from"].startswith("the otmf:steps=4:head_refit=true runs")
-    assert "| adamerging:steps=2 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| adamerging:steps=2 |" in report
+    # what was learned is kept per step: AdaMerging's two coefficients, in [0, 1], in results and report
+    ada_steps = [s for r in results["methods"]["adamerging:steps=2"]["runs"] for s in r["step_stats"][1:]]
+    assert len(ada_steps) == 2 and all(0.0 <= s[k] <= 1.0 for s in ada_steps for k in ("lambda_pre", "lambda_post"))
+    assert "| adamerging:steps=2 | lambda_pre |" in report
     assert main(["bench", "--zoo", str(zoo), "--methods", "average", "--orders", "2", "--full-matrix-orders", "1",
                  "--cft-orders", "0", "--out", str(out), "--extend", "--quiet"]) == 0
     extended = json.loads((out / "results.json").read_text())

@@ -126,9 +126,12 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
             "normalized_acc_mean": norm_m, "seconds_per_step": sum(steps) / len(steps), "runs": runs}
 
 
-def _run_record(order: list[str], acc: Matrix, seconds: list[float]) -> dict[str, Any]:
+def _run_record(order: list[str], acc: Matrix, seconds: list[float], step_stats: list[dict[str, float]] | None = None) -> dict[str, Any]:
+    """One order's results; `step_stats`: the method's scalars after each step (e.g. AdaMerging's
+    learned coefficients, OPCM's scale), kept so a run says what was learned, not only how well."""
     return {"order": order, "acc_matrix": acc, "final_acc": dict(zip(order, acc[-1])),
-            "ACC": final_accuracy(acc), "BWT": backward_transfer(acc), "seconds_per_step": seconds}
+            "ACC": final_accuracy(acc), "BWT": backward_transfer(acc), "seconds_per_step": seconds,
+            **({"step_stats": step_stats} if step_stats is not None else {})}
 
 
 def reference_accuracies(scorer: Scorer, base: dict[str, torch.Tensor], checkpoints: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -217,11 +220,13 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
             merger = ContinualMerger(base, spec.method, linear_weights=spec.linear_weights or scorer.model,
                                      module=scorer.model, features=scorer.suite.batch_features, **spec.params)
             scorer.use_heads({})
+            step_stats: list[dict[str, float]] = []
 
             def advance(name: str) -> float:
                 t0 = time.perf_counter()
                 merger.partial_fit(checkpoints[name], data=train_data[name] if needs_data else None)
                 seconds = time.perf_counter() - t0
+                step_stats.append(dict(merger.stats_))
                 scorer.load(merger.merged_state_dict())
                 scorer.use_heads(getattr(merger, "heads_", {}))
                 bar.update(1)
@@ -230,7 +235,7 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
             accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders, tuple(variants))
             for refit, v in variants.items():
-                runs[refit].append(_run_record(order, accs[refit], seconds))
+                runs[refit].append(_run_record(order, accs[refit], seconds, step_stats))
             record(**{v.label: runs[refit] for refit, v in variants.items()})
         for refit, v in variants.items():
             method = get_method(v.method)(**v.params)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from foldin.evaluation.metrics import accuracy_after_each_step
+from foldin.methods import get_method
 
 
 def _pct(x: float) -> str:
@@ -45,12 +46,32 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     lines += [f"| {label} | {r.get('data_use', 'none (checkpoint weights only)')}{' (scored from ' + r['scored_from'] + ')' if 'scored_from' in r else ''} |"
               for label, r in results["methods"].items()]
     lines += ["", "Data-driven methods read training splits only; every accuracy is on the test splits."]
+    lines += _learned_scalars(results["methods"])
     lines += ["", "## Tasks", "", "| task | source | classes | train | test | pretrained head | fine-tuned | lift |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for n, t in results["tasks"].items():
         lines.append(f"| {n} | {t['source']} | {len(t['labels'])} | {t['n_train']} | {t['n_test']} | {_pct(t['pretrained_acc'])} "
                      f"| {_pct(t['finetuned_acc'])} | {100 * (t['finetuned_acc'] - t['pretrained_acc']):+.1f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_all(results, out)
+
+
+def _learned_scalars(methods: dict[str, Any]) -> list[str]:
+    """What the methods that learn from data learned at steps 2..T (e.g. AdaMerging's two
+    coefficients), over the orders whose runs recorded it: mean, min and max."""
+    lines = []
+    for label, r in methods.items():
+        if not get_method(r["method"]).needs_data or "scored_from" in r:
+            continue
+        steps = [s for run in r["runs"] for s in run.get("step_stats", [])[1:]]
+        values: dict[str, list[float]] = {}
+        for s in steps:
+            for k, v in s.items():
+                values.setdefault(k, []).append(v)
+        lines += [f"| {label} | {k} | {sum(v) / len(v):.3f} | {min(v):.3f} | {max(v):.3f} | {len(v)} |" for k, v in values.items()]
+    if not lines:
+        return []
+    return ["", "## What the data-driven methods learned (steps 2 and later, all recorded orders)", "",
+            "| method | scalar | mean | min | max | steps |", "|---|---|---:|---:|---:|---:|", *lines]
 
 
 def plot_all(results: dict[str, Any], out: Path) -> None:
