@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -180,6 +181,28 @@ def test_lora_adapters_fold_in_like_the_dense_models_they_stand_for(tmp_path):
     assert [e["hash"] for e in a.history] == [e["hash"] for e in b.history]  # same content, same hash
     ma, mb = a.merged_state_dict(), b.merged_state_dict()
     assert all(torch.allclose(ma[k], mb[k], atol=1e-6) for k in mb)
+
+
+def test_lora_adapters_fold_with_opcm_over_nonzero_pairs_as_the_float64_reference(tmp_path):
+    """OPCM with diagonal=nonzero on PEFT adapters: the merged task vector after step 1 is the first
+    adapter's low-rank update; step 2 is checked against the full-SVD float64 reference."""
+    from foldin import MergeState
+    from test_methods import reference_projection
+
+    base_dir = LORA.parent / "parity" / "bert-tiny" / "base"
+    state = MergeState.create(tmp_path / "state", base_dir, "opcm", {"diagonal": "nonzero"})
+    for i in (1, 2):
+        state.add(LORA / f"adapter_{i}", progress=False)
+    base = {n: t.double() for n, t in load_file(base_dir / "model.safetensors").items()}
+    taus = [{n: t.double() - base[n] for n, t in load_file(LORA / f"merged_{i}" / "model.safetensors").items()} for i in (1, 2)]
+    linear = set(state.meta["linear_weights"])
+    merged = {n: taus[0][n] + (reference_projection(taus[0][n], taus[1][n], 0.5, nonzero=True) if n in linear and taus[0][n].any() else taus[1][n])
+              for n in taus[0]}
+    norm = lambda tv: math.sqrt(sum(float(t.square().sum()) for t in tv.values()))
+    scale = (norm(taus[0]) + norm(taus[1])) / 2 / norm(merged)
+    ours = state.merged_state_dict()
+    for n, tv in merged.items():
+        torch.testing.assert_close(ours[n].double(), base[n] + scale * tv, rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_adapters_are_refused(tmp_path):

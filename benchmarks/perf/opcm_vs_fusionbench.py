@@ -42,13 +42,15 @@ def run_fusionbench(case: Path, out: Path) -> dict[str, float]:
     return {"merge_s": json.loads((out / "timings.json").read_text())["opcm"], "wall_s": wall, "peak_rss_mb": rss}
 
 
-def run_foldin(case: Path, work: Path, workers: int = 1) -> dict[str, float]:
+def run_foldin(case: Path, work: Path, workers: int = 1, init_args: list[str] | None = None) -> dict[str, float]:
+    """`foldin init` (with `init_args`) and one `foldin add` process per ckpt_* folder of `case`, then export."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     foldin = [sys.executable, "-m", "foldin.cli"]
     walls, rsses = [], []
-    for cmd in ([*foldin, "init", str(work / "state"), "--base", str(case / "base"), "--method", "opcm"],
-                *([*foldin, "add", str(work / "state"), str(c), "--quiet", "--workers", str(workers)] for c in sorted(case.glob("ckpt_*")))):
+    for cmd in ([*foldin, "init", str(work / "state"), "--base", str(case / "base"), "--method", "opcm", *(init_args or [])],
+                *([*foldin, "add", str(work / "state"), str(c), "--quiet", "--workers", str(workers)]
+                  for c in sorted(case.glob("ckpt_*"), key=lambda p: int(p.name.split("_")[1])))):
         wall, rss, _ = timed(cmd)
         walls.append(wall)
         rsses.append(rss)

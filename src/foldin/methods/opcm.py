@@ -8,11 +8,18 @@ global scale then keeps the merged task vector's norm at the mean norm of the ta
 
 Only the first min(m, n) singular pairs carry the removed coefficients, so a thin SVD gives the
 same result as FusionBench's full_matrices SVD: T - U_k Z V_k^T, with Z the removed coefficients.
+
+When D is rank-deficient (a sum of LoRA updates), FusionBench still removes u_i^T T v_i for the
+pairs with zero singular value, whose vectors are an arbitrary basis of D's null space: the result
+then depends on rounding (a 1e-12 change of D moves it by 5%). `diagonal="nonzero"` removes the
+diagonal only over pairs with a nonzero singular value: the same as FusionBench for full-rank D,
+well-defined for low-rank D, and computable from a thin decomposition of D's rank.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -28,24 +35,64 @@ def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
     return int((share > alpha).float().argmax().item())
 
 
-def project_task_vector(merged: torch.Tensor, task: torch.Tensor, alpha: float) -> torch.Tensor:
+NONZERO_RTOL = 1e-5  # float32 rounding leaves a sum of LoRA updates with "null" singular values near 1e-6 x the largest
+SKETCH_OVERSAMPLING = 8
+
+
+def nonzero_singular_triplets(merged: torch.Tensor, rtol: float = NONZERO_RTOL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of `merged` restricted to the singular values above rtol x the largest.
+
+    A numerically low-rank matrix (a sum of LoRA updates) is found from a seeded Gaussian sketch
+    of k columns, k doubling from 32 while k <= min(m, n) / 4, in O(m n k) instead of the full
+    SVD's O(m n min(m, n)); the sketch is accepted once its rank leaves `SKETCH_OVERSAMPLING`
+    columns spare (the whole range was caught). Otherwise the full thin SVD is truncated.
+    """
+    m, n = merged.shape
+    generator = torch.Generator(device=merged.device).manual_seed(0)
+    k = 32
+    while k <= min(m, n) // 4:
+        probe = torch.randn(n, k, generator=generator, dtype=merged.dtype, device=merged.device)
+        basis = torch.linalg.qr(merged @ probe).Q
+        u, s, vh = torch.linalg.svd(basis.T @ merged, full_matrices=False)
+        rank = int((s > rtol * s[0]).sum())
+        if rank + SKETCH_OVERSAMPLING <= k:
+            return basis @ u[:, :rank], s[:rank], vh[:rank]
+        k *= 2
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    rank = int((s > rtol * s[0]).sum())
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+Diagonal = Literal["all", "nonzero"]
+
+
+def project_task_vector(merged: torch.Tensor, task: torch.Tensor, alpha: float, diagonal: Diagonal = "all") -> torch.Tensor:
     """Remove from `task` the coefficients OPCM assigns to `merged`'s dominant singular subspace:
-    the top-left r x r block and every diagonal coefficient u_i^T task v_i."""
+    the top-left r x r block and the diagonal coefficients u_i^T task v_i (of every pair, or of
+    the pairs with a nonzero singular value)."""
     if not merged.any():
         return task  # no subspace to protect; FusionBench would use an arbitrary basis here
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    if diagonal == "all":
+        u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    else:
+        u, s, vh = nonzero_singular_triplets(merged)
     r = split_rank(s, alpha)
     coeffs = u.T @ task  # (k, n): rows are u_i^T task
-    diagonal = torch.bmm(coeffs.unsqueeze(1), vh.unsqueeze(2)).reshape(-1)  # u_i^T task v_i, no (k, n) temporary
+    diagonal_coeffs = torch.bmm(coeffs.unsqueeze(1), vh.unsqueeze(2)).reshape(-1)  # u_i^T task v_i, no (k, n) temporary
     block = coeffs[:r] @ vh[:r].T  # U_r^T task V_r
     del coeffs
     block.diagonal().zero_()  # the diagonal is removed below, once
-    projected = torch.addmm(task, u * diagonal, vh, alpha=-1)
+    projected = torch.addmm(task, u * diagonal_coeffs, vh, alpha=-1)
     return projected.addmm_(u[:, :r] @ block, vh[:r], alpha=-1)
 
 
 class OPCMParams(MethodParams):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Share of the singular-value mass that defines the protected subspace.")
+    diagonal: Diagonal = Field("all", description=(
+        "Singular pairs of the merged task vector whose diagonal coefficient is removed: 'all' (FusionBench; "
+        "arbitrary when the merged task vector is rank-deficient, as sums of LoRA updates are) or 'nonzero' "
+        "(above 1e-5 x the largest: well-defined for LoRA, and a low-rank merged task vector is decomposed "
+        "at the cost of its rank)."))
 
 
 @register
@@ -55,14 +102,14 @@ class OPCM(MergeMethod):
     summary = "Projects each task vector away from the merged one's dominant singular subspace (linear layers), then rescales to the mean task-vector norm."
 
     def fold(self, ctx: StepContext) -> dict[str, float]:
-        alpha, first = self.params.alpha, ctx.step == 1
+        alpha, diagonal, first = self.params.alpha, self.params.diagonal, ctx.step == 1
 
         def update(slot: TensorSlot) -> tuple[torch.Tensor, tuple[float, float]]:
             tau = slot.task_vector
             if first:
                 merged = tau
             elif slot.is_linear:  # a convolution kernel selected by pattern is read as (out, in * kh * kw)
-                merged = project_task_vector(slot.merged.flatten(1), tau.flatten(1), alpha).view_as(tau).add_(slot.merged)
+                merged = project_task_vector(slot.merged.flatten(1), tau.flatten(1), alpha, diagonal).view_as(tau).add_(slot.merged)
             else:
                 merged = slot.merged + tau
             return merged, (squared_norm(tau), squared_norm(merged))
