@@ -49,7 +49,7 @@ def test_init_add_export_info_methods(bert_case, tmp_path, capsys):
     capsys.readouterr()
     assert cli("info", state, "--json") == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["step"] == 3 and info["params"] == {"alpha": 0.6} and len(info["history"]) == 3
+    assert info["step"] == 3 and info["params"] == {"alpha": 0.6, "diagonal": "all"} and len(info["history"]) == 3
     assert info["linear_weights"] == 13 and "nn.Linear" in info["linear_weights_source"]
     assert cli("methods") == 0
     assert "scaling_factor" in capsys.readouterr().out
