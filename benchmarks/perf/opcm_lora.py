@@ -68,7 +68,7 @@ def reference_direction(case: Path, names: list[str], alpha: float = 0.5) -> dic
     adapters = sorted(case.glob("ckpt_*"), key=lambda p: int(p.name.split("_")[1]))
     updates = []
     for folder in adapters:
-        t, scaling = load_file(folder / "adapter_model.safetensors"), 2.0
+        t, scaling = load_file(folder / "adapter_model.safetensors"), 2.0  # lora_alpha / r, as make_case writes them
         updates.append({n: scaling * t[f"base_model.model.{n.removesuffix('.weight')}.lora_B.weight"].double()
                         @ t[f"base_model.model.{n.removesuffix('.weight')}.lora_A.weight"].double() for n in names})
     merged = dict(updates[0])
