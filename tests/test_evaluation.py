@@ -12,7 +12,7 @@ from foldin.cli import main
 from foldin.errors import FoldinError
 from foldin.evaluation.bench import parse_method_specs, task_orders
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
-from foldin.evaluation.text_tasks import text_suite, user_task
+from foldin.evaluation.text_tasks import TEXT_TASKS, text_suite, user_task
 
 MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.4]]
 
@@ -37,12 +37,38 @@ def test_method_specs_and_orders():
     assert orders == task_orders(list("abcde"), 3, seed=1) and all(sorted(o) == list("abcde") for o in orders)
 
 
-def test_text_suite_has_eight_tasks_from_real_packaged_data():
+def test_text_suite_has_twenty_tasks_from_real_packaged_data():
     tasks = text_suite(max_train=50, max_test=20)
-    assert len(tasks) == 8 and len({t.source.split(",")[0].split(" (")[0] for t in tasks}) >= 7
+    assert [t.name for t in tasks] == TEXT_TASKS and len(TEXT_TASKS) == len(set(TEXT_TASKS)) == 20
+    assert len({t.source.split(",")[0].split(" (")[0] for t in tasks}) >= 12
     for t in tasks:
         assert len(t.labels) >= 2 and len(t.train[0]) == 50 and 0 < len(t.test[0]) <= 20
         assert set(t.test[1]) <= set(range(len(t.labels)))
+        assert len(t.descriptions) == len(t.labels) and all(d and d != label for d, label in zip(t.descriptions, t.labels))
+
+
+def test_text_splits_are_disjoint_and_deterministic():
+    """No test text is a training text (documents split whole where they yield several examples,
+    verbatim repeats left out of the test split), and the same seed gives the same split."""
+    for a, b in zip(text_suite(max_train=10**6, max_test=10**6), text_suite(max_train=10**6, max_test=10**6)):
+        assert a.test == b.test and a.train == b.train
+        assert not set(a.train[0]) & set(a.test[0]), a.name
+
+
+def test_zero_shot_head_is_the_scaled_embedding_of_each_class_description():
+    import torch.nn.functional as F
+
+    from foldin.evaluation.text_model import ZERO_SHOT_SCALE, TextSuite, mean_pooled
+
+    suite = TextSuite(heads="zeroshot")
+    model = suite.load_backbone()
+    (task,) = text_suite(["rotten_tomatoes"], max_train=8, max_test=64)
+    head = suite.zero_shot_head(model, task)
+    expected = F.normalize(mean_pooled(model, suite._tokenize(["a positive movie review", "a negative movie review"])), dim=-1)
+    assert torch.allclose(head["weight"], ZERO_SHOT_SCALE * expected, atol=1e-5)  # labels fresh, rotten and not head["bias"].any()
+    batch = suite._tokenize(task.test[0][:4])
+    assert torch.allclose(suite.features(model, batch).norm(dim=-1), torch.ones(4), atol=1e-5)  # logits are scaled cosines
+    assert TextSuite(heads="probe").features(model, batch).norm(dim=-1).max() > 1.5
 
 
 def test_user_task_from_csv(tmp_path):
@@ -162,7 +188,7 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     assert main(["init", str(learned), "--base", str(zoo / "base"), "--method", "otmf", "--set", "steps=2", "--set", "head_refit=true"]) == 0
     assert main(["add", str(learned), str(zoo / "tasks" / "mnist"), str(zoo / "tasks" / "digits"),
                  "--task", "vision:mnist", "--task", "vision:digits", "--quiet"]) == 0
-    assert set(MergeState.open(learned).heads()) == {"mnist"}
+    assert set(MergeState.open(learned).heads()) == {"mnist", "digits"}  # the previous and the new task, refit at step 2
     capsys.readouterr()
     for s in (state, learned):
         assert main(["eval", str(s), "--zoo", str(zoo)]) == 0

@@ -106,7 +106,7 @@ def test_continual_api_run(method, params):
     assert all(torch.isfinite(t).all() for t in merged.values() if t.dtype.is_floating_point)
     assert merged["encoder.layer.0.attention.self.query.weight"].shape == base["encoder.layer.0.attention.self.query.weight"].shape
     if params.get("head_refit"):
-        assert set(merger.heads_) == {"task0", "task1"}  # the previous task's head, after steps 2 and 3
+        assert set(merger.heads_) == {"task0", "task1", "task2"}  # the previous and the new task's heads, at steps 2 and 3
     if method == "adamerging":
         assert 0.0 <= merger.stats_["lambda_pre"] <= 1.0 and 0.0 <= merger.stats_["lambda_post"] <= 1.0
 
@@ -121,7 +121,37 @@ def test_head_refit_changes_the_heads_and_not_the_merged_weights():
             merger.partial_fit(ckpt, data=_data(i))
     plain, refit = (m.merged_state_dict() for m in mergers)
     assert all(torch.equal(plain[n], refit[n]) for n in plain)
-    assert not mergers[0].heads_ and set(mergers[1].heads_) == {"task0", "task1"}
+    assert not mergers[0].heads_ and set(mergers[1].heads_) == {"task0", "task1", "task2"}
+    assert not torch.equal(mergers[1].heads_["task2"]["weight"], _data(2).head["weight"])  # the final task's head, refit too
+
+
+def test_otmf_records_what_its_masks_learned():
+    module, (base, *ckpts), _ = _tiny_bert()
+    merger = ContinualMerger(base, "otmf", module=module, features=_features, buffer_size=8, steps=6, lr=0.05)
+    merger.partial_fit(ckpts[0], data=_data(0)).partial_fit(ckpts[1], data=_data(1))
+    stats = merger.stats_
+    for side in ("pre", "post"):
+        assert stats[f"mask_{side}_p5"] <= stats[f"mask_{side}_mean"] <= stats[f"mask_{side}_p95"]
+        assert stats[f"mask_{side}_p95"] - stats[f"mask_{side}_p5"] > 0  # the masks moved away from ones
+    assert stats["norm_ratio"] > 0 and stats["norm_ratio"] != pytest.approx(1.0, abs=1e-9)
+
+
+def test_mask_statistics_are_exact_order_statistics():
+    from foldin.methods.otmf import mask_statistics
+
+    stats = mask_statistics({"a": torch.arange(1.0, 61.0), "b": torch.arange(61.0, 101.0).reshape(8, 5)}, "m")
+    assert stats == {"m_mean": 50.5, "m_p5": 5.0, "m_p95": 95.0}
+
+
+def test_adamerging_starts_from_the_merged_model_and_a_third_of_the_new_task():
+    """Its defaults (1.0, 0.3): with no optimisation step, the fusion is tau_pre + 0.3 tau_post."""
+    module, (base, *ckpts), _ = _tiny_bert()
+    merger = ContinualMerger(base, "adamerging", module=module, features=_features, steps=0)
+    merger.partial_fit(ckpts[0], data=_data(0)).partial_fit(ckpts[1], data=_data(1))
+    name = "encoder.layer.1.output.dense.weight"
+    expected = base[name] + (ckpts[0][name] - base[name]) + 0.3 * (ckpts[1][name] - base[name])
+    assert torch.allclose(merger.merged_state_dict()[name], expected, atol=1e-6)
+    assert (merger.stats_["lambda_pre"], merger.stats_["lambda_post"]) == pytest.approx((1.0, 0.3))
 
 
 def test_otmf_without_masks_is_alpha_interpolation_of_task_vectors():

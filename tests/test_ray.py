@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from foldin import MergeState
+from foldin import MergeState, available_methods
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import open_checkpoint
 from foldin.ray_backend import RayBackend
@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="the Ray backend is an optional extra: pip install 'foldin[ray]'")
 
 CLIP = PARITY / "clip-vision-tiny"
-METHODS = ["average", "task_arithmetic", "ties", "opcm"]
+METHODS = [name for name, cls in available_methods().items() if not cls.needs_data]  # every weight-only method
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 from transformers import AutoModel
 
 from conftest import read_weights, snapshot, write_variant

@@ -24,19 +24,23 @@ from safetensors.torch import load_file
 from foldin import MergeState
 
 HERE = Path(__file__).resolve().parent
-METHODS = ["average", "task_arithmetic", "ties", "opcm"]
+# NAME-N: the model after the first N checkpoints (FusionBench's MagMax and DOP return only the final one)
+METHODS = ["average", "task_arithmetic", "ties", "opcm", "magmax", "magmax-2", "dop", "dop-2"]
 EXCLUDED = {"vision_model.embeddings.class_embedding"}  # FusionBench quirk, see module doc
 TOLERANCE = 1e-4
 
 
-def run_foldin(case: Path, method: str, work: Path, params: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """init + add every checkpoint + export, through the on-disk state; returns (weights, seconds in add)."""
-    state = MergeState.create(work / f"{method}.state", case / "base", method, params or {})
+def run_foldin(case: Path, label: str, work: Path, params: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """init + add every checkpoint (the first N for NAME-N) + export, through the on-disk state;
+    returns (weights, seconds in add)."""
+    method, _, count = label.partition("-")
+    state = MergeState.create(work / f"{label}.state", case / "base", method, params or {})
+    ckpts = sorted(p for p in case.iterdir() if p.name.startswith("ckpt_"))
     t0 = time.perf_counter()
-    for ckpt in sorted(p for p in case.iterdir() if p.name.startswith("ckpt_")):
+    for ckpt in ckpts[: int(count)] if count else ckpts:
         state.add(ckpt, progress=False)
     seconds = time.perf_counter() - t0
-    out = state.export(work / f"{method}.export", progress=False)
+    out = state.export(work / f"{label}.export", progress=False)
     return load_file(out / "model.safetensors"), seconds
 
 
@@ -65,7 +69,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join([*TINY, *FULL]))
     ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "parity")
+    ap.add_argument("--methods", default=",".join(METHODS))
     a = ap.parse_args()
+    methods = a.methods.split(",")
     py = fusionbench_python()
     rows, worst = [], 0.0
     for kind in a.cases.split(","):
@@ -73,11 +79,12 @@ def main() -> int:
         if not (case / "base").exists():
             make_case(kind, case)
         fb = case / "fusionbench"
-        if not (fb / "timings.json").exists():
-            subprocess.run([str(py), str(HERE / "fusionbench_side.py"), str(case), str(fb)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        missing = [m for m in methods if not (fb / f"{m}.safetensors").exists()]
+        if missing:  # FusionBench runs once per case and method; its outputs are kept
+            subprocess.run([str(py), str(HERE / "fusionbench_side.py"), str(case), str(fb), "--methods", ",".join(missing)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         fb_seconds = json.loads((fb / "timings.json").read_text())
-        for method in METHODS:
+        for method in methods:
             work = case / "foldin"
             subprocess.run(["rm", "-rf", str(work / f"{method}.state"), str(work / f"{method}.export")], check=True)
             ours, seconds = run_foldin(case, method, work)

@@ -17,6 +17,8 @@ from transformers import AutoConfig
 import transformers
 
 from fusion_bench import BaseModelPool
+from fusion_bench.method.dop.dop_general import DOPMerging
+from fusion_bench.method.magmax import MagMaxAlgorithm
 from fusion_bench.method.opcm.opcm_general import OPCM
 from fusion_bench.method.opcm.task_arithmetic import ContinualTaskArithmeticForCLIP
 from fusion_bench.method.opcm.ties_merging import ContinualTiesMergingForCLIP
@@ -37,6 +39,10 @@ def algorithms(params: dict) -> dict:
         "ties": lambda: ContinualTiesMergingForCLIP(scaling_factor=params.get("scaling_factor", 0.3),
                                                    threshold=params.get("threshold", 20), merge_func="sum", **COMMON),
         "opcm": lambda: OPCM(alpha=params.get("alpha", 0.5), **COMMON),
+        "magmax": lambda: MagMaxAlgorithm(scaling_factor=params.get("scaling_factor", 0.5)),
+        # the defaults of FusionBench's config/method/dop/dop.yaml (the class's own defaults differ)
+        "dop": lambda: DOPMerging(seed=0, lr=1e-4, num_steps=200, mgda=True, ema=True, ema_beta=0.999, alpha=0.8,
+                                  svd_epsilon=0.99999, svd_proj_space="uv", **COMMON),
     }
 
 
@@ -56,7 +62,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("case", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--methods", default="average,task_arithmetic,ties,opcm")
+    ap.add_argument("--methods", default="average,task_arithmetic,ties,opcm",
+                    help="method names; NAME-N folds in only the first N checkpoints (FusionBench's MagMax and DOP "
+                         "return only the final model)")
     ap.add_argument("--params", default="{}", help="JSON of method parameters")
     ap.add_argument("--lazy", action="store_true",
                     help="give FusionBench model configs (loaded from disk when it asks), as its YAML configs do, "
@@ -75,16 +83,19 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     ckpts = sorted(p for p in a.case.iterdir() if p.name.startswith("ckpt_"))
     timings = {}
-    for method in a.methods.split(","):
+    for label in a.methods.split(","):
+        method, _, count = label.partition("-")
         get = lazy_config if a.lazy else load
-        pool = BaseModelPool(models={"_pretrained_": get(a.case / "base"), **{p.name: get(p) for p in ckpts}})
+        used = ckpts[: int(count)] if count else ckpts
+        pool = BaseModelPool(models={"_pretrained_": get(a.case / "base"), **{p.name: get(p) for p in used}})
         algo = algorithms(json.loads(a.params))[method]()
         algo._program = _Program()
         t0 = time.perf_counter()
         merged = algo.run(pool)
-        timings[method] = time.perf_counter() - t0
-        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, a.out / f"{method}.safetensors")
-    (a.out / "timings.json").write_text(json.dumps(timings, indent=2))
+        timings[label] = time.perf_counter() - t0
+        save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()}, a.out / f"{label}.safetensors")
+    previous = json.loads((a.out / "timings.json").read_text()) if (a.out / "timings.json").exists() else {}
+    (a.out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
 
 
 if __name__ == "__main__":

@@ -179,11 +179,26 @@ def cmd_methods(args: argparse.Namespace) -> None:
             print(f"    {p} = {f['default']!r}  ({f['type']})  {f['description'] or ''}")
 
 
+def builtin_selection(args: argparse.Namespace, suite: str) -> list[str] | None:
+    """Which built-in tasks `zoo build` builds: the first N with --tasks N; none when only --task
+    files are given (without --suite); all otherwise (None)."""
+    from foldin.evaluation.suite import get_suite
+
+    if args.tasks is not None:
+        if args.tasks < 1:
+            raise FoldinError(f"--tasks must be at least 1, not {args.tasks}.")
+        return get_suite(suite, heads="probe").builtin_task_names()[: args.tasks]
+    if getattr(args, "task", None) and args.suite is None:
+        return []
+    return None
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     from foldin.evaluation.zoo import build_zoo
 
-    zoo = build_zoo(args.out or f"zoo/{args.suite}", args.suite, args.tasks, args.task, progress=not args.quiet,
-                    steps=args.steps, lr=args.lr, seed=args.seed, max_train=args.max_train, max_test=args.max_test)
+    suite = args.suite or "text"
+    zoo = build_zoo(args.out or f"zoo/{suite}", suite, builtin_selection(args, suite), args.task, progress=not args.quiet,
+                    steps=args.steps, lr=args.lr, seed=args.seed, max_train=args.max_train, max_test=args.max_test, heads=args.heads)
     print(f"{'task':<22}{'classes':>8}{'pretrained':>12}{'fine-tuned':>12}{'lift':>8}")
     for name, t in zoo.meta["tasks"].items():
         print(f"{name:<22}{len(t['labels']):>8}{100 * t['pretrained_acc']:>12.1f}{100 * t['finetuned_acc']:>12.1f}"
@@ -206,11 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         with open_checkpoint(target) as ckpt:
             scorer.load({n: ckpt.read(n) for n in ckpt.names()})
-    scores = {n: scorer.score(n) for n in names}
-    print(f"{'task':<22}{'accuracy':>10}{'fine-tuned':>12}")
-    for n, a in scores.items():
-        print(f"{n:<22}{100 * a:>10.1f}{100 * zoo.meta['tasks'][n]['finetuned_acc']:>12.1f}")
-    print(f"{'mean':<22}{100 * sum(scores.values()) / len(scores):>10.1f}")
+    rows = {n: (zoo.meta["tasks"][n]["pretrained_acc"], scorer.score(n), zoo.meta["tasks"][n]["finetuned_acc"]) for n in names}
+    print(f"{'task':<24}{'pretrained':>11}{'this model':>11}{'fine-tuned':>11}")
+    for n, accs in {**rows, "mean": tuple(sum(col) / len(col) for col in zip(*rows.values()))}.items():
+        print(f"{n:<24}" + "".join(f"{100 * a:>11.1f}" for a in accs))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -219,8 +233,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     specs = parse_method_specs(args.methods)
     zoo_dir = Path(args.zoo or f"zoo/{args.suite}")
-    zoo = Zoo.open(zoo_dir) if (zoo_dir / "zoo.json").exists() and not args.tasks else build_zoo(
-        zoo_dir, args.suite, args.tasks, progress=not args.quiet)
+    if (zoo_dir / "zoo.json").exists():  # built tasks are kept; missing ones of the first --tasks are built alike
+        zoo = Zoo.open(zoo_dir)
+        if args.tasks and len(zoo.task_names) < args.tasks:
+            zoo = build_zoo(zoo_dir, zoo.meta["suite"], builtin_selection(args, zoo.meta["suite"]), progress=not args.quiet,
+                            **zoo.settings)
+    else:
+        zoo = build_zoo(zoo_dir, args.suite, builtin_selection(args, args.suite), progress=not args.quiet)
     run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
               cft_orders=args.cft_orders, tasks=zoo.task_names[: args.tasks] if args.tasks else None, max_test=args.max_test, progress=not args.quiet,
               command="foldin " + " ".join(sys.argv[1:]), extend=args.extend)
@@ -284,9 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zoo", help="task checkpoints for evaluation").add_subparsers(dest="zoo_command", required=True)
     p = p.add_parser("build", help="fine-tune the suite's backbone on each task (resumable)")
-    p.add_argument("--suite", default="text", choices=SUITES)
-    p.add_argument("--tasks", type=int, help="build only the first N tasks")
-    p.add_argument("--task", action="append", default=[], metavar="TASK.yaml", help="add a task of your own (see docs)")
+    p.add_argument("--suite", choices=SUITES, help="the built-in suite (default: text); with --task, also build its tasks")
+    p.add_argument("--tasks", type=int, help="build only the first N built-in tasks")
+    p.add_argument("--task", action="append", default=[], metavar="TASK.yaml",
+                   help="a task of your own (repeatable); alone, only these are built (see docs/benchmarks.md)")
+    p.add_argument("--heads", choices=["zeroshot", "probe"],
+                   help="frozen task heads: class-description embeddings (text default) or linear probes (vision default)")
     p.add_argument("--out", help="default: zoo/SUITE")
     p.add_argument("--steps", type=int, help="fine-tuning steps per task (default: text 200 at batch 16, vision 400 at batch 32)")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: 1e-4)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from foldin.errors import CheckpointError, FoldinError, MismatchError
 from foldin.io.checkpoint import content_hash, tensor_digest
 from foldin.methods.base import MergeMethod, R, TensorSlot
 from foldin.methods.learned import Learning
+from foldin.progress import progress
 
 if TYPE_CHECKING:
     from foldin.ray_backend import RayStepRunner
@@ -169,8 +168,7 @@ class _Step:
 
     def _slots(self, desc: str):
         names = self._layout.merged_names
-        bar = tqdm(names, desc=f"step {self.step}: {desc}", unit="tensor", leave=False,
-                   disable=not self._progress or None, file=sys.stderr)
+        bar = progress(names, desc=f"step {self.step}: {desc}", unit="tensor", enabled=self._progress)
         for name in bar:
             yield TensorSlot(name, name in self._layout.linear, self._load)
 

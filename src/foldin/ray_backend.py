@@ -18,7 +18,6 @@ device, and the same torch version on every node (checked).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from foldin.engine import CheckedReader, ModelLayout, _Step, read_export_tensor, tensor_loader
 from foldin.errors import FoldinError
@@ -35,6 +33,7 @@ from foldin.io.checkpoint import Checkpoint, open_checkpoint, tensor_digest
 from foldin.io.export import plan_shards
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.methods.base import R, TensorSlot
+from foldin.progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ class RayBackend:
         remote = ray.remote(num_cpus=self.threads, max_retries=self.retries)(function)
         futures = [remote.remote(*call) for call in calls]
         pending = {f: w for f, w in zip(futures, weights)}
-        with tqdm(total=sum(weights), desc=desc, unit="tensor", leave=False, disable=not progress or None, file=sys.stderr) as bar:
+        with progress_bar(total=sum(weights), desc=desc, unit="tensor", enabled=progress) as bar:
             try:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1)

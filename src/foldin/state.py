@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,18 +31,19 @@ from foldin import __version__
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from foldin.engine import ModelLayout, fold_step, hash_source, read_export_tensor
 from foldin.errors import FoldinError, MismatchError, StateError
+from foldin.io.atomic import fsync_dir, write_json_atomic
 from foldin.io.checkpoint import Checkpoint, open_checkpoint, tensor_digest
-from foldin.io.export import DTYPES, parse_size, write_hf_folder
+from foldin.io.export import DTYPES, check_target, parse_size, write_hf_folder
 from foldin.io.lora import open_model_or_adapter
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
 from foldin.methods.base import MergeMethod
 from foldin.methods.learned import Learning, TaskData
+from foldin.progress import progress as progress_bar
 
 if TYPE_CHECKING:
     from foldin.ray_backend import RayBackend, StateFiles
@@ -55,29 +55,6 @@ BUFFER_FILE = "buffer.safetensors"
 HEADS_FILE = "heads.safetensors"
 FORMAT = "foldin-state"
 FORMAT_VERSION = 2  # 2: checksums of state.json and of every tensor and file of the generation
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace `path` with `data` so that readers see either the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 class _BaseInfo(BaseModel):
@@ -371,7 +348,7 @@ class MergeState:
                     if heads:
                         save_file({f"{task}/{k}": v.contiguous() for task, h in heads.items() for k, v in h.items()}, gen_dir / HEADS_FILE)
                 files = {f.name: _file_digest(f) for f in (gen_dir / BUFFER_FILE, gen_dir / HEADS_FILE) if f.exists()}
-                _fsync_dir(gen_dir)
+                fsync_dir(gen_dir)
                 entry = {
                     "step": step,
                     "checkpoint": str(checkpoint.resolve()),
@@ -521,6 +498,7 @@ class MergeState:
             if dtype not in DTYPES:
                 raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
             out_dtype = DTYPES[dtype]
+        check_target(Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path})
         with self.reading() as (base, merged):
             specs, produce = self._merged_tensors(base, merged, out_dtype)
 
@@ -529,8 +507,7 @@ class MergeState:
                 return write_hf_folder(
                     Path(out_dir), specs, produce, config_dir, model_card(self.meta), parse_size(max_shard_size),
                     overwrite=overwrite, torch_dtype=out_dtype,
-                    progress=lambda names: tqdm(names, desc="exporting", unit="tensor", leave=False,
-                                                disable=not progress or None, file=sys.stderr),
+                    progress=lambda names: progress_bar(names, desc="exporting", unit="tensor", enabled=progress),
                     write_shards=None if backend is None else lambda shards: self._export_on_ray(backend, shards, specs, progress),
                 )
             except OSError as e:

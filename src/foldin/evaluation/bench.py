@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import platform
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,14 +22,14 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
 from foldin.evaluation.zoo import Zoo
 from foldin.methods import get_method
-from foldin.state import write_json_atomic
+from foldin.progress import progress as progress_bar
+from foldin.io.atomic import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -183,9 +182,9 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
     checkpoints = {n: load_file(zoo.checkpoint(n) / "model.safetensors") for n in names}
     pretrained, finetuned = reference_accuracies(scorer, base, checkpoints)
     steps_total = len(names) * (n_orders * len(specs) + min(cft_orders, n_orders))
-    bar = tqdm(total=steps_total, desc="bench", unit="step", disable=not progress or None, file=sys.stderr)
+    bar = progress_bar(total=steps_total, desc="bench", unit="step", enabled=progress)
     results: dict[str, Any] = {
-        "suite": zoo.meta["suite"], "backbone": str(zoo.backbone), "command": command,
+        "suite": zoo.meta["suite"], "backbone": zoo.suite.backbone_label(), "command": command,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "settings": {"orders": n_orders, "seed": seed, "full_matrix_orders": full_matrix_orders, "cft_orders": cft_orders, "max_test": max_test,
                      "zoo": zoo.meta["settings"]},

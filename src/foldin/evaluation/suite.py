@@ -26,13 +26,15 @@ EVAL_BATCH = 64
 
 @dataclass(frozen=True)
 class Task:
-    """A labelled task; inputs are a list of strings (text) or a uint8 image tensor (vision)."""
+    """A labelled task; inputs are a list of strings (text) or a uint8 image tensor (vision).
+    `descriptions`: a short text per class, for zero-shot heads (empty: the labels themselves)."""
 
     name: str
     source: str
     labels: list[str]
     train: tuple[Any, list[int]]
     test: tuple[Any, list[int]]
+    descriptions: tuple[str, ...] = ()
 
 
 class Encoded:
@@ -45,16 +47,27 @@ class Encoded:
 
 class Suite(ABC):
     name: str
-    defaults: dict[str, Any]  # zoo settings: steps, lr, max_train, max_test, seed
+    defaults: dict[str, Any]  # zoo settings: steps, lr, max_train, max_test, seed, heads
     fine_tune_batch: int
     head_weight_decay: float = 0.0  # L2 on the head: a head that already fits the training set leaves fine-tuning nothing to learn
+    head_protocols: tuple[str, ...] = ("probe",)  # how a task's frozen head is made (see `head`)
 
-    def __init__(self, backbone: Path | str | None = None):
+    def __init__(self, backbone: Path | str | None = None, heads: str | None = None):
         self.backbone = Path(backbone) if backbone else self.default_backbone()
+        self.heads = heads or self.defaults["heads"]
+        if self.heads not in self.head_protocols:
+            raise FoldinError(f"the {self.name} suite's heads can be {' or '.join(self.head_protocols)}, not {self.heads!r}.")
 
     @abstractmethod
     def default_backbone(self) -> Path:
         """The pretrained backbone that ships in a package (a folder with model.safetensors)."""
+
+    def backbone_label(self) -> str:
+        """The backbone as a report names it: the package that ships it, or the folder's name (never a
+        machine's absolute path)."""
+        return self.default_backbone_label if self.backbone == self.default_backbone() else self.backbone.name
+
+    default_backbone_label: str = ""
 
     @abstractmethod
     def builtin_task_names(self) -> list[str]:
@@ -99,6 +112,18 @@ class Suite(ABC):
     @abstractmethod
     def batch_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Features of a batch of `tensorize`d rows (the feature function data-driven methods get)."""
+
+    def head(self, model: nn.Module, task: Task, seed: int) -> dict[str, torch.Tensor]:
+        """The task's frozen head: `probe`, a linear classifier fit on the pretrained backbone's
+        features of the training split; `zeroshot`, the backbone's embeddings of the class
+        descriptions (suites that can embed text)."""
+        if self.heads == "zeroshot":
+            return self.zero_shot_head(model, task)
+        train = self.encode(*task.train)
+        return fit_head(self.embed(model, train), train.labels, len(task.labels), seed=seed, weight_decay=self.head_weight_decay)
+
+    def zero_shot_head(self, model: nn.Module, task: Task) -> dict[str, torch.Tensor]:
+        raise FoldinError(f"the {self.name} suite has no zero-shot heads; use --heads probe.")
 
     def task_data(self, task: Task, head: dict[str, torch.Tensor] | None = None) -> TaskData:
         """A task's training split as data-driven methods see it."""
@@ -157,6 +182,8 @@ def read_task_spec(spec_path: Path) -> tuple[str, Path, Path, dict[str, Any]]:
     """(name, train file, test file, the whole spec) from a user task's YAML file."""
     import yaml
 
+    if not spec_path.is_file():
+        raise FoldinError(f"task file {spec_path} does not exist.")
     try:
         spec = yaml.safe_load(spec_path.read_text())
         name, train, test = str(spec["name"]), spec["train"], spec["test"]
@@ -168,14 +195,14 @@ def read_task_spec(spec_path: Path) -> tuple[str, Path, Path, dict[str, Any]]:
     return name, spec_path.parent / train, spec_path.parent / test, spec
 
 
-def get_suite(name: str, backbone: Path | str | None = None) -> Suite:
+def get_suite(name: str, backbone: Path | str | None = None, heads: str | None = None) -> Suite:
     from foldin.evaluation.text_model import TextSuite
     from foldin.evaluation.vision import VisionSuite
 
     suites: dict[str, type[Suite]] = {"text": TextSuite, "vision": VisionSuite}
     if name not in suites:
         raise FoldinError(f"unknown suite {name!r}; available: {', '.join(suites)}.")
-    return suites[name](backbone)
+    return suites[name](backbone, heads)
 
 
 SUITES = ("text", "vision")
@@ -183,13 +210,18 @@ SUITES = ("text", "vision")
 
 def learning_for_task(spec: str, base: Path, checkpoint: Path) -> Learning:
     """The model and data a data-driven method needs, from `SUITE:TASK` (a built-in task name or a
-    task YAML file), the state's base, and the checkpoint (its head.safetensors, if any, is the head)."""
+    task YAML file), the state's base, and the checkpoint (its head.safetensors, if any, is the head;
+    its task.json, as the zoo writes it, says which head protocol, and so which features, it uses)."""
+    import json
+
     from safetensors.torch import load_file
 
     suite_name, sep, task_name = spec.partition(":")
     if not sep or not task_name:
         raise FoldinError(f"--task expects SUITE:TASK (e.g. text:reuters_r8), got {spec!r}.")
-    suite = get_suite(suite_name, base if Path(base).is_dir() else None)
+    info = Path(checkpoint) / "task.json"
+    heads = json.loads(info.read_text()).get("heads", "probe") if info.is_file() else None
+    suite = get_suite(suite_name, base if Path(base).is_dir() else None, heads)
     settings = {k: suite.defaults[k] for k in ("max_train", "max_test", "seed")}
     if task_name.endswith((".yaml", ".yml")):
         task = suite.user_task(Path(task_name), **settings)

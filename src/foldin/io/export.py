@@ -2,7 +2,9 @@
 more than one), the base's config/tokenizer/processor files, and a README model card.
 
 The folder is built beside OUT_DIR and renamed into place at the end, so OUT_DIR is never seen
-half-written; with overwrite, the old folder is replaced only after the new one is complete.
+half-written; with overwrite, the old folder is replaced only after the new one is complete. An
+export lists what it wrote in MANIFEST, and --overwrite replaces only such a folder, holding
+nothing else: a file of the user's that sits in the target is never deleted.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import math
 
 import json
-import os
 import re
 import secrets
 import shutil
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 
 from foldin.errors import FoldinError
+from foldin.io.atomic import replace_dir
 from foldin.io.safetensors_file import SafetensorsWriter
 
+MANIFEST = ".foldin-export.json"
 WEIGHT_PATTERNS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|onnx|gguf)$|\.index\.json$|^README\.md$|^\.")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -65,8 +68,7 @@ def write_hf_folder(
     """Write the folder. `specs` gives each output tensor's dtype and shape in file order;
     `produce(name)` computes it. torch_dtype, when the weights were cast, is recorded in config.json.
     `write_shards`, if given, writes the planned (path, names) shards instead (e.g. as Ray tasks)."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FoldinError(f"{out_dir} exists and is not empty; choose another directory or pass --overwrite.")
+    check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
     tmp.mkdir()
@@ -91,7 +93,9 @@ def write_hf_folder(
         if torch_dtype is not None and (tmp / "config.json").is_file():
             _set_config_dtype(tmp / "config.json", torch_dtype)
         (tmp / "README.md").write_text(model_card)
-        _replace_dir(tmp, out_dir)
+        written = sorted(p.name for p in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "foldin export", "files": written}, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,12 +111,34 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old.tmp")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
+def check_target(out_dir: Path, overwrite: bool, protected: dict[str, Path] | None = None) -> None:
+    """Refuse, in one sentence, a target whose replacement could lose something foldin did not
+    write: the current folder or one above it, a `protected` path (e.g. the state, the base) or a
+    folder holding or inside one, a non-empty folder without --overwrite, and with --overwrite
+    anything but a previous export holding only what it wrote."""
+    target = out_dir.resolve()
+    here = Path.cwd().resolve()
+    if out_dir.name in ("", ".", "..") or target == here or target in here.parents:
+        raise FoldinError(f"cannot export into {out_dir}: it is the current folder or one above it; name a new folder.")
+    for what, path in (protected or {}).items():
+        p = path.resolve()
+        if target == p or target in p.parents or p in target.parents:
+            raise FoldinError(f"cannot export into {out_dir}: it is, holds or lies inside {what} ({path}); name a new folder.")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FoldinError(f"{out_dir} exists and is not a folder; choose another path.")
+    entries = {p.name for p in out_dir.iterdir()}
+    if not entries:
+        return
+    if not overwrite:
+        raise FoldinError(f"{out_dir} exists and is not empty; choose another directory or pass --overwrite.")
+    try:
+        written = set(json.loads((out_dir / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FoldinError(f"--overwrite replaces only a folder that foldin exported, and {out_dir} is not one "
+                          f"(no {MANIFEST}); choose another directory.") from None
+    foreign = sorted(entries - written - {MANIFEST})
+    if foreign:
+        raise FoldinError(f"{out_dir} holds files that foldin did not write ({', '.join(foreign[:3])}); "
+                          "move them or choose another directory.")

@@ -27,4 +27,4 @@ def available_methods() -> dict[str, type[MergeMethod]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-from foldin.methods import adamerging, average, opcm, otmf, task_arithmetic, ties  # noqa: E402,F401  (registration)
+from foldin.methods import adamerging, average, dop, magmax, opcm, otmf, task_arithmetic, ties  # noqa: E402,F401  (registration)

@@ -1,8 +1,11 @@
 """Task-wise AdaMerging (Yang et al., 2024), continual form: the baseline OTMF compares memory with.
 
-    merged = lambda_pre * tau_pre + lambda_post * tau_post,   lambda in [0, 1], initialised at 0.3
+    merged = lambda_pre * tau_pre + lambda_post * tau_post,   lambda in [0, 1]
 
-The two coefficients are trained with Adam to minimise the entropy of the model's predictions
+lambda_pre starts at 1.0 (the merged model as it is) and lambda_post at 0.3, as the continual
+AdaMerging baseline of the OTMF research code starts them: starting both at 0.3, as offline
+AdaMerging does for independent task vectors, would begin every step by shrinking everything
+merged so far to 0.3 times its size. The two coefficients are trained with Adam to minimise the entropy of the model's predictions
 (through each task's classification head) on unlabelled inputs of the previous task (the buffer
 the state keeps) and of the new task, one batch of each per step; they are clamped to [0, 1]
 after every step.
@@ -25,7 +28,8 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class AdaMergingParams(LearnedParams):
-    init: float = Field(0.3, ge=0.0, le=1.0, description="Initial value of both coefficients.")
+    init_merged: float = Field(1.0, ge=0.0, le=1.0, description="Initial lambda_pre, the merged task vector's coefficient.")
+    init_new: float = Field(0.3, ge=0.0, le=1.0, description="Initial lambda_post, the new task vector's coefficient.")
 
 
 @register
@@ -46,7 +50,7 @@ class AdaMerging(LearnedMethod):
             raise FoldinError("adamerging scores predictions, so each task's data needs its classification head (TaskData.head).")
         weights = LinearWeights(FunctionalModel(learning), base)
         taus = (tau_pre, tau_post)
-        coeffs = torch.full((2,), p.init)
+        coeffs = torch.tensor([p.init_merged, p.init_new])
         opt = torch.optim.Adam([coeffs], lr=p.lr)
         for _ in range(p.steps):
             batches = [t.batch(sample_index(t, p.batch_size, generator)) for t in tasks]

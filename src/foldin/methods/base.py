@@ -9,6 +9,7 @@ streams tensors to them, so the same code runs on disk, in memory, and on plain 
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from functools import cached_property
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from foldin.errors import FoldinError
 
 if TYPE_CHECKING:
     from foldin.methods.learned import Learning
@@ -84,6 +87,13 @@ class MergeMethod(ABC):
     needs_data: ClassVar[bool] = False  # True: each step needs the model and the task's data (`Learning`)
 
     def __init__(self, **params: Any):
+        fields = list(self.Params.model_fields)
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise FoldinError(f"method {self.name!r} has no parameter {unknown[0]!r}; {hint}"
+                              f"its parameters: {', '.join(fields) or 'none'}.")
         self.params = self.Params(**params)
 
     @abstractmethod

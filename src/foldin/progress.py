@@ -1,0 +1,80 @@
+"""Progress on long work: a tqdm bar on a terminal, and a plain line every LOG_INTERVAL seconds
+when stderr goes to a log (CI, nohup, `> log`), where a bar would stay silent and a long step
+would read as a hang."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+LOG_INTERVAL = float(os.environ.get("FOLDIN_PROGRESS_SECONDS", 15))  # seconds between two progress lines in a log
+
+
+class LogProgress:
+    """The part of tqdm's interface foldin uses, printed as occasional lines: what, how far, time left."""
+
+    def __init__(self, iterable: Iterable[Any] | None = None, total: float | None = None, desc: str = "", unit: str = "it",
+                 interval: float | None = None, stream: Any = None):
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)  # type: ignore[arg-type]
+        self.desc, self.unit = desc, unit
+        self.interval = LOG_INTERVAL if interval is None else interval
+        self.stream = stream or sys.stderr
+        self.n = 0.0
+        self.postfix = ""
+        self.started = self.last = time.monotonic()
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+
+    def __enter__(self) -> "LogProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print(now)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        pass
+
+    def _print(self, now: float) -> None:
+        elapsed = now - self.started
+        where = f"{self.n:g}/{self.total:g} {self.unit}" if self.total else f"{self.n:g} {self.unit}"
+        left = ""
+        if self.total and self.n:
+            left = f", about {_duration(elapsed * (self.total - self.n) / self.n)} left"
+        postfix = f" ({self.postfix})" if self.postfix else ""
+        print(f"{self.desc}: {where}{postfix}, {_duration(elapsed)} elapsed{left}", file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress(iterable: Iterable[T] | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
+             enabled: bool = True, leave: bool = False) -> Any:
+    """A progress display for `iterable` (or for manual `update` calls up to `total`): a bar on a
+    terminal, occasional lines in a log, nothing when not `enabled`."""
+    if not enabled:
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr)
+    return LogProgress(iterable, total, desc, unit)

@@ -1,0 +1,114 @@
+"""What a new user meets: building only their own task into a self-contained zoo, an export that
+never deletes what it did not write, progress lines in logs, helpful errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from foldin.cli import main
+from foldin.progress import LogProgress
+
+from conftest import PARITY
+
+BERT = PARITY / "bert-tiny"
+
+
+def _user_task(folder: Path, label: str = "label") -> Path:
+    folder.mkdir(parents=True)
+    rows = "text,label\n" + "".join(f"{'great food and loved it' if i % 2 else 'awful and cold and late'} {i},{'pos' if i % 2 else 'neg'}\n"
+                                    for i in range(24))
+    (folder / "train.csv").write_text(rows)
+    (folder / "test.csv").write_text(rows)
+    (folder / "mine.yaml").write_text(f"name: mine\ntrain: train.csv\ntest: test.csv\nlabel: {label}\n"
+                                      "classes: {pos: a positive review, neg: a negative review}\n")
+    return folder / "mine.yaml"
+
+
+def test_zoo_build_with_task_files_alone_builds_only_them_into_a_self_contained_zoo(tmp_path, capsys):
+    spec = _user_task(tmp_path / "mytask")
+    zoo = tmp_path / "zoo"
+    small = ["--steps", "2", "--max-train", "16", "--max-test", "16", "--out", str(zoo), "--quiet"]
+    assert main(["zoo", "build", "--task", str(spec), *small]) == 0
+    meta = json.loads((zoo / "zoo.json").read_text())
+    assert list(meta["tasks"]) == ["mine"]  # no built-in task was fine-tuned
+    assert meta["tasks"]["mine"]["descriptions"] == ["a negative review", "a positive review"]
+    shutil.rmtree(tmp_path / "mytask")  # the zoo holds its own copy of the task
+    capsys.readouterr()
+    assert main(["eval", str(zoo / "tasks" / "mine"), "--zoo", str(zoo)]) == 0
+    table = capsys.readouterr().out
+    assert "pretrained" in table and "fine-tuned" in table and table.splitlines()[-1].startswith("mean")
+    (zoo / "user-tasks" / "mine" / "test.csv").unlink()
+    assert main(["eval", str(zoo / "tasks" / "mine"), "--zoo", str(zoo)]) == 1
+    assert "test.csv does not exist" in capsys.readouterr().err
+
+
+def test_a_failed_zoo_build_leaves_no_folder_behind(tmp_path, capsys):
+    spec = _user_task(tmp_path / "mytask", label="stars")
+    assert main(["zoo", "build", "--task", str(spec), "--out", str(tmp_path / "zoo"), "--quiet"]) == 1
+    assert "no column 'stars'" in capsys.readouterr().err
+    assert not (tmp_path / "zoo").exists()
+
+
+def _state(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    assert main(["init", str(state), "--base", str(BERT / "base"), "--method", "average"]) == 0
+    assert main(["add", str(state), str(BERT / "ckpt_1"), "--quiet"]) == 0
+    return state
+
+
+def test_export_overwrites_only_its_own_folders(tmp_path, capsys, monkeypatch):
+    state = _state(tmp_path)
+    out = tmp_path / "merged"
+    assert main(["export", str(state), str(out), "--quiet"]) == 0
+    assert main(["export", str(state), str(out), "--overwrite", "--quiet"]) == 0  # a previous export is replaced
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["export", str(state), str(out), "--overwrite", "--quiet"]) == 1
+    assert "did not write (notes.txt)" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("x")
+    assert main(["export", str(state), str(mine), "--overwrite", "--quiet"]) == 1
+    assert "is not one" in capsys.readouterr().err and (mine / "data.csv").exists()
+    monkeypatch.chdir(tmp_path)
+    for target, reason in [(".", "current folder"), ("..", "current folder"), (str(state), "merge state"),
+                           (str(state / "inside"), "merge state"), (str(BERT / "base"), "base model")]:
+        assert main(["export", str(state), target, "--overwrite", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert reason in err and err.count("\n") == 1 and "Traceback" not in err
+    assert (BERT / "base" / "model.safetensors").exists()
+
+
+def test_progress_lines_when_the_output_is_a_log():
+    stream = io.StringIO()
+    bar = LogProgress(total=4, desc="building zoo", unit="step", interval=0, stream=stream)
+    bar.set_postfix_str("reuters_r8")
+    for _ in range(4):
+        bar.update(1)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4 and lines[1].startswith("building zoo: 2/4 step (reuters_r8),") and "left" in lines[1]
+
+
+def test_a_step_prints_progress_lines_into_a_log(tmp_path):
+    state = tmp_path / "s"
+    assert main(["init", str(state), "--base", str(BERT / "base"), "--method", "opcm"]) == 0
+    env = {**os.environ, "FOLDIN_PROGRESS_SECONDS": "0"}
+    run = subprocess.run([sys.executable, "-m", "foldin.cli", "add", str(state), str(BERT / "ckpt_1")], env=env,
+                         capture_output=True, text=True, check=True)
+    assert "step 1: projecting:" in run.stderr and "tensor" in run.stderr
+
+
+def test_a_misspelt_parameter_lists_the_methods_parameters(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "s"), "--base", str(BERT / "base"), "--method", "task_arithmetic",
+                 "--set", "scaling_facter=0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "no parameter 'scaling_facter'; did you mean 'scaling_factor'?" in err and "its parameters: scaling_factor" in err
+    assert not (tmp_path / "s").exists()
