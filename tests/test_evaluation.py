@@ -12,7 +12,7 @@ from foldin.cli import main
 from foldin.errors import FoldinError
 from foldin.evaluation.bench import parse_method_specs, task_orders
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
-from foldin.evaluation.text_tasks import TEXT_TASKS, text_suite, user_task
+from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite, user_task
 
 MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.4]]
 
@@ -58,7 +58,7 @@ def test_text_splits_are_disjoint_and_deterministic():
 def test_zero_shot_head_is_the_scaled_embedding_of_each_class_description():
     import torch.nn.functional as F
 
-    from foldin.evaluation.text_model import ZERO_SHOT_SCALE, TextSuite, mean_pooled
+    from foldin.evaluation.text.suite import ZERO_SHOT_SCALE, TextSuite, mean_pooled
 
     suite = TextSuite(heads="zeroshot")
     model = suite.load_backbone()
@@ -72,9 +72,9 @@ def test_zero_shot_head_is_the_scaled_embedding_of_each_class_description():
 
 
 def test_user_task_from_csv(tmp_path):
-    rows = "text,label\n" + "".join(f"sample {i},{'pos' if i % 2 else 'neg'}\n" for i in range(10))
-    (tmp_path / "train.csv").write_text(rows)
-    (tmp_path / "test.csv").write_text(rows)
+    rows = lambda numbers: "text,label\n" + "".join(f"sample {i},{'pos' if i % 2 else 'neg'}\n" for i in numbers)  # noqa: E731
+    (tmp_path / "train.csv").write_text(rows(range(10)))
+    (tmp_path / "test.csv").write_text(rows(range(10, 16)))
     (tmp_path / "mine.yaml").write_text("name: mine\ntrain: train.csv\ntest: test.csv\n")
     task = user_task(tmp_path / "mine.yaml")
     assert task.labels == ["neg", "pos"] and len(task.train[0]) == 10
@@ -107,7 +107,7 @@ def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
 
 
 def test_vision_tasks_from_real_packaged_images():
-    from foldin.evaluation.vision_tasks import vision_suite
+    from foldin.evaluation.vision.tasks import vision_suite
 
     mnist, digits, rotated, permuted = vision_suite(["mnist", "digits", "rotated_mnist", "permuted_mnist"], max_train=40, max_test=20)
     for t in (mnist, digits, rotated, permuted):
@@ -123,7 +123,7 @@ def test_vision_tasks_from_real_packaged_images():
 def test_user_vision_task_from_npz(tmp_path):
     import numpy as np
 
-    from foldin.evaluation.vision_tasks import user_task as vision_user_task
+    from foldin.evaluation.vision.tasks import user_task as vision_user_task
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

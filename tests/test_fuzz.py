@@ -122,7 +122,7 @@ def _state_template(root: Path) -> Path:
 def test_mutated_state_json(tmp_path_factory, flips, key, value, mode):
     """A damaged state.json (flipped bytes, or a field replaced, with or without a recomputed seal
     as an attacker or a buggy tool might do) is refused with a clear error or still reads correctly."""
-    from foldin.state import _meta_digest
+    from foldin.state.schema import meta_digest as _meta_digest
 
     root = tmp_path_factory.mktemp("state")
     state_dir = root / "s"

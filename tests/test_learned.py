@@ -14,7 +14,8 @@ from transformers import AutoModel
 from foldin import ContinualMerger, MergeState, TaskData
 from foldin.errors import FoldinError
 from foldin.methods.adamerging import prediction_entropy
-from foldin.methods.learned import FunctionalModel, Learning, LinearWeights, add_task_vectors
+from foldin.data import Learning
+from foldin.methods.learned import FunctionalModel, LinearWeights, add_task_vectors
 from foldin.methods.otmf import masked_fusion, sinkhorn_divergence
 
 from conftest import PARITY

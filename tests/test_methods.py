@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from foldin import merge
-from foldin.engine import ModelLayout, DictSource, _Step
+from foldin.engine import DictSource, ModelLayout
+from foldin.runners import RunOptions
+from foldin.runners.local import LocalStep
 from foldin.methods.opcm import nonzero_singular_triplets, project_task_vector, split_rank
-from foldin.select import kth_smallest_abs
+from foldin.methods.selection import kth_smallest_abs
 
 
 def reference_projection(merged: torch.Tensor, task: torch.Tensor, alpha: float, nonzero: bool = False) -> torch.Tensor:
@@ -113,9 +115,9 @@ def test_zero_merged_matrix_leaves_the_task_vector_unchanged():
     assert torch.equal(project_task_vector(torch.zeros(5, 7), task, 0.5), task)
 
 
-def _context(tensors: dict[str, torch.Tensor]) -> _Step:
+def _context(tensors: dict[str, torch.Tensor]) -> LocalStep:
     layout = ModelLayout.from_source(DictSource(tensors), [])
-    return _Step(2, {}, layout, lambda kind, name: tensors[name], lambda n, t: None, progress=False)
+    return LocalStep(2, {}, layout, lambda kind, name: tensors[name], lambda n, t: None, RunOptions(progress=False))
 
 
 @settings(max_examples=60, deadline=None)

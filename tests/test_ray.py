@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from foldin import MergeState, available_methods
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import open_checkpoint
-from foldin.ray_backend import RayBackend
+from foldin.runners.ray import RayBackend
 
 from conftest import PARITY
 

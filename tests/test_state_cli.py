@@ -228,7 +228,7 @@ def test_a_changed_state_json_is_reported(bert_case, tmp_path, capsys):
 def test_a_resealed_but_invalid_state_json_is_refused(bert_case, tmp_path, capsys, field, value):
     """Even with a valid seal (a buggy tool, a hand edit), a state.json that points outside its
     directory or contradicts itself is refused in one sentence."""
-    from foldin.state import _meta_digest
+    from foldin.state.schema import meta_digest as _meta_digest
 
     state = tmp_path / "state"
     cli("init", state, "--base", bert_case / "base", "--method", "opcm")

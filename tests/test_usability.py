@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from foldin.cli import main
 from foldin.progress import LogProgress
@@ -23,10 +22,12 @@ BERT = PARITY / "bert-tiny"
 
 def _user_task(folder: Path, label: str = "label") -> Path:
     folder.mkdir(parents=True)
-    rows = "text,label\n" + "".join(f"{'great food and loved it' if i % 2 else 'awful and cold and late'} {i},{'pos' if i % 2 else 'neg'}\n"
-                                    for i in range(24))
-    (folder / "train.csv").write_text(rows)
-    (folder / "test.csv").write_text(rows)
+    def rows(numbers: range) -> str:
+        return "text,label\n" + "".join(f"{'great food and loved it' if i % 2 else 'awful and cold and late'} {i},{'pos' if i % 2 else 'neg'}\n"
+                                         for i in numbers)
+
+    (folder / "train.csv").write_text(rows(range(24)))
+    (folder / "test.csv").write_text(rows(range(24, 40)))
     (folder / "mine.yaml").write_text(f"name: mine\ntrain: train.csv\ntest: test.csv\nlabel: {label}\n"
                                       "classes: {pos: a positive review, neg: a negative review}\n")
     return folder / "mine.yaml"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent / "parity"))
 from cases import make_case  # noqa: E402
 
 from foldin import MergeState  # noqa: E402
-from foldin.ray_backend import RayBackend  # noqa: E402
+from foldin.runners.ray import RayBackend  # noqa: E402
 
 # Llama-3-70B: 80 layers, hidden 8192, MLP 28672, 8 key/value heads of 128, vocabulary 128256
 LLAMA_70B_LINEAR = [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192), (28672, 8192), (28672, 8192), (8192, 28672)]

@@ -1,19 +1,22 @@
 """foldin: continual model merging. Fold fine-tuned checkpoints of one base model into a single
 merged model as they arrive, streaming tensor by tensor, with a resumable on-disk state."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
 
-from foldin.api import ContinualMerger, merge  # noqa: E402
-from foldin.errors import CheckpointError, FoldinError, MismatchError, StateError  # noqa: E402
-from foldin.io.checkpoint import open_checkpoint  # noqa: E402
-from foldin.methods import available_methods, get_method, register  # noqa: E402
-from foldin.methods.learned import TaskData  # noqa: E402
-from foldin.state import MergeState  # noqa: E402
+from foldin.api import ContinualMerger, merge
+from foldin.data import Learning, TaskData
+from foldin.errors import CheckpointError, FoldinError, MismatchError, StateError
+from foldin.io.checkpoint import open_checkpoint
+from foldin.methods import available_methods, get_method, register
+from foldin.state import MergeState
+
+__version__ = version("foldin")  # one source of truth: pyproject.toml
 
 __all__ = [
     "CheckpointError",
     "ContinualMerger",
     "FoldinError",
+    "Learning",
     "MergeState",
     "MismatchError",
     "StateError",

@@ -10,11 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from foldin.data import FeatureFn, Learning, TaskData
 from foldin.engine import DictSource, ModelLayout, export_tensor, fold_step, hash_source
 from foldin.errors import FoldinError, MismatchError
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
-from foldin.methods.learned import FeatureFn, Learning, TaskData
+from foldin.runners import RunOptions
+from foldin.runners.local import LocalRunner
 
 
 class ContinualMerger:
@@ -53,19 +55,17 @@ class ContinualMerger:
                 raise FoldinError(f"method {self.method!r} runs the model: give ContinualMerger module= and features=.")
             learning = Learning(self.module, self.features, data, self.buffer_)
         merged: dict[str, torch.Tensor] = {}
-        stats, ckpt_hash = fold_step(
-            self.method_, self.step_ + 1, self.stats_, self.layout_, self._base_source,
-            DictSource(checkpoint, f"checkpoint {self.step_ + 1}"),
-            DictSource(self.merged_task_vector_) if self.step_ else None,
-            merged.__setitem__, progress=False, learning=learning, device=self.device, workers=self.workers,
-            on_hashed=self._refuse_duplicate,
-        )
-        self.merged_task_vector_, self.stats_ = merged, stats
+        previous = DictSource(self.merged_task_vector_) if self.step_ else None
+        runner = LocalRunner(self._base_source, previous, merged.__setitem__, RunOptions(False, self.device, self.workers))
+        result, ckpt_hash = fold_step(self.method_, self.step_ + 1, self.stats_, self.layout_,
+                                      DictSource(checkpoint, f"checkpoint {self.step_ + 1}"), runner, learning,
+                                      on_hashed=self._refuse_duplicate)
+        self.merged_task_vector_, self.stats_ = merged, result.stats
         self.step_ += 1
         self.hashes_.append(ckpt_hash)
-        if learning is not None:
-            self.buffer_ = learning.buffer
-            self.heads_.update(learning.heads)
+        if result.buffer is not None:
+            self.buffer_ = result.buffer
+        self.heads_ = {**self.heads_, **result.heads}
         return self
 
     def _refuse_duplicate(self, ckpt_hash: str) -> None:

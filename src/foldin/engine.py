@@ -1,30 +1,25 @@
 """Runs one merge step: streams the base, the previous merged task vector and the new checkpoint
 tensor by tensor through a method's passes, validating and hashing the checkpoint on the way.
 
-Sources and sinks are plain callables, so the same engine drives on-disk states (files) and the
-in-memory API (dicts). Nothing here knows about directories or atomic commits.
+Where the passes run (threads in this process, Ray tasks on a cluster) is a `Runner`'s business
+(foldin.runners); where the merged task vector goes, the runner's too. Nothing here knows about
+directories, atomic commits or clusters.
 """
 
 from __future__ import annotations
 
 import math
-
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from foldin.errors import CheckpointError, FoldinError, MismatchError
+from foldin.data import Learning
+from foldin.errors import CheckpointError, FoldinError, MismatchError, StateError
 from foldin.io.checkpoint import content_hash, tensor_digest
-from foldin.methods.base import MergeMethod, R, TensorSlot
-from foldin.methods.learned import Learning
-from foldin.progress import progress
-
-if TYPE_CHECKING:
-    from foldin.ray_backend import RayStepRunner
+from foldin.methods.base import FoldResult, MergeMethod, R, TensorSlot
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -148,117 +143,89 @@ def hash_source(source: TensorSource) -> str:
     return CheckedReader(source).content_hash()
 
 
-class _Step:
-    """The StepContext a method sees; drives passes over the layout's tensors."""
+class VerifiedSource:
+    """A source whose tensors are checked, the first time each is read, against checksums recorded
+    when it was written (a merge state's generation): a flipped bit is reported, never merged."""
 
-    def __init__(self, step: int, stats: Mapping[str, float], layout: ModelLayout,
-                 load: Callable[[str, str], torch.Tensor], sink: Callable[[str, torch.Tensor], None], progress: bool,
-                 learning: Learning | None = None, workers: int = 1):
+    def __init__(self, ckpt: TensorSource, digests: Mapping[str, str], owner: str):
+        self.ckpt, self.path, self._digests, self._owner = ckpt, ckpt.path, dict(digests), owner
+        self._verified: set[str] = set()
+        if set(ckpt.names()) != set(self._digests):
+            raise StateError(f"the merge state in {owner} is corrupted: its merged tensors do not match the list recorded at commit.")
+
+    def names(self) -> list[str]:
+        return self.ckpt.names()
+
+    def spec(self, name: str) -> Spec:
+        return self.ckpt.spec(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.ckpt.read(name)
+        if name not in self._verified:
+            if tensor_digest(t) != self._digests[name]:
+                raise StateError(f"the merge state in {self._owner} is corrupted: tensor {name!r} does not match its checksum "
+                                 "(disk or copy damage); restore the state directory from a backup.")
+            self._verified.add(name)
+        return t
+
+    def close(self) -> None:
+        self.ckpt.close()  # type: ignore[attr-defined]
+
+
+class StepPasses(ABC):
+    """The StepContext a method sees, whatever carries its passes out (threads here, Ray tasks on a
+    cluster): the step's facts, and scan / update over every merged tensor in order, with the rule
+    that the merged task vector is written exactly once."""
+
+    def __init__(self, step: int, stats: Mapping[str, float], layout: ModelLayout, learning: Learning | None = None):
         self.step = step
-        self._workers = workers
-        self.learning = learning
         self.stats = dict(stats)
+        self.learning = learning
+        self.layout = layout
         self.compute_dtype = layout.compute_dtype
         self.numel = layout.numel
-        self._layout = layout
-        self._load = load
-        self._sink = sink
-        self._progress = progress
         self.updated = False
 
-    def _slots(self, desc: str):
-        names = self._layout.merged_names
-        bar = progress(names, desc=f"step {self.step}: {desc}", unit="tensor", enabled=self._progress)
-        for name in bar:
-            yield TensorSlot(name, name in self._layout.linear, self._load)
-
-    def _map(self, fn: Callable[[TensorSlot], R], desc: str) -> Iterator[tuple[TensorSlot, R]]:
-        """fn over every slot, in tensor order. With workers > 1, up to `workers` tensors are in
-        flight on threads (torch releases the GIL in its kernels), each with its share of torch's
-        threads; results still come back in order, so reductions are done in the same order and the
-        bits equal those of a one-worker run with that many threads."""
-        if self._workers <= 1:
-            for slot in self._slots(desc):
-                yield slot, fn(slot)
-            return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // self._workers))
-        try:
-            with ThreadPoolExecutor(self._workers) as pool:
-                in_flight: deque = deque()
-                for slot in self._slots(desc):
-                    in_flight.append((slot, pool.submit(fn, slot)))
-                    if len(in_flight) >= self._workers:  # bounded: memory is `workers` tensors' worth
-                        done, future = in_flight.popleft()
-                        yield done, future.result()
-                while in_flight:
-                    done, future = in_flight.popleft()
-                    yield done, future.result()
-        finally:
-            torch.set_num_threads(threads)
+    @abstractmethod
+    def run_pass(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
+        """fn over every merged tensor, results in tensor order; with `write`, fn returns (tensor,
+        result) and the tensors are the new merged task vector."""
 
     def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
-        return [result for _, result in self._map(fn, desc)]
+        return self.run_pass(fn, desc, write=False)
 
     def update(self, fn: Callable[[TensorSlot], tuple[torch.Tensor, R]], desc: str) -> list[R]:
         if self.updated:
             raise RuntimeError("a method may call update() only once per step")
-        results = []
-        for slot, (tensor, result) in self._map(fn, desc):
-            self._sink(slot.name, self._layout.as_stored(slot.name, tensor))
-            results.append(result)
+        results = self.run_pass(fn, desc, write=True)
         self.updated = True
         return results
 
 
-def fold_step(
-    method: MergeMethod,
-    step: int,
-    stats: Mapping[str, float],
-    layout: ModelLayout,
-    base: TensorSource,
-    checkpoint: TensorSource,
-    previous: TensorSource | None,
-    sink: Callable[[str, torch.Tensor], None],
-    progress: bool = True,
-    learning: Learning | None = None,
-    device: str | torch.device | None = None,
-    workers: int = 1,
-    cluster: "RayStepRunner | None" = None,
-    on_hashed: Callable[[str], None] | None = None,
-) -> tuple[dict[str, float], str]:
-    """Fold `checkpoint` in as step `step`. Writes every tensor of the new merged task vector to
-    `sink`; returns (new stats, the checkpoint's content hash). Raises before returning if the
-    checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`.
-    `device` (e.g. "cuda") is where the arithmetic runs; tensors are read and written on the CPU.
-    `workers` tensors are processed at once on threads, each with torch's threads divided among
-    them; the bits depend only on the threads each tensor gets (BLAS and LAPACK split work by thread
-    count). With `cluster`, the passes run as Ray tasks that read the files and write the merged
-    task vector's shards themselves; `sink` is not used. `on_hashed(content_hash)` runs once the
-    whole checkpoint has been read (e.g. to refuse a duplicate before a long learning phase)."""
+class Runner(Protocol):
+    """Carries a step's passes out: gives the step its context (runners/ implement it)."""
+
+    def context(self, method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout,
+                new: CheckedReader, learning: Learning | None) -> StepPasses: ...
+
+
+def fold_step(method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout, checkpoint: TensorSource,
+              runner: Runner, learning: Learning | None = None,
+              on_hashed: Callable[[str], None] | None = None) -> tuple[FoldResult, str]:
+    """Fold `checkpoint` in as step `step`: the runner streams the new merged task vector to where it
+    goes; returns (what the step leaves, the checkpoint's content hash). Raises before returning if
+    the checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`.
+    `on_hashed(content_hash)` runs once the whole checkpoint has been read (e.g. to refuse a
+    duplicate before a long learning phase)."""
     if method.needs_data and learning is None:
         raise FoldinError(f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: --task SUITE:TASK).")
-    compute = resolve_device(device)
-    if method.needs_data and compute.type != "cpu":
-        raise FoldinError(f"--device applies to the weight-only methods; {method.name!r} runs on the CPU.")
     layout.check_compatible(checkpoint)
     new = CheckedReader(checkpoint, on_hashed)
-    if cluster is None:  # tensors that are not merged (integer buffers) are hashed first, so on_hashed fires once the merged ones are read
-        for name in [n for n in new.specs if n not in layout.specs or not layout.specs[n][0].is_floating_point]:
-            new.read(name)
-    if workers < 1:
-        raise FoldinError(f"--workers must be at least 1, not {workers}.")
-    if cluster is not None:
-        if method.needs_data:
-            raise FoldinError(f"--backend ray applies to the weight-only methods; {method.name!r} learns on one machine (use the local backend).")
-        ctx: _Step = cluster.step_context(step, stats, layout, new, progress)
-    else:
-        ctx = _Step(step, stats, layout, tensor_loader(layout, base, new, previous, compute), lambda name, t: sink(name, t.cpu()),
-                    progress, learning, 1 if method.needs_data else workers)
-    new_stats = method.fold(ctx)
+    ctx = runner.context(method, step, stats, layout, new, learning if method.needs_data else None)
+    result = method.fold(ctx)
     if not ctx.updated:
         raise RuntimeError(f"method {method.name!r} did not write the merged task vector")
-    return new_stats, new.content_hash()
+    return result, new.content_hash()
 
 
 def tensor_loader(layout: ModelLayout, base: TensorSource, new: CheckedReader, previous: TensorSource | None,

@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Suite, Task, get_suite, read_task_spec
+from foldin.evaluation.registry import get_suite
+from foldin.evaluation.suite import Suite, Task, read_task_spec
 from foldin.io.atomic import replace_dir, write_json_atomic
 from foldin.progress import progress as progress_bar
 

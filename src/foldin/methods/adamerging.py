@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from foldin.errors import FoldinError
-from foldin.methods import register
-from foldin.methods.learned import FunctionalModel, LearnedMethod, LearnedParams, Learning, LinearWeights, sample_index
+from foldin.methods.registry import register
+from foldin.data import Learning
+from foldin.methods.learned import FunctionalModel, LearnedMethod, LearnedParams, LinearWeights, sample_index
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -63,4 +64,4 @@ class AdaMerging(LearnedMethod):
             coeffs.clamp_(0.0, 1.0)
         c_pre, c_post = (float(c) for c in coeffs.detach())
         merged = {n: c_pre * tau_pre[n] + c_post * tau_post[n] for n in tau_pre}
-        return merged, {"lambda_pre": c_pre, "lambda_post": c_post}
+        return merged, {"lambda_pre": c_pre, "lambda_post": c_post}, {}

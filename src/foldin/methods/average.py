@@ -3,8 +3,8 @@ M_1 = theta_1, M_t = ((t-1) M_{t-1} + theta_t) / t, kept as a task vector M_t - 
 
 from __future__ import annotations
 
-from foldin.methods import register
-from foldin.methods.base import MergeMethod, MethodParams, StepContext
+from foldin.methods.registry import register
+from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext
 
 
 class AverageParams(MethodParams):
@@ -17,7 +17,7 @@ class Average(MergeMethod):
     Params = AverageParams
     summary = "Running mean of all checkpoints folded in so far."
 
-    def fold(self, ctx: StepContext) -> dict[str, float]:
+    def fold(self, ctx: StepContext) -> FoldResult:
         t = ctx.step
         ctx.update(lambda s: (((t - 1) * s.merged + s.task_vector) / t, None), desc="averaging")
-        return {}
+        return FoldResult()

@@ -12,18 +12,18 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from foldin.data import Learning, TaskData
 from foldin.errors import FoldinError
 
-if TYPE_CHECKING:
-    from foldin.methods.learned import Learning
-
 R = TypeVar("R")
+Heads = dict[str, dict[str, torch.Tensor]]  # task name -> a classification head {"weight", "bias"}
 
 
 class MethodParams(BaseModel):
@@ -67,7 +67,7 @@ class StepContext(Protocol):
     stats: Mapping[str, float]  # the method's scalars after the previous step ({} before the first)
     compute_dtype: torch.dtype  # float32, or float64 for a float64 model
     numel: int  # number of floating-point entries in the whole model
-    learning: "Learning | None"  # the model and task data, for data-driven methods (None otherwise)
+    learning: Learning | None  # the model and task data, for data-driven methods (None otherwise)
 
     def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
         """A read-only pass over every tensor; returns fn's results (for global reductions)."""
@@ -76,6 +76,16 @@ class StepContext(Protocol):
     def update(self, fn: Callable[[TensorSlot], tuple[torch.Tensor, R]], desc: str) -> list[R]:
         """The final pass: fn returns each tensor's new merged task vector (and a result)."""
         ...
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """What a step leaves: the method's scalars (the global scale, learned coefficients, ...) and,
+    for data-driven methods, the examples to keep for the next step and the heads they refit."""
+
+    stats: dict[str, float] = field(default_factory=dict)
+    buffer: TaskData | None = None
+    heads: Heads = field(default_factory=dict)
 
 
 class MergeMethod(ABC):
@@ -97,8 +107,9 @@ class MergeMethod(ABC):
         self.params = self.Params(**params)
 
     @abstractmethod
-    def fold(self, ctx: StepContext) -> dict[str, float]:
-        """Fold the step's checkpoint into the merged task vector; return the new stats."""
+    def fold(self, ctx: StepContext) -> FoldResult:
+        """Fold the step's checkpoint into the merged task vector (through `ctx.update`); return
+        what the step leaves besides it."""
 
     def scale(self, stats: Mapping[str, float]) -> float:
         """The global factor applied to the merged task vector to get the merged model."""

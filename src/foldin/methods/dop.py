@@ -33,8 +33,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from foldin.methods import register
-from foldin.methods.base import MergeMethod, MethodParams, StepContext, TensorSlot
+from foldin.methods.registry import register
+from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot
 
 ProjSpace = Literal["uv", "u", "v"]
 
@@ -150,11 +150,11 @@ class DOP(MergeMethod):
     summary = ("Per linear layer, finds the weight closest to both the merged and the new model in each one's principal "
                "singular subspaces (dual projections); averages the other parameters.")
 
-    def fold(self, ctx: StepContext) -> dict[str, float]:
+    def fold(self, ctx: StepContext) -> FoldResult:
         p = self.params
         if ctx.step == 1:
             ctx.update(lambda s: (s.task_vector, None), desc="keeping the first model")
-            return {}
+            return FoldResult()
 
         def update(slot: TensorSlot) -> tuple[torch.Tensor, float | None]:
             base = slot.base
@@ -171,4 +171,4 @@ class DOP(MergeMethod):
             return merged.view_as(base) - base, weight
 
         weights = [w for w in ctx.update(update, desc="optimising") if w is not None]
-        return {"weight_pre_mean": sum(weights) / len(weights)} if weights else {}
+        return FoldResult({"weight_pre_mean": sum(weights) / len(weights)} if weights else {})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,53 +19,8 @@ from pydantic import Field
 from torch import nn
 
 from foldin.errors import FoldinError
-from foldin.methods.base import MergeMethod, MethodParams, StepContext
-
-Batch = dict[str, torch.Tensor]
-FeatureFn = Callable[[nn.Module, Batch], torch.Tensor]
-
-
-@dataclass
-class TaskData:
-    """Training examples of one task: `inputs` holds N examples along dim 0 of every tensor
-    (e.g. input_ids and attention_mask, or images); `labels` and `head` (the task's linear
-    classifier, {"weight", "bias"}) are needed only where a method uses them."""
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor | None = None
-    head: dict[str, torch.Tensor] | None = None
-    name: str = "task"
-    total: int | None = None  # examples of the task this data was drawn from (None: all of them are here)
-
-    def __post_init__(self) -> None:
-        sizes = {len(t) for t in self.inputs.values()} | ({len(self.labels)} if self.labels is not None else set())
-        if not self.inputs or len(sizes) != 1 or 0 in sizes:
-            raise FoldinError(f"task data {self.name!r}: inputs (and labels) must be non-empty and hold the same number of examples.")
-
-    def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
-
-    def batch(self, index: torch.Tensor) -> Batch:
-        return {k: v[index] for k, v in self.inputs.items()}
-
-    def subset(self, n: int, generator: torch.Generator) -> "TaskData":
-        """At most n examples, drawn without replacement: the bounded buffer kept for the next step."""
-        index = torch.randperm(len(self), generator=generator)[:n]
-        labels = self.labels[index] if self.labels is not None else None
-        return TaskData({k: v[index].clone() for k, v in self.inputs.items()}, labels, self.head, self.name, self.total or len(self))
-
-
-@dataclass
-class Learning:
-    """What a data-driven step sees besides tensors, and what it leaves for the next step."""
-
-    module: nn.Module  # the architecture; its state_dict names are the checkpoint's
-    features: FeatureFn  # features(module, batch) -> (batch, d)
-    new: TaskData  # the incoming task's training data
-    previous: TaskData | None = None  # the buffer kept from the last task folded in
-    buffer: TaskData | None = None  # set by the method: what the next step will see as `previous`
-    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # set by the method: refit heads
-
+from foldin.data import Batch, FeatureFn, Learning, TaskData
+from foldin.methods.base import FoldResult, Heads, MergeMethod, MethodParams, StepContext
 
 class _WithFeatures(nn.Module):
     def __init__(self, module: nn.Module, features: FeatureFn):
@@ -187,10 +141,11 @@ class LearnedMethod(MergeMethod):
 
     @abstractmethod
     def learn(self, base: dict[str, torch.Tensor], tau_pre: dict[str, torch.Tensor], tau_post: dict[str, torch.Tensor],
-              learning: Learning, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Return the next merged task vector and a few scalars worth recording (e.g. coefficients)."""
+              learning: Learning, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
+        """Return the next merged task vector, a few scalars worth recording (e.g. coefficients) and
+        the heads it refit (by task name; empty if none)."""
 
-    def fold(self, ctx: StepContext) -> dict[str, float]:
+    def fold(self, ctx: StepContext) -> FoldResult:
         learning = ctx.learning
         assert learning is not None  # fold_step refuses a data-driven step without data
         rows = ctx.scan(lambda s: (s.name, s.base, s.merged, s.task_vector), desc="reading")
@@ -200,12 +155,13 @@ class LearnedMethod(MergeMethod):
         del rows
         generator = torch.Generator().manual_seed(self.params.seed + ctx.step)
         stats: dict[str, float] = {}
+        heads: Heads = {}
         if ctx.step == 1:
             merged = tau_post
         elif learning.previous is None:
             raise FoldinError(f"{self.name} needs examples of the previous task, and none were kept (was step {ctx.step - 1} made by another method?).")
         else:
-            merged, stats = self.learn(base, tau_pre, tau_post, learning, generator)
-        learning.buffer = learning.new.subset(self.params.buffer_size, generator)
+            merged, stats, heads = self.learn(base, tau_pre, tau_post, learning, generator)
+        buffer = learning.new.subset(self.params.buffer_size, generator)
         ctx.update(lambda s: (merged[s.name].detach(), None), desc="writing")
-        return stats
+        return FoldResult(stats, buffer, heads)

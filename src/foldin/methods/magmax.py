@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from foldin.methods import register
-from foldin.methods.base import MergeMethod, MethodParams, StepContext, TensorSlot
+from foldin.methods.registry import register
+from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot
 
 
 def max_magnitude(running: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -32,14 +32,14 @@ class MagMax(MergeMethod):
     Params = MagMaxParams
     summary = "Keeps, element by element, the task-vector entry of largest magnitude seen so far; adds it scaled."
 
-    def fold(self, ctx: StepContext) -> dict[str, float]:
+    def fold(self, ctx: StepContext) -> FoldResult:
         first = ctx.step == 1
 
         def update(slot: TensorSlot) -> tuple[torch.Tensor, None]:
             return (slot.task_vector if first else max_magnitude(slot.merged, slot.task_vector)), None
 
         ctx.update(update, desc="selecting")
-        return {}
+        return FoldResult()
 
     def scale(self, stats) -> float:
         return self.params.scaling_factor

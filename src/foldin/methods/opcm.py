@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from foldin.methods import register
-from foldin.methods.base import MergeMethod, MethodParams, StepContext, TensorSlot, squared_norm
+from foldin.methods.registry import register
+from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot, squared_norm
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -101,7 +101,7 @@ class OPCM(MergeMethod):
     Params = OPCMParams
     summary = "Projects each task vector away from the merged one's dominant singular subspace (linear layers), then rescales to the mean task-vector norm."
 
-    def fold(self, ctx: StepContext) -> dict[str, float]:
+    def fold(self, ctx: StepContext) -> FoldResult:
         alpha, diagonal, first = self.params.alpha, self.params.diagonal, ctx.step == 1
 
         def update(slot: TensorSlot) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -118,11 +118,11 @@ class OPCM(MergeMethod):
         norm_sum = ctx.stats.get("task_vector_norm_sum", 0.0) + math.sqrt(sum(p[0] for p in parts))
         merged_norm = math.sqrt(sum(p[1] for p in parts))
         mean_norm = norm_sum / ctx.step
-        return {
+        return FoldResult({
             "task_vector_norm_sum": norm_sum,
             "merged_norm": merged_norm,
             "scale": mean_norm / merged_norm if merged_norm > 0 else 1.0,
-        }
+        })
 
     def scale(self, stats) -> float:
         return stats["scale"]

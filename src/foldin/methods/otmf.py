@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from foldin.methods import register
+from foldin.methods.registry import register
 from foldin.methods.base import squared_norm
-from foldin.methods.learned import (FunctionalModel, LearnedMethod, LearnedParams, Learning, LinearWeights, TaskData,
-                                    add_task_vectors, batched_features, refit_head, sample_index)
+from foldin.data import Learning, TaskData
+from foldin.methods.learned import (FunctionalModel, LearnedMethod, LearnedParams, LinearWeights, add_task_vectors,
+                                    batched_features, refit_head, sample_index)
 
 Masks = dict[str, torch.Tensor]
 
@@ -93,10 +94,12 @@ class OTMF(LearnedMethod):
                      "norm_ratio": norm(fused) / max(norm(plain), 1e-30)}
             if loss < float("inf"):
                 stats["sinkhorn_loss"] = loss
+        heads = {}
         if p.head_refit:
             for task in (learning.previous, learning.new):
-                self._refit_head(task, base, fused, learning, generator)
-        return fused, stats
+                if task is not None and task.labels is not None and task.head is not None:  # else nothing to refit with
+                    heads[task.name] = self._refit_head(task, base, fused, learning, generator)
+        return fused, stats, heads
 
     def _train_masks(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator) -> tuple[dict[str, Masks], float]:
         """The best masks (by the summed loss of a pre and a post step) and that loss."""
@@ -127,12 +130,10 @@ class OTMF(LearnedMethod):
                 pair_loss = 0.0
         return best or masks, best_loss
 
-    def _refit_head(self, task: TaskData | None, base, fused, learning: Learning, generator: torch.Generator) -> None:
-        """Refit `task`'s head on the merged model's features of a labelled fraction of its examples."""
-        if task is None or task.labels is None or task.head is None:
-            return  # nothing labelled to refit with
+    def _refit_head(self, task: TaskData, base, fused, learning: Learning, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """`task`'s head refit on the merged model's features of a labelled fraction of its examples."""
         wanted = round(self.params.head_refit_fraction * (task.total or len(task)))  # a fraction of the task's examples
         draws = torch.Generator().set_state(generator.get_state())  # a copy: refitting leaves the merged weights as they would be without it
         labelled = task.subset(max(1, wanted), draws)  # as many as the buffer holds
         features = batched_features(FunctionalModel(learning), add_task_vectors(base, (1.0, fused)), labelled)
-        learning.heads[task.name] = refit_head(task.head, features, labelled.labels, self.params.head_refit_steps)
+        return refit_head(task.head, features, labelled.labels, self.params.head_refit_steps)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from foldin.methods import register
-from foldin.methods.base import MergeMethod, MethodParams, StepContext
+from foldin.methods.registry import register
+from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext
 
 
 class TaskArithmeticParams(MethodParams):
@@ -18,7 +18,7 @@ class TaskArithmetic(MergeMethod):
     Params = TaskArithmeticParams
     summary = "Adds each new task vector, scaled by a fixed factor."
 
-    def fold(self, ctx: StepContext) -> dict[str, float]:
+    def fold(self, ctx: StepContext) -> FoldResult:
         lam = self.params.scaling_factor
         ctx.update(lambda s: (s.merged + lam * s.task_vector, None), desc="adding")
-        return {}
+        return FoldResult()

@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from foldin.methods import register
-from foldin.methods.base import MergeMethod, MethodParams, StepContext, TensorSlot
-from foldin.select import kth_smallest_abs
+from foldin.methods.registry import register
+from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot
+from foldin.methods.selection import kth_smallest_abs
 
 
 def trim(values: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -59,11 +59,11 @@ class Ties(MergeMethod):
     Params = TiesParams
     summary = "Trims, sign-elects and disjointly merges the merged and the new task vector."
 
-    def fold(self, ctx: StepContext) -> dict[str, float]:
+    def fold(self, ctx: StepContext) -> FoldResult:
         lam, merge_func = self.params.scaling_factor, self.params.merge_func
         if ctx.step == 1:
             ctx.update(lambda s: (lam * s.task_vector, None), desc="adding")
-            return {}
+            return FoldResult()
 
         def merged(s: TensorSlot) -> torch.Tensor:
             return s.merged
@@ -90,4 +90,4 @@ class Ties(MergeMethod):
             return s.merged + lam * disjoint_merge(rows, signs, merge_func), None
 
         ctx.update(update, desc="merging")
-        return {}
+        return FoldResult()

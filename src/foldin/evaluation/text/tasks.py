@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task, read_task_spec
+from foldin.evaluation.suite import Task, check_labels, read_task_spec
 
 Rows = list[tuple[str, str]]  # (label, text)
 Grouped = list[tuple[str, str, str]]  # (document, label, text): examples that must stay on one side of a split
@@ -330,12 +330,6 @@ def text_sources() -> dict[str, TextSource]:
     }
 
 
-def check_labels(name: str, labels: list[str]) -> list[str]:
-    if len(labels) < 2:
-        raise FoldinError(f"task {name!r} has fewer than two labels in its training data.")
-    return labels
-
-
 def _to_task(name: str, source: str, train: Rows, test: Rows, max_train: int, max_test: int, seed: int,
              classes: dict[str, str] | None = None) -> Task:
     """A Task with labels in sorted order; `classes` (label -> description) for zero-shot heads.
@@ -345,6 +339,8 @@ def _to_task(name: str, source: str, train: Rows, test: Rows, max_train: int, ma
     rng = random.Random(seed)
     seen = {text for _, text in train}
     train, test = list(train), [r for r in test if r[0] in labels and r[1] not in seen]
+    if not test:
+        raise FoldinError(f"task {name!r} has no test examples with its training labels that are not also training texts.")
     rng.shuffle(train)
     rng.shuffle(test)
     xy = lambda rows: ([t for _, t in rows], [labels.index(lab) for lab, _ in rows])  # noqa: E731

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task, read_task_spec
-from foldin.evaluation.text_tasks import check_labels
+from foldin.evaluation.suite import Task, check_labels, read_task_spec
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from foldin.errors import FoldinError
 from foldin.evaluation.suite import Encoded, Suite, Task
-from foldin.evaluation.vision_tasks import vision_sources, user_task, vision_suite
+from foldin.evaluation.vision.tasks import vision_sources, user_task, vision_suite
 
 ARCHITECTURE = "efficientnet-lite0"
 IMAGE_SIZE = 32
@@ -100,7 +100,7 @@ class VisionSuite(Suite):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
         (folder / "backbone.json").write_text(json.dumps(
             {"architecture": ARCHITECTURE, "image_size": IMAGE_SIZE, "features": "global average pool of the last convolution",
-             "load": "foldin.evaluation.vision.VisionSuite().load_backbone(folder)"}, indent=2) + "\n")
+             "load": "foldin.evaluation.vision.suite.VisionSuite().load_backbone(folder)"}, indent=2) + "\n")
 
     def encode(self, inputs: torch.Tensor, labels: list[int]) -> Encoded:
         return Encoded([preprocess(inputs[i: i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)], torch.tensor(labels))

@@ -17,46 +17,28 @@ device, and the same torch version on every node (checked).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from foldin.engine import CheckedReader, ModelLayout, _Step, read_export_tensor, tensor_loader
+from foldin.data import Learning
+from foldin.engine import CheckedReader, ModelLayout, StepPasses, TensorSource, read_export_tensor, tensor_loader
 from foldin.errors import FoldinError
-from foldin.io.checkpoint import Checkpoint, open_checkpoint, tensor_digest
+from foldin.io.checkpoint import tensor_digest
 from foldin.io.export import plan_shards
+from foldin.io.lora import open_model_or_adapter
 from foldin.io.safetensors_file import SafetensorsWriter
-from foldin.methods.base import R, TensorSlot
+from foldin.methods.base import MergeMethod, R, TensorSlot
 from foldin.progress import progress as progress_bar
-
-
-@dataclass(frozen=True)
-class StateFiles:
-    """Where a state's tensors live, as paths every node can open."""
-
-    state_dir: str
-    base: str
-    generation: str | None  # the current merged task vector (a .safetensors file or a shard index)
-    digests: dict[str, str] = field(default_factory=dict)  # its checksums recorded at commit
-
-    @contextmanager
-    def open(self) -> Iterator[tuple[Checkpoint, Any]]:
-        """(base, verified merged task vector or None)."""
-        from foldin.state import VerifiedGeneration
-
-        with ExitStack() as stack:
-            base = stack.enter_context(open_checkpoint(self.base))
-            previous = None
-            if self.generation is not None:
-                previous = VerifiedGeneration(open_checkpoint(self.generation), self.digests, Path(self.state_dir))
-                stack.callback(previous.close)
-            yield base, previous
+from foldin.runners import RunOptions, ShardWriter, StateFiles
 
 
 @dataclass(frozen=True)
@@ -80,17 +62,19 @@ class ChunkResult:
 
 
 def _versions() -> tuple[str, str]:
-    from foldin import __version__
+    from importlib.metadata import version
 
-    return __version__, torch.__version__
+    return version("foldin"), torch.__version__
+
+
+SHARD_PREFIX = "merged"  # a generation written by Ray tasks: merged-00001-of-0000N.safetensors ...
+SHARD_INDEX = "merged.safetensors.index.json"  # ... and their index, as Hugging Face shards models
 
 
 def fold_chunk(files: StepFiles, names: list[str], fn: Callable[[TensorSlot], Any], shard: str | None,
                also_hash: list[str]) -> ChunkResult:
     """One task: `fn` over the slots of `names`; with `shard`, fn returns (tensor, result) and the
     tensors are written there. Runs on a Ray worker (or anywhere: it needs only the files)."""
-    from foldin.io.lora import open_model_or_adapter
-
     torch.set_num_threads(files.threads)
     layout = files.layout
     results, digests, seconds = [], {}, {}
@@ -192,6 +176,33 @@ class RayBackend:
                 raise FoldinError(f"a Ray worker was lost during {desc} and {self.retries} retries did not bring it back "
                                   f"({type(e).__name__}).") from None
 
+    @contextmanager
+    def generation_runner(self, options: RunOptions, files: StateFiles, checkpoint: Path, layout: ModelLayout, step: int,
+                          gen_dir: Path, base: TensorSource, previous: TensorSource | None) -> Iterator[RayRunner]:
+        """A step as Ray tasks writing the merged task vector in shards into gen_dir, then their index."""
+        if options.device not in (None, "cpu"):
+            raise FoldinError("--device with --backend ray is not supported yet; the Ray tasks compute on their nodes' CPUs.")
+        step_files = StepFiles(files, str(checkpoint.resolve()), layout, "cpu", self.threads)
+        runner = RayRunner(self, step_files, gen_dir, SHARD_PREFIX, options.progress)
+        yield runner
+        index = {"metadata": {"format": "pt", "foldin_step": str(step)},
+                 "weight_map": {n: runner.weight_map[n] for n in layout.merged_names}}
+        with open(gen_dir / SHARD_INDEX, "w") as f:
+            f.write(json.dumps(index, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def shard_writer(self, options: RunOptions, files: StateFiles, method: MergeMethod, stats: dict[str, float],
+                     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ShardWriter:
+        """Each shard of an export written by a Ray task (the output folder's parent must be shared storage)."""
+        def write(shards: list[tuple[Path, list[str]]]) -> None:
+            calls = [(files, names, method, stats, {n: specs[n] for n in names}, str(path.resolve()), self.threads)
+                     for path, names in shards]
+            timings = self.run(export_shard, calls, "exporting", options.progress, [len(names) for _, names in shards])
+            self.timings.append({"pass": "export", "seconds": {k: v for t in timings for k, v in t.items()}})
+
+        return write
+
     def check_versions(self, results: list[ChunkResult]) -> None:
         driver = _versions()
         for r in results:
@@ -200,33 +211,36 @@ class RayBackend:
                                   f"{driver[0]} with torch {driver[1]}: install the same versions on every node.")
 
 
-class RayStepRunner:
-    """What fold_step needs to run one step on Ray: the files, and where the shards go."""
+class RayRunner:
+    """Runs one step as Ray tasks that write the merged task vector's shards into `out_dir`."""
 
-    def __init__(self, backend: RayBackend, files: StepFiles, out_dir: Path, shard_prefix: str):
-        self.backend, self.files, self.out_dir, self.shard_prefix = backend, files, out_dir, shard_prefix
+    def __init__(self, backend: "RayBackend", files: StepFiles, out_dir: Path, shard_prefix: str, progress: bool):
+        self.backend, self.files, self.out_dir, self.shard_prefix, self.progress = backend, files, out_dir, shard_prefix, progress
         self.weight_map: dict[str, str] = {}
         self.digests: dict[str, str] = {}
 
-    def step_context(self, step: int, stats: dict[str, float], layout: ModelLayout, new: CheckedReader, progress: bool) -> "_RayStep":
-        return _RayStep(self, step, stats, layout, new, progress)
+    def context(self, method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout,
+                new: CheckedReader, learning: Learning | None) -> "RayStep":
+        if method.needs_data:
+            raise FoldinError(f"--backend ray applies to the weight-only methods; {method.name!r} learns on one machine (use the local backend).")
+        return RayStep(self, step, stats, layout, new)
 
 
-class _RayStep(_Step):
-    """The StepContext of a step on Ray: scan and update as rounds of tasks over chunks."""
+class RayStep(StepPasses):
+    """The StepContext of a step on Ray: each pass is a round of tasks over chunks of tensors."""
 
-    def __init__(self, runner: RayStepRunner, step: int, stats: dict[str, float], layout: ModelLayout, new: CheckedReader, progress: bool):
-        super().__init__(step, stats, layout, load=None, sink=None, progress=progress)  # type: ignore[arg-type]
+    def __init__(self, runner: RayRunner, step: int, stats: Mapping[str, float], layout: ModelLayout, new: CheckedReader):
+        super().__init__(step, stats, layout)
         self._runner, self._new = runner, new
         self._chunks = runner.backend.chunks(layout, layout.merged_names)
         self._unmerged = [n for n in new.specs if n not in set(layout.merged_names)]  # hashed, never merged
 
-    def _round(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
+    def run_pass(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
         r, n = self._runner, len(self._chunks)
         shards = [f"{r.shard_prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if write else [None] * n
         calls = [(r.files, names, fn, str(r.out_dir / s) if s else None, self._unmerged if i == 0 else [])
                  for i, (names, s) in enumerate(zip(self._chunks, shards))]
-        outs: list[ChunkResult] = r.backend.run(fold_chunk, calls, f"step {self.step}: {desc}", self._progress,
+        outs: list[ChunkResult] = r.backend.run(fold_chunk, calls, f"step {self.step}: {desc}", r.progress,
                                                 [len(c) for c in self._chunks])
         r.backend.check_versions(outs)
         for names, shard, out in zip(self._chunks, shards, outs):
@@ -236,13 +250,3 @@ class _RayStep(_Step):
                 r.weight_map.update(dict.fromkeys(names, shard))
         r.backend.timings.append({"step": self.step, "pass": desc, "seconds": {k: v for o in outs for k, v in o.seconds.items()}})
         return [x for out in outs for x in out.results]
-
-    def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
-        return self._round(fn, desc, write=False)
-
-    def update(self, fn: Callable[[TensorSlot], tuple[torch.Tensor, R]], desc: str) -> list[R]:
-        if self.updated:
-            raise RuntimeError("a method may call update() only once per step")
-        results = self._round(fn, desc, write=True)
-        self.updated = True
-        return results

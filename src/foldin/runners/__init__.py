@@ -1,0 +1,70 @@
+"""Where a merge step's passes run, and where its merged task vector goes: threads in this process
+(`local`) or Ray tasks on a cluster (`ray`). The state and the API choose a backend; the engine
+sees only a `Runner` (foldin.engine), and the methods only their StepContext."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from foldin.engine import ModelLayout, Runner, TensorSource, VerifiedSource
+from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.methods.base import MergeMethod
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a step or an export runs, whatever the backend: progress display, the device the
+    arithmetic runs on (weight-only methods), and tensors in flight at once on threads."""
+
+    progress: bool = True
+    device: str | None = None
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """Where a merge state's tensors live, as paths every node of a cluster can open."""
+
+    state_dir: str
+    base: str
+    generation: str | None  # the current merged task vector (a .safetensors file or a shard index)
+    digests: dict[str, str] = field(default_factory=dict)  # its checksums recorded at commit
+
+    @contextmanager
+    def open(self) -> Iterator[tuple[Checkpoint, VerifiedSource | None]]:
+        """(base, the merged task vector checked against its checksums as it is read, or None at step 0)."""
+        with ExitStack() as stack:
+            base = stack.enter_context(open_checkpoint(self.base))
+            previous = None
+            if self.generation is not None:
+                previous = VerifiedSource(open_checkpoint(self.generation), self.digests, self.state_dir)
+                stack.callback(previous.close)
+            yield base, previous
+
+
+class GenerationRunner(Runner, Protocol):
+    """A Runner that writes the step's merged task vector into a new generation folder; after the
+    step, `digests` holds each tensor's checksum (what the state records at commit)."""
+
+    digests: dict[str, str]
+
+
+ShardWriter = Callable[[list[tuple[Path, list[str]]]], None]  # writes the planned (path, tensor names) shards of an export
+
+
+class Backend(Protocol):
+    """Runs a state's steps and exports (LocalBackend, RayBackend)."""
+
+    def generation_runner(self, options: RunOptions, files: StateFiles, checkpoint: Path, layout: ModelLayout, step: int,
+                          gen_dir: Path, base: TensorSource, previous: TensorSource | None
+                          ) -> AbstractContextManager[GenerationRunner]: ...
+
+    def shard_writer(self, options: RunOptions, files: StateFiles, method: MergeMethod, stats: dict[str, float],
+                     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ShardWriter | None:
+        """None: the export writes its shards in this process."""

@@ -1,0 +1,123 @@
+"""The local backend: a step's passes in this process, tensor by tensor, optionally several tensors
+at once on threads; the merged task vector goes to a sink (a generation file, or a dict)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foldin.data import Learning
+from foldin.engine import CheckedReader, ModelLayout, StepPasses, TensorSource, resolve_device, tensor_loader
+from foldin.errors import FoldinError
+from foldin.io.checkpoint import tensor_digest
+from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.methods.base import MergeMethod, TensorSlot
+from foldin.progress import progress
+from foldin.runners import RunOptions, StateFiles
+
+MERGED_FILE = "merged.safetensors"
+
+
+class LocalStep(StepPasses):
+    """Passes over the layout's tensors in this process; the update pass sends each new tensor to `sink`."""
+
+    def __init__(self, step: int, stats: Mapping[str, float], layout: ModelLayout, load: Callable[[str, str], torch.Tensor],
+                 sink: Callable[[str, torch.Tensor], None], options: RunOptions, learning: Learning | None = None):
+        super().__init__(step, stats, layout, learning)
+        self._load, self._sink, self._options = load, sink, options
+        self._workers = 1 if learning is not None else options.workers  # a data-driven method holds the model whole anyway
+
+    def _slots(self, desc: str) -> Iterator[TensorSlot]:
+        names = progress(self.layout.merged_names, desc=f"step {self.step}: {desc}", unit="tensor", enabled=self._options.progress)
+        for name in names:
+            yield TensorSlot(name, name in self.layout.linear, self._load)
+
+    def _map(self, fn: Callable[[TensorSlot], Any], desc: str) -> Iterator[tuple[TensorSlot, Any]]:
+        """fn over every slot, in tensor order. With workers > 1, up to `workers` tensors are in
+        flight on threads (torch releases the GIL in its kernels), each with its share of torch's
+        threads; results still come back in order, so reductions are done in the same order and the
+        bits equal those of a one-worker run with that many threads."""
+        if self._workers <= 1:
+            for slot in self._slots(desc):
+                yield slot, fn(slot)
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // self._workers))
+        try:
+            with ThreadPoolExecutor(self._workers) as pool:
+                in_flight: deque = deque()
+                for slot in self._slots(desc):
+                    in_flight.append((slot, pool.submit(fn, slot)))
+                    if len(in_flight) >= self._workers:  # bounded: memory is `workers` tensors' worth
+                        done, future = in_flight.popleft()
+                        yield done, future.result()
+                while in_flight:
+                    done, future = in_flight.popleft()
+                    yield done, future.result()
+        finally:
+            torch.set_num_threads(threads)
+
+    def run_pass(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
+        results = []
+        for slot, out in self._map(fn, desc):
+            if write:
+                tensor, out = out
+                self._sink(slot.name, self.layout.as_stored(slot.name, tensor).cpu())
+            results.append(out)
+        return results
+
+
+class LocalRunner:
+    """Runs steps in this process, reading the base and the previous merged task vector from
+    sources and writing the new one to `sink`."""
+
+    def __init__(self, base: TensorSource, previous: TensorSource | None, sink: Callable[[str, torch.Tensor], None],
+                 options: RunOptions = RunOptions()):
+        if options.workers < 1:
+            raise FoldinError(f"--workers must be at least 1, not {options.workers}.")
+        self.base, self.previous, self.sink, self.options = base, previous, sink, options
+        self.device = resolve_device(options.device)
+
+    def context(self, method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout,
+                new: CheckedReader, learning: Learning | None) -> LocalStep:
+        if method.needs_data and self.device.type != "cpu":
+            raise FoldinError(f"--device applies to the weight-only methods; {method.name!r} runs on the CPU.")
+        # tensors that are not merged (integer buffers) are hashed first, so `on_hashed` fires once the merged ones are read
+        for name in [n for n in new.specs if n not in layout.specs or not layout.specs[n][0].is_floating_point]:
+            new.read(name)
+        load = tensor_loader(layout, self.base, new, self.previous, self.device)
+        return LocalStep(step, stats, layout, load, self.sink, self.options, learning)
+
+
+class GenerationFileRunner(LocalRunner):
+    """A LocalRunner writing the merged task vector to one safetensors file, with each tensor's checksum."""
+
+    def __init__(self, writer: SafetensorsWriter, base: TensorSource, previous: TensorSource | None, options: RunOptions):
+        super().__init__(base, previous, self._write, options)
+        self.writer = writer
+        self.digests: dict[str, str] = {}
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        self.digests[name] = tensor_digest(tensor)
+        self.writer.write(name, tensor)
+
+
+class LocalBackend:
+    """A merge state's steps and exports in this process."""
+
+    @contextmanager
+    def generation_runner(self, options: RunOptions, files: StateFiles, checkpoint: Path, layout: ModelLayout, step: int,
+                          gen_dir: Path, base: TensorSource, previous: TensorSource | None) -> Iterator[GenerationFileRunner]:
+        """A runner writing the step's merged task vector to gen_dir/merged.safetensors."""
+        with SafetensorsWriter(gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}) as writer:
+            yield GenerationFileRunner(writer, base, previous, options)
+
+    def shard_writer(self, options: RunOptions, files: StateFiles, method: MergeMethod, stats: dict[str, float],
+                     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        return None  # the export writes its shards in this process

@@ -1,0 +1,338 @@
+"""The on-disk merge state: everything needed to fold in the next checkpoint on another day.
+
+Layout of STATE_DIR:
+  state.json            method, parameters, step, stats, base identity, history, checksums (schema.py)
+  gen-<step>-<token>/   the current generation: the merged task vector and, for data-driven methods,
+                        the examples and heads kept for the next step (generation.py)
+  .lock                 advisory lock: one writer at a time (lock.py)
+
+Each `add` writes a complete new generation beside the current one, makes it durable, then
+atomically replaces state.json (the commit point) and removes the old generation. A crash at any
+moment leaves state.json pointing at a complete generation: the old step or the new one. Leftover
+generations from an interrupted step are removed the next time the state is opened for writing.
+Where a step's passes run is a backend's business (foldin.runners): this process, or Ray tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from foldin.data import Learning, TaskData
+from foldin.engine import ModelLayout, VerifiedSource, fold_step, hash_source, read_export_tensor
+from foldin.errors import FoldinError, MismatchError, StateError
+from foldin.io.atomic import fsync_dir
+from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.io.export import DTYPES, check_target, parse_size, write_hf_folder
+from foldin.io.lora import open_model_or_adapter
+from foldin.layers import resolve_linear_weights
+from foldin.methods import get_method
+from foldin.methods.base import Heads, MergeMethod
+from foldin.progress import progress as progress_bar
+from foldin.runners import Backend, RunOptions, StateFiles
+from foldin.runners.local import LocalBackend
+from foldin.state.card import model_card
+from foldin.state.generation import (BUFFER_FILE, HEADS_FILE, merged_file, new_generation_name, read_heads, read_task_data,
+                                     remove_leftovers, write_heads, write_task_data)
+from foldin.state.lock import locked
+from foldin.state.schema import FORMAT, FORMAT_VERSION, STATE_FILE, committed_generation, file_digest, read_meta, write_meta
+
+__all__ = ["MergeState"]
+
+
+class MergeState:
+    """A merge state directory. Open with `MergeState.create` or `MergeState.open`."""
+
+    def __init__(self, state_dir: Path, meta: dict[str, Any]):
+        self.dir = state_dir
+        self.meta = meta
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    @property
+    def method(self) -> MergeMethod:
+        return get_method(self.meta["method"])(**self.meta["params"])
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.meta["history"]
+
+    @property
+    def base_path(self) -> Path:
+        return Path(self.meta["base"]["path"])
+
+    @classmethod
+    def create(cls, state_dir: str | os.PathLike[str], base: str | os.PathLike[str], method: str,
+               params: dict[str, Any] | None = None, linear_weights: str | None = None) -> "MergeState":
+        """Start a merge state at step 0 (the merged model is the base)."""
+        state_dir = Path(state_dir)
+        merge_method = get_method(method)(**(params or {}))  # validates the parameters first
+        if (state_dir / STATE_FILE).exists():
+            raise StateError(f"{state_dir} already holds a foldin state; use 'foldin add' or choose another directory.")
+        if state_dir.exists() and any(p.name != ".lock" for p in state_dir.iterdir()):
+            raise StateError(f"{state_dir} exists and is not empty; choose a new directory for the state.")
+        with open_checkpoint(base) as ckpt:
+            specs = {n: ckpt.spec(n)[1] for n in ckpt.names()}
+            linear, linear_source = resolve_linear_weights(specs, pattern=linear_weights, config_dir=ckpt.config_dir)
+            ModelLayout.from_source(ckpt, linear)  # refuses a base with nothing to merge
+            base_hash = hash_source(ckpt)
+            fingerprint = ckpt.fingerprint()
+            config_dir = ckpt.config_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "foldin_version": version("foldin"),
+            "method": merge_method.name,
+            "params": merge_method.params.model_dump(),
+            "base": {
+                "path": str(Path(base).resolve()),
+                "hash": base_hash,
+                "fingerprint": fingerprint,
+                "config_dir": str(config_dir.resolve()) if config_dir else None,
+            },
+            "linear_weights": linear,
+            "linear_weights_source": linear_source,
+            "step": 0,
+            "stats": {},
+            "generation": None,
+            "history": [],
+        }
+        with locked(state_dir, exclusive=True):
+            write_meta(state_dir, meta)
+        return cls(state_dir, meta)
+
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike[str]) -> "MergeState":
+        return cls(Path(state_dir), read_meta(Path(state_dir)))
+
+    # ---- folding in -------------------------------------------------------------------------
+    def open_base(self) -> Checkpoint:
+        """Open the base and make sure it is still the model this state was created from."""
+        base_info = self.meta["base"]
+        ckpt = open_checkpoint(base_info["path"])
+        if ckpt.fingerprint() != base_info["fingerprint"]:
+            if hash_source(ckpt) != base_info["hash"]:
+                ckpt.close()
+                raise MismatchError(f"the base model at {base_info['path']} has changed since this state was created; restore it or start a new state.")
+            base_info["fingerprint"] = ckpt.fingerprint()  # same content, new files (e.g. copied)
+        return ckpt
+
+    def check_base(self, base: str | os.PathLike[str]) -> None:
+        """Refuse a base that is not this state's base (compared by content)."""
+        with open_checkpoint(base) as ckpt:
+            if Path(base).resolve() == self.base_path and ckpt.fingerprint() == self.meta["base"]["fingerprint"]:
+                return
+            if hash_source(ckpt) != self.meta["base"]["hash"]:
+                raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
+
+    def add(self, checkpoint: str | os.PathLike[str], progress: bool = True, learning: Learning | None = None,
+            device: str | None = None, workers: int = 1, backend: Backend | None = None) -> dict[str, Any]:
+        """Fold one checkpoint in, atomically. Returns its history entry. Data-driven methods need
+        `learning` (the model and the new task's data); the previous task's examples come from the
+        state. `device` is where the arithmetic runs, `workers` how many tensors are in flight on
+        threads; `backend` (e.g. a RayBackend) runs the step elsewhere."""
+        options = RunOptions(progress, device, workers)
+        with locked(self.dir, exclusive=True):
+            self.meta = read_meta(self.dir)  # another process may have committed since we opened
+            remove_leftovers(self.dir, self.meta["generation"])
+            try:
+                return self._add_locked(Path(checkpoint), learning, options, backend or LocalBackend())
+            except OSError as e:  # disk full, I/O error: the new generation was discarded
+                raise StateError(f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
+                                 f"the state is unchanged at step {self.step}.") from e
+
+    def _add_locked(self, checkpoint: Path, learning: Learning | None, options: RunOptions, backend: Backend) -> dict[str, Any]:
+        started = time.time()
+        step = self.step + 1
+        method = self.method
+        gen = new_generation_name(step, secrets.token_hex(4))
+        gen_dir = self.dir / gen
+        if learning is not None and method.needs_data:
+            learning = Learning(learning.module, learning.features, learning.new, self.buffer())
+        with self.open_base() as base, open_model_or_adapter(checkpoint, base) as ckpt:
+            layout = ModelLayout.from_source(base, self.meta["linear_weights"])
+            previous = self._open_generation()
+            gen_dir.mkdir()
+            try:
+                with backend.generation_runner(options, self._files(), checkpoint, layout, step, gen_dir, base, previous) as runner:
+                    result, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, ckpt, runner, learning,
+                                                  on_hashed=lambda h: self._refuse_duplicate(checkpoint, h))
+                files = self._write_learned(gen_dir, result.buffer, result.heads)
+                fsync_dir(gen_dir)
+                entry = {
+                    "step": step,
+                    "checkpoint": str(checkpoint.resolve()),
+                    **({"task": learning.new.name} if learning is not None and method.needs_data else {}),
+                    "hash": ckpt_hash,
+                    "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(time.time() - started, 3),
+                    "stats": result.stats,
+                }
+                meta = {**self.meta, "step": step, "stats": result.stats, "generation": gen,
+                        "checksums": {"merged": runner.digests, "files": files},
+                        "history": [*self.history, entry], "foldin_version": version("foldin")}
+                write_meta(self.dir, meta)  # the commit point
+            except BaseException:
+                if committed_generation(self.dir) != gen:  # a failure after the commit point keeps it
+                    shutil.rmtree(gen_dir, ignore_errors=True)
+                raise
+            finally:
+                if previous is not None:
+                    previous.close()
+        old = self.meta["generation"]
+        self.meta = meta
+        if old:
+            shutil.rmtree(self.dir / old, ignore_errors=True)
+        return entry
+
+    def _write_learned(self, gen_dir: Path, buffer: TaskData | None, heads: Heads) -> dict[str, str]:
+        """A data-driven step's buffer and all heads refit so far, into the new generation; their checksums."""
+        if buffer is not None:
+            write_task_data(gen_dir / BUFFER_FILE, buffer)
+        all_heads = {**self.heads(), **heads}
+        if all_heads:
+            write_heads(gen_dir / HEADS_FILE, all_heads)
+        return {f.name: file_digest(f) for f in (gen_dir / BUFFER_FILE, gen_dir / HEADS_FILE) if f.exists()}
+
+    def _files(self) -> StateFiles:
+        """The state's tensors as paths, for a backend whose workers open them (and verify what they read)."""
+        gen = self._generation_file()
+        return StateFiles(str(self.dir.resolve()), self.meta["base"]["path"], str(gen.resolve()) if gen else None,
+                          dict(self.meta.get("checksums", {}).get("merged", {})))
+
+    def _generation_file(self) -> Path | None:
+        return merged_file(self.dir / self.meta["generation"]) if self.meta["generation"] else None
+
+    def _generation_path(self, name: str) -> Path | None:
+        """A file of the current generation (None if it has none), checked against its recorded checksum."""
+        path = self.dir / self.meta["generation"] / name if self.meta["generation"] else None
+        if path is None or not path.exists():
+            if name in self.meta.get("checksums", {}).get("files", {}):
+                raise StateError(f"the merge state in {self.dir} is corrupted: {name} is missing from its generation.")
+            return None
+        expected = self.meta.get("checksums", {}).get("files", {}).get(name)
+        if expected is None or file_digest(path) != expected:
+            raise StateError(f"the merge state in {self.dir} is corrupted: {name} does not match its checksum; restore it from a backup.")
+        return path
+
+    def _open_generation(self) -> VerifiedSource | None:
+        """The merged task vector of the current generation (None at step 0), verified as it is read."""
+        path = self._generation_file()
+        if path is None:
+            return None
+        try:
+            ckpt = open_checkpoint(path)
+        except FoldinError as e:
+            raise StateError(f"the merge state in {self.dir} is corrupted: {e}") from e
+        return VerifiedSource(ckpt, self.meta["checksums"]["merged"], str(self.dir))
+
+    def verify(self) -> int:
+        """Read everything the state holds and check it against its checksums; returns bytes checked."""
+        with self.reading() as (_, merged):
+            if merged is not None:
+                for name in merged.names():
+                    merged.read(name)
+            for name in (BUFFER_FILE, HEADS_FILE):
+                self._generation_path(name)
+        gen = self.dir / self.meta["generation"] if self.meta["generation"] else None
+        return sum(f.stat().st_size for f in gen.iterdir()) if gen else 0
+
+    def buffer(self) -> TaskData | None:
+        """The examples of the last task that a data-driven method kept for the next step."""
+        path = self._generation_path(BUFFER_FILE)
+        return read_task_data(path) if path else None
+
+    def heads(self) -> Heads:
+        """Classification heads refit by a data-driven method (OTMF's head refit), by task."""
+        return read_heads(self._generation_path(HEADS_FILE))
+
+    def _refuse_duplicate(self, checkpoint: Path, ckpt_hash: str) -> None:
+        if ckpt_hash == self.meta["base"]["hash"]:
+            raise MismatchError(f"{checkpoint} is the base model itself; there is nothing to fold in.")
+        for entry in self.history:
+            if entry["hash"] == ckpt_hash:
+                raise MismatchError(f"{checkpoint} was already folded in at step {entry['step']} (same content as {entry['checkpoint']}).")
+
+    # ---- reading ----------------------------------------------------------------------------
+    @contextmanager
+    def reading(self) -> Iterator[tuple[Checkpoint, Checkpoint | None]]:
+        """Hold a shared lock and yield (base, merged task vector or None at step 0)."""
+        with locked(self.dir, exclusive=False):
+            self.meta = read_meta(self.dir)
+            with self.open_base() as base:
+                merged = self._open_generation()
+                try:
+                    yield base, merged
+                finally:
+                    if merged is not None:
+                        merged.close()
+
+    def _merged_tensors(self, base: Checkpoint, merged: Checkpoint | None, dtype: torch.dtype | None):
+        """(dtype and shape of each output tensor, a function computing it) for the merged model."""
+        method = self.method
+        specs = {}
+        for name in base.names():
+            b_dtype, shape = base.spec(name)
+            specs[name] = (dtype if dtype is not None and b_dtype.is_floating_point else b_dtype, shape)
+
+        def produce(name: str) -> torch.Tensor:
+            return read_export_tensor(method, self.meta["stats"], base, merged, name, specs[name][0])
+
+        return specs, produce
+
+    def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The merged model in memory (for evaluation; `export` streams instead)."""
+        with self.reading() as (base, merged):
+            specs, produce = self._merged_tensors(base, merged, dtype)
+            return {name: produce(name) for name in specs}
+
+    def export(self, out_dir: str | os.PathLike[str], dtype: str | None = None, max_shard_size: str = "5GB",
+               overwrite: bool = False, progress: bool = True, backend: Backend | None = None) -> Path:
+        """Write the merged model after the current step as a Hugging Face folder. With `backend`
+        (e.g. a RayBackend), each shard is written elsewhere (out_dir's parent must be shared storage)."""
+        out_dtype = None
+        if dtype is not None:
+            if dtype not in DTYPES:
+                raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+            out_dtype = DTYPES[dtype]
+        options = RunOptions(progress)
+        check_target(Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path})
+        with self.reading() as (base, merged):
+            specs, produce = self._merged_tensors(base, merged, out_dtype)
+            config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
+            try:
+                return write_hf_folder(
+                    Path(out_dir), specs, produce, config_dir, model_card(self.meta), parse_size(max_shard_size),
+                    overwrite=overwrite, torch_dtype=out_dtype,
+                    progress=lambda names: progress_bar(names, desc="exporting", unit="tensor", enabled=progress),
+                    write_shards=(backend or LocalBackend()).shard_writer(options, self._files(), self.method,
+                                                                          self.meta["stats"], specs),
+                )
+            except OSError as e:
+                raise FoldinError(f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
+                                  f"{out_dir} was left as it was.") from e
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "state_dir": str(self.dir),
+            "method": self.meta["method"],
+            "params": self.meta["params"],
+            "step": self.step,
+            "base": {"path": self.meta["base"]["path"], "hash": self.meta["base"]["hash"]},
+            "linear_weights": len(self.meta["linear_weights"]),
+            "linear_weights_source": self.meta["linear_weights_source"],
+            "stats": self.meta["stats"],
+            "history": self.history,
+        }
