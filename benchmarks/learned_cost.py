@@ -33,23 +33,40 @@ def main() -> None:
     for method, extra in METHODS.items():
         state = a.work / method
         shutil.rmtree(state, ignore_errors=True)
-        subprocess.run([*foldin, "init", str(state), "--base", zoo["backbone"], "--method", method, *extra], check=True, capture_output=True)
+        subprocess.run(
+            [*foldin, "init", str(state), "--base", zoo["backbone"], "--method", method, *extra],
+            check=True,
+            capture_output=True,
+        )
         steps = []
         for task in (first, second):
             task_args = ["--task", f"{zoo['suite']}:{task}"] if method != "opcm" else []
             wall, rss, _ = timed([*foldin, "add", str(state), str(a.zoo / "tasks" / task), *task_args, "--quiet"])
             steps.append((rss, wall))
         state_mb = sum(p.stat().st_size for p in state.rglob("*") if p.is_file()) / 2**20
-        rows.append({"method": method, "step2_peak_rss_mb": steps[1][0], "step2_seconds": steps[1][1],
-                     "step1_seconds": steps[0][1], "state_mb": state_mb})
+        rows.append(
+            {
+                "method": method,
+                "step2_peak_rss_mb": steps[1][0],
+                "step2_seconds": steps[1][1],
+                "step1_seconds": steps[0][1],
+                "state_mb": state_mb,
+            }
+        )
         print(f"  {method}: step 2 {steps[1][1]:.1f} s, {steps[1][0]:.0f} MiB", file=sys.stderr)
         shutil.rmtree(state)
     anchor = rows[0]
-    print(f"\n{zoo['suite']} suite, backbone {zoo['backbone']}, step 2 ({second} into {first}), each a fresh `foldin add` process\n")
+    print(
+        f"\n{zoo['suite']} suite, backbone {zoo['backbone']}, step 2 ({second} into {first}), each a fresh "
+        f"`foldin add` process\n"
+    )
     print(f"{'method':<12}{'seconds':>9}{'x opcm':>8}{'peak RSS MiB':>14}{'x opcm':>8}{'state MiB':>11}")
     for r in rows:
-        print(f"{r['method']:<12}{r['step2_seconds']:>9.1f}{r['step2_seconds'] / anchor['step2_seconds']:>8.1f}"
-              f"{r['step2_peak_rss_mb']:>14.0f}{r['step2_peak_rss_mb'] / anchor['step2_peak_rss_mb']:>8.2f}{r['state_mb']:>11.1f}")
+        print(
+            f"{r['method']:<12}{r['step2_seconds']:>9.1f}{r['step2_seconds'] / anchor['step2_seconds']:>8.1f}"
+            f"{r['step2_peak_rss_mb']:>14.0f}{r['step2_peak_rss_mb'] / anchor['step2_peak_rss_mb']:>8.2f}"
+            f"{r['state_mb']:>11.1f}"
+        )
     if a.out:
         a.out.write_text(json.dumps({"zoo": str(a.zoo), "tasks": [first, second], "rows": rows}, indent=2) + "\n")
 

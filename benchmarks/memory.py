@@ -63,15 +63,23 @@ def timed_add(state: Path, ckpt: Path) -> tuple[float, float]:
 
 
 def interpreter_rss() -> float:
-    out = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", "import foldin.cli, torch"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-c", "import foldin.cli, torch"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1024
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="opcm")
-    ap.add_argument("--layers", default="2,16", help="model sizes, in layers of ~48 MiB, comma-separated (the first also gets the step curve)")
+    ap.add_argument(
+        "--layers",
+        default="2,16",
+        help="model sizes, in layers of ~48 MiB, comma-separated (the first also gets the step curve)",
+    )
     ap.add_argument("--steps", type=int, default=8, help="steps on the smallest model (every step is measured)")
     ap.add_argument("--plot", type=Path, help="write scaling_size.png and scaling_steps.png here")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "_work" / "memory")
@@ -86,8 +94,23 @@ def main() -> None:
         work.mkdir(parents=True)
         write_model(work / "base.safetensors", shapes, seed=0)
         state = work / "state"
-        subprocess.run([sys.executable, "-m", "foldin.cli", "init", str(state), "--base", str(work / "base.safetensors"),
-                        "--method", a.method, "--linear-weights", r".*\.(attn|mlp)\..*weight"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "foldin.cli",
+                "init",
+                str(state),
+                "--base",
+                str(work / "base.safetensors"),
+                "--method",
+                a.method,
+                "--linear-weights",
+                r".*\.(attn|mlp)\..*weight",
+            ],
+            check=True,
+            capture_output=True,
+        )
         model_bytes = sum(4 * torch.Size(s).numel() for s in shapes.values())
         largest = max(4 * torch.Size(s).numel() for s in shapes.values())
         for step in range(1, steps + 1):
@@ -95,16 +118,26 @@ def main() -> None:
             write_model(ckpt, shapes, seed=step)
             rss, seconds = timed_add(state, ckpt)
             if steps > 2 or step == 2:
-                rows.append({"layers": layers, "model_gb": model_bytes / 1e9, "largest_tensor_mb": largest / 2**20,
-                             "step": step, "peak_rss_mb": rss, "seconds": seconds})
+                rows.append(
+                    {
+                        "layers": layers,
+                        "model_gb": model_bytes / 1e9,
+                        "largest_tensor_mb": largest / 2**20,
+                        "step": step,
+                        "peak_rss_mb": rss,
+                        "seconds": seconds,
+                    }
+                )
                 print(f"  measured L{layers} step {step}: {rss:.0f} MiB, {seconds:.1f} s", file=sys.stderr)
         shutil.rmtree(work)
     base_rss = interpreter_rss()
     print(f"\nmethod {a.method}; interpreter + torch + foldin imported: {base_rss:.0f} MiB peak RSS\n")
     print(f"{'model GB':>9}{'largest MiB':>12}{'step':>6}{'peak RSS MiB':>14}{'above interp.':>15}{'seconds':>9}")
     for r in rows:
-        print(f"{r['model_gb']:>9.2f}{r['largest_tensor_mb']:>12.0f}{r['step']:>6}{r['peak_rss_mb']:>14.0f}"
-              f"{r['peak_rss_mb'] - base_rss:>15.0f}{r['seconds']:>9.1f}")
+        print(
+            f"{r['model_gb']:>9.2f}{r['largest_tensor_mb']:>12.0f}{r['step']:>6}{r['peak_rss_mb']:>14.0f}"
+            f"{r['peak_rss_mb'] - base_rss:>15.0f}{r['seconds']:>9.1f}"
+        )
     if a.json:
         a.json.write_text(json.dumps({"method": a.method, "interpreter_rss_mb": base_rss, "rows": rows}, indent=2))
     if a.plot:
@@ -121,7 +154,10 @@ def plot(rows: list[dict], method: str, base_rss: float, out: Path) -> None:
     by_size = [r for r in rows if r["step"] == 2]
     first = rows[0]["layers"]
     by_step = [r for r in rows if r["layers"] == first]
-    for name, xs, pick, xlabel in (("size", by_size, "model_gb", "model size (GB, float32)"), ("steps", by_step, "step", "step")):
+    for name, xs, pick, xlabel in (
+        ("size", by_size, "model_gb", "model size (GB, float32)"),
+        ("steps", by_step, "step", "step"),
+    ):
         fig, ax1 = plt.subplots(figsize=(6, 4))
         x = [r[pick] for r in xs]
         ax1.plot(x, [r["seconds"] for r in xs], "o-", color="tab:blue", label="seconds per step")

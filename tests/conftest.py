@@ -37,5 +37,8 @@ def write_variant(src: Path, dst: Path, change) -> Path:
 
 def snapshot(state_dir: Path) -> dict[str, bytes]:
     """Every file of a state, by relative path (the lock file excluded), to prove it is untouched."""
-    return {str(p.relative_to(state_dir)): p.read_bytes() for p in sorted(state_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(state_dir)): p.read_bytes()
+        for p in sorted(state_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }

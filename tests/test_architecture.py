@@ -38,7 +38,9 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("foldin"):
                 continue
             for alias in node.names:
@@ -66,7 +68,11 @@ def test_no_import_cycles():
         state[module] = 1
         for dep in sorted(graph[module]):
             if state.get(dep) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*path[path.index(dep):], dep]) if dep in path else f"import cycle through {dep}")
+                pytest.fail(
+                    "import cycle: " + " -> ".join([*path[path.index(dep) :], dep])
+                    if dep in path
+                    else f"import cycle through {dep}"
+                )
             if dep not in state:
                 visit(dep, [*path, dep])
         state[module] = 2

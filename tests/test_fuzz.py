@@ -23,7 +23,11 @@ from foldin.errors import FoldinError
 from foldin.io.checkpoint import open_checkpoint
 
 EXAMPLES = int(os.environ.get("FOLDIN_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def load_everything(path: Path) -> None:
@@ -42,8 +46,14 @@ def must_load_or_refuse(path: Path) -> None:
 
 
 def _valid_safetensors(path: Path) -> bytes:
-    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16),
-               "c": torch.tensor([1, 2], dtype=torch.int64)}, path)
+    save_file(
+        {
+            "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+            "b": torch.ones(4, dtype=torch.float16),
+            "c": torch.tensor([1, 2], dtype=torch.int64),
+        },
+        path,
+    )
     return path.read_bytes()
 
 
@@ -61,17 +71,23 @@ def test_mutated_safetensors_files(tmp_path_factory, flips, cut):
     must_load_or_refuse(d / "x.safetensors")
 
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8))
-entries = st.fixed_dictionaries({
-    "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64", "Q4"]), json_scalars),
-    "shape": st.one_of(st.lists(st.integers(-3, 2**40), max_size=4), json_scalars),
-    "data_offsets": st.one_of(st.lists(st.integers(-4, 64), min_size=0, max_size=3), json_scalars),
-})
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8)
+)
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64", "Q4"]), json_scalars),
+        "shape": st.one_of(st.lists(st.integers(-3, 2**40), max_size=4), json_scalars),
+        "data_offsets": st.one_of(st.lists(st.integers(-4, 64), min_size=0, max_size=3), json_scalars),
+    }
+)
 
 
 @FUZZ
-@given(header=st.dictionaries(st.text(min_size=1, max_size=6), st.one_of(entries, json_scalars), max_size=4),
-       payload=st.binary(max_size=64))
+@given(
+    header=st.dictionaries(st.text(min_size=1, max_size=6), st.one_of(entries, json_scalars), max_size=4),
+    payload=st.binary(max_size=64),
+)
 def test_random_safetensors_headers(tmp_path_factory, header, payload):
     raw = json.dumps(header).encode()
     path = tmp_path_factory.mktemp("hdr") / "x.safetensors"
@@ -117,8 +133,14 @@ def _state_template(root: Path) -> Path:
 
 
 @FUZZ
-@given(flips=mutations, key=st.sampled_from(["step", "generation", "stats", "params", "method", "history", "checksums", "base", "linear_weights"]),
-       value=json_scalars, mode=st.sampled_from(["bytes", "value", "value-resealed"]))
+@given(
+    flips=mutations,
+    key=st.sampled_from(
+        ["step", "generation", "stats", "params", "method", "history", "checksums", "base", "linear_weights"]
+    ),
+    value=json_scalars,
+    mode=st.sampled_from(["bytes", "value", "value-resealed"]),
+)
 def test_mutated_state_json(tmp_path_factory, flips, key, value, mode):
     """A damaged state.json (flipped bytes, or a field replaced, with or without a recomputed seal
     as an attacker or a buggy tool might do) is refused with a clear error or still reads correctly."""

@@ -22,8 +22,12 @@ SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
 
 
 @settings(max_examples=40, deadline=None)
-@given(tensors=st.dictionaries(st.text("abcxyz._", min_size=1, max_size=8), st.tuples(st.sampled_from(sorted(DTYPES)), SHAPES), max_size=6),
-       seed=st.integers(0, 1000))
+@given(
+    tensors=st.dictionaries(
+        st.text("abcxyz._", min_size=1, max_size=8), st.tuples(st.sampled_from(sorted(DTYPES)), SHAPES), max_size=6
+    ),
+    seed=st.integers(0, 1000),
+)
 def test_writer_round_trips_every_dtype_through_safetensors_and_our_reader(tmp_path_factory, tensors, seed):
     gen = torch.Generator().manual_seed(seed)
     sd = {n: (torch.randn(shape, generator=gen) * 100).to(DTYPES[d]) for n, (d, shape) in tensors.items()}
@@ -41,7 +45,11 @@ def test_writer_round_trips_every_dtype_through_safetensors_and_our_reader(tmp_p
 
 def _sd(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"l1.weight": torch.randn(4, 3, generator=g), "l1.bias": torch.randn(4, generator=g), "step": torch.tensor([7])}
+    return {
+        "l1.weight": torch.randn(4, 3, generator=g),
+        "l1.bias": torch.randn(4, generator=g),
+        "step": torch.tensor([7]),
+    }
 
 
 def _hash(path: Path) -> str:
@@ -58,13 +66,23 @@ def test_every_format_gives_the_same_tensors_and_hash(tmp_path):
     shard.mkdir()
     save_file({"l1.weight": sd["l1.weight"]}, shard / "model-00001-of-00002.safetensors")
     save_file({"l1.bias": sd["l1.bias"], "step": sd["step"]}, shard / "model-00002-of-00002.safetensors")
-    (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "l1.weight": "model-00001-of-00002.safetensors", "l1.bias": "model-00002-of-00002.safetensors",
-        "step": "model-00002-of-00002.safetensors"}}))
+    (shard / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "l1.weight": "model-00001-of-00002.safetensors",
+                    "l1.bias": "model-00002-of-00002.safetensors",
+                    "step": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     hf_bin = tmp_path / "hfbin"
     hf_bin.mkdir()
     torch.save(sd, hf_bin / "pytorch_model.bin")
-    hashes = {_hash(p) for p in [tmp_path / "single.safetensors", tmp_path / "sd.pt", tmp_path / "legacy.bin", shard, hf_bin]}
+    hashes = {
+        _hash(p) for p in [tmp_path / "single.safetensors", tmp_path / "sd.pt", tmp_path / "legacy.bin", shard, hf_bin]
+    }
     assert len(hashes) == 1
 
 
@@ -88,7 +106,10 @@ class Evil:
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: torch.save({"w": torch.zeros(2), "x": Evil()}, p / "evil.pt") or p / "evil.pt", "weights_only=True"),
+        (
+            lambda p: torch.save({"w": torch.zeros(2), "x": Evil()}, p / "evil.pt") or p / "evil.pt",
+            "weights_only=True",
+        ),
         (lambda p: _write(p / "x.safetensors", struct.pack("<Q", 10**6) + b"{}"), "truncated"),
         (lambda p: _write(p / "x.safetensors", struct.pack("<Q", 4) + b"{{{{"), "not valid JSON"),
         (lambda p: _write(p / "x.pt", b"PK\x03\x04garbage"), "truncated or corrupted"),
@@ -115,7 +136,14 @@ def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
     "header, data, message",
     [
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "truncated"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlapping"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "overlapping",
+        ),
         ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "needs 12"),
         ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unsupported dtype"),
         ({"a": {"dtype": "F32", "shape": [2**41, 2**41], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid shape"),
@@ -141,7 +169,9 @@ def test_index_may_not_point_outside_the_checkpoint_folder(tmp_path, target):
 def test_duplicate_tensor_across_shards_is_refused(tmp_path):
     for i in (1, 2):
         save_file({"w": torch.zeros(2)}, tmp_path / f"s{i}.safetensors")
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "s1.safetensors", "v": "s2.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "s1.safetensors", "v": "s2.safetensors"}})
+    )
     with pytest.raises(CheckpointError):
         open_checkpoint(tmp_path)
 
@@ -160,13 +190,22 @@ def test_lora_adapters_give_exactly_what_peft_merge_and_unload_gives(i):
     """Adapters written by PEFT itself (plain LoRA on query/value; rsLoRA on every dense layer)."""
     from foldin.io.lora import open_model_or_adapter
 
-    with open_checkpoint(LORA.parent / "parity" / "bert-tiny" / "base") as base, open_model_or_adapter(LORA / f"adapter_{i}", base) as ckpt:
+    with (
+        open_checkpoint(LORA.parent / "parity" / "bert-tiny" / "base") as base,
+        open_model_or_adapter(LORA / f"adapter_{i}", base) as ckpt,
+    ):
         ours = {n: ckpt.read(n) for n in ckpt.names()}
     peft = load_file(LORA / f"merged_{i}" / "model.safetensors")
     assert set(peft) <= set(ours)
     for name, t in peft.items():
         assert torch.allclose(ours[name], t, rtol=0, atol=1e-6), name
-    assert sum(not torch.equal(ours[n], t) for n, t in load_file(LORA.parent / "parity" / "bert-tiny" / "base" / "model.safetensors").items()) > 0
+    assert (
+        sum(
+            not torch.equal(ours[n], t)
+            for n, t in load_file(LORA.parent / "parity" / "bert-tiny" / "base" / "model.safetensors").items()
+        )
+        > 0
+    )
 
 
 def test_lora_adapters_fold_in_like_the_dense_models_they_stand_for(tmp_path):
@@ -194,10 +233,20 @@ def test_lora_adapters_fold_with_opcm_over_nonzero_pairs_as_the_float64_referenc
     for i in (1, 2):
         state.add(LORA / f"adapter_{i}", progress=False)
     base = {n: t.double() for n, t in load_file(base_dir / "model.safetensors").items()}
-    taus = [{n: t.double() - base[n] for n, t in load_file(LORA / f"merged_{i}" / "model.safetensors").items()} for i in (1, 2)]
+    taus = [
+        {n: t.double() - base[n] for n, t in load_file(LORA / f"merged_{i}" / "model.safetensors").items()}
+        for i in (1, 2)
+    ]
     linear = set(state.meta["linear_weights"])
-    merged = {n: taus[0][n] + (reference_projection(taus[0][n], taus[1][n], 0.5, nonzero=True) if n in linear and taus[0][n].any() else taus[1][n])
-              for n in taus[0]}
+    merged = {
+        n: taus[0][n]
+        + (
+            reference_projection(taus[0][n], taus[1][n], 0.5, nonzero=True)
+            if n in linear and taus[0][n].any()
+            else taus[1][n]
+        )
+        for n in taus[0]
+    }
     norm = lambda tv: math.sqrt(sum(float(t.square().sum()) for t in tv.values()))
     scale = (norm(taus[0]) + norm(taus[1])) / 2 / norm(merged)
     ours = state.merged_state_dict()

@@ -11,13 +11,15 @@ from hypothesis import strategies as st
 
 from foldin import merge
 from foldin.engine import DictSource, ModelLayout
-from foldin.runners import RunOptions
-from foldin.runners.local import LocalStep
 from foldin.methods.opcm import nonzero_singular_triplets, project_task_vector, split_rank
 from foldin.methods.selection import kth_smallest_abs
+from foldin.runners import RunOptions
+from foldin.runners.local import LocalStep
 
 
-def reference_projection(merged: torch.Tensor, task: torch.Tensor, alpha: float, nonzero: bool = False) -> torch.Tensor:
+def reference_projection(
+    merged: torch.Tensor, task: torch.Tensor, alpha: float, nonzero: bool = False
+) -> torch.Tensor:
     """FusionBench's computation, in float64 with full SVD matrices; with `nonzero`, only pairs
     with a singular value above 1e-5 x the largest count."""
     u, s, vh = torch.linalg.svd(merged.double(), full_matrices=True)
@@ -31,15 +33,24 @@ def reference_projection(merged: torch.Tensor, task: torch.Tensor, alpha: float,
 
 
 def low_rank_plus_noise(m: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(m, 3, generator=gen) @ torch.randn(3, n, generator=gen) + 0.05 * torch.randn(m, n, generator=gen)
+    return torch.randn(m, 3, generator=gen) @ torch.randn(3, n, generator=gen) + 0.05 * torch.randn(
+        m, n, generator=gen
+    )
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(2, 24), n=st.integers(2, 24), alpha=st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]), seed=st.integers(0, 10**6))
+@given(
+    m=st.integers(2, 24),
+    n=st.integers(2, 24),
+    alpha=st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]),
+    seed=st.integers(0, 10**6),
+)
 def test_projection_matches_full_svd_reference(m, n, alpha, seed):
     gen = torch.Generator().manual_seed(seed)
     merged, task = low_rank_plus_noise(m, n, gen).double(), torch.randn(m, n, generator=gen).double()
-    torch.testing.assert_close(project_task_vector(merged, task, alpha), reference_projection(merged, task, alpha), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        project_task_vector(merged, task, alpha), reference_projection(merged, task, alpha), rtol=1e-9, atol=1e-9
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -63,16 +74,31 @@ def sum_of_lora_updates(m: int, n: int, ranks: list[int], gen: torch.Generator) 
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(2, 24), n=st.integers(2, 24), alpha=st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]), seed=st.integers(0, 10**6))
+@given(
+    m=st.integers(2, 24),
+    n=st.integers(2, 24),
+    alpha=st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]),
+    seed=st.integers(0, 10**6),
+)
 def test_nonzero_diagonal_is_fusionbench_for_a_full_rank_merged_task_vector(m, n, alpha, seed):
     gen = torch.Generator().manual_seed(seed)
     merged, task = low_rank_plus_noise(m, n, gen).double(), torch.randn(m, n, generator=gen).double()
-    torch.testing.assert_close(project_task_vector(merged, task, alpha, "nonzero"), reference_projection(merged, task, alpha), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        project_task_vector(merged, task, alpha, "nonzero"),
+        reference_projection(merged, task, alpha),
+        rtol=1e-9,
+        atol=1e-9,
+    )
 
 
 @settings(max_examples=15, deadline=None)
-@given(m=st.integers(128, 320), n=st.integers(128, 320), ranks=st.lists(st.integers(1, 12), min_size=1, max_size=4),
-       alpha=st.sampled_from([0.3, 0.5, 1.0]), seed=st.integers(0, 10**6))
+@given(
+    m=st.integers(128, 320),
+    n=st.integers(128, 320),
+    ranks=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    alpha=st.sampled_from([0.3, 0.5, 1.0]),
+    seed=st.integers(0, 10**6),
+)
 def test_nonzero_diagonal_on_lora_sums_is_the_reference_and_does_not_depend_on_rounding(m, n, ranks, alpha, seed):
     """A sum of LoRA updates takes the sketch (rank <= 48 < min(m, n) / 4); the result equals the
     float64 full-SVD reference and a 1e-9 change of the merged task vector barely moves it, where
@@ -83,7 +109,9 @@ def test_nonzero_diagonal_on_lora_sums_is_the_reference_and_does_not_depend_on_r
     assert len(s) == sum(ranks)  # generic updates: the ranks add
     projected = project_task_vector(merged, task, alpha, "nonzero")
     coeffs, r = u.T @ projected @ vh.T, split_rank(s, alpha)  # OPCM's guarantee, on the nonzero pairs
-    assert coeffs.diagonal().abs().max() < 1e-5 * task.abs().max() and (r == 0 or coeffs[:r, :r].abs().max() < 1e-5 * task.abs().max())
+    assert coeffs.diagonal().abs().max() < 1e-5 * task.abs().max() and (
+        r == 0 or coeffs[:r, :r].abs().max() < 1e-5 * task.abs().max()
+    )
     reference = reference_projection(merged, task, alpha, nonzero=True)
     assert (projected.double() - reference).norm() < 1e-5 * reference.norm()
     nudged = project_task_vector(merged + 1e-9 * torch.randn(m, n, generator=gen), task, alpha, "nonzero")
@@ -93,13 +121,17 @@ def test_nonzero_diagonal_on_lora_sums_is_the_reference_and_does_not_depend_on_r
 def test_a_full_rank_matrix_falls_back_to_the_full_svd_bit_for_bit():
     gen = torch.Generator().manual_seed(3)
     merged, task = low_rank_plus_noise(300, 260, gen), torch.randn(300, 260, generator=gen)
-    assert torch.equal(project_task_vector(merged, task, 0.5, "nonzero"), project_task_vector(merged, task, 0.5, "all"))
+    assert torch.equal(
+        project_task_vector(merged, task, 0.5, "nonzero"), project_task_vector(merged, task, 0.5, "all")
+    )
 
 
 def test_alpha_one_removes_only_the_diagonal_even_when_rounding_pushes_the_last_share_above_one():
     gen = torch.Generator().manual_seed(1)  # found by hypothesis: full SVD's shares end at 1 + 2e-16
     merged, task = low_rank_plus_noise(21, 12, gen).double(), torch.randn(21, 12, generator=gen).double()
-    torch.testing.assert_close(project_task_vector(merged, task, 1.0), reference_projection(merged, task, 1.0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        project_task_vector(merged, task, 1.0), reference_projection(merged, task, 1.0), rtol=1e-9, atol=1e-9
+    )
     assert split_rank(torch.tensor([1.0, 1e-17, 1e-17], dtype=torch.float64), 1.0) == 0
 
 
@@ -160,15 +192,19 @@ def reference_ties(base, checkpoints, lam=0.3, threshold=20):
         merged = merged + lam * (rows * keep).sum(0)
     out, offset = {}, 0
     for k in keys:
-        out[k] = merged[offset: offset + base[k].numel()].reshape(base[k].shape)
+        out[k] = merged[offset : offset + base[k].numel()].reshape(base[k].shape)
         offset += base[k].numel()
     return out
 
 
 def _random_model(seed: int, n_ckpts: int = 3):
     gen = torch.Generator().manual_seed(seed)
-    base = {"a.weight": torch.randn(6, 5, generator=gen), "a.bias": torch.randn(6, generator=gen),
-            "b.weight": torch.randn(4, 6, generator=gen), "norm.weight": torch.ones(4)}
+    base = {
+        "a.weight": torch.randn(6, 5, generator=gen),
+        "a.bias": torch.randn(6, generator=gen),
+        "b.weight": torch.randn(4, 6, generator=gen),
+        "norm.weight": torch.ones(4),
+    }
     ckpts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(n_ckpts)]
     return base, ckpts
 
@@ -228,7 +264,9 @@ def test_low_precision_models_are_merged_in_float32_and_stored_in_their_dtype(dt
 
 def test_float64_models_are_merged_in_float64():
     base, ckpts = _random_model(6)
-    out = merge({k: v.double() for k, v in base.items()}, [{k: v.double() for k, v in c.items()} for c in ckpts], method="ties")
+    out = merge(
+        {k: v.double() for k, v in base.items()}, [{k: v.double() for k, v in c.items()} for c in ckpts], method="ties"
+    )
     assert all(v.dtype == torch.float64 for v in out.values())
 
 
@@ -245,6 +283,13 @@ def test_opcm_reads_a_convolution_kernel_as_out_by_patch_matrix():
     g = torch.Generator().manual_seed(0)
     base = {"conv.weight": torch.randn(8, 4, 3, 3, generator=g), "fc.weight": torch.randn(8, 36, generator=g)}
     deltas = [torch.randn(8, 4, 3, 3, generator=g) for _ in range(3)]
-    conv = merge(base, [{"conv.weight": base["conv.weight"] + d, "fc.weight": base["fc.weight"] + d.flatten(1)} for d in deltas],
-                 method="opcm", linear_weights=r".*\.weight", alpha=0.5)
-    assert torch.allclose((conv["conv.weight"] - base["conv.weight"]).flatten(1), conv["fc.weight"] - base["fc.weight"], atol=1e-5)
+    conv = merge(
+        base,
+        [{"conv.weight": base["conv.weight"] + d, "fc.weight": base["fc.weight"] + d.flatten(1)} for d in deltas],
+        method="opcm",
+        linear_weights=r".*\.weight",
+        alpha=0.5,
+    )
+    assert torch.allclose(
+        (conv["conv.weight"] - base["conv.weight"]).flatten(1), conv["fc.weight"] - base["fc.weight"], atol=1e-5
+    )

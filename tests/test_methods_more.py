@@ -16,7 +16,10 @@ from foldin.methods.magmax import max_magnitude
 @given(seed=st.integers(0, 10**6), steps=st.integers(1, 4))
 def test_magmax_keeps_the_largest_magnitude_seen_and_the_later_on_ties(seed, steps):
     gen = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randint(-9, 10, (6, 5), generator=gen).float(), "b": torch.randint(-9, 10, (5,), generator=gen).float()}
+    base = {
+        "w": torch.randint(-9, 10, (6, 5), generator=gen).float(),
+        "b": torch.randint(-9, 10, (5,), generator=gen).float(),
+    }
     # small integers: task vectors are exact in float32 and ties of magnitude are frequent
     taus = [{n: torch.randint(-3, 4, t.shape, generator=gen).float() for n, t in base.items()} for _ in range(steps)]
     taus[0]["w"][0, 0] = 7.0 + torch.arange(steps).numel()  # never all-zero, and checkpoints differ from each other
@@ -40,7 +43,8 @@ def _layer(m: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return base, pre, post
 
 
-def _losses(base, pre, post, p=DOPParams()):
+def _losses(base, pre, post, p=None):
+    p = p or DOPParams()
     return [ProjectedLoss(t, *principal_basis(t - base, p.svd_epsilon), p.svd_proj_space) for t in (pre, post)]
 
 
@@ -51,8 +55,10 @@ def test_dop_gradient_is_autograds(space):
     w = (pre + post).div(2).requires_grad_()
     u, s, v = principal_basis(pre - base, 0.99999)
     delta = w - pre
-    reference = {"u": torch.linalg.matrix_norm(torch.diag(s) @ u.T @ delta) ** 2,
-                 "v": torch.linalg.matrix_norm(delta @ v @ torch.diag(s)) ** 2}
+    reference = {
+        "u": torch.linalg.matrix_norm(torch.diag(s) @ u.T @ delta) ** 2,
+        "v": torch.linalg.matrix_norm(delta @ v @ torch.diag(s)) ** 2,
+    }
     expected = sum(reference[k] for k in space)
     expected.backward()
     value, grad = loss.value_and_gradient(w.detach())
@@ -82,7 +88,10 @@ def test_dop_exact_solver_is_the_minimiser_and_adam_approaches_it():
     exact = exact_merge(start, losses, (0.8, 0.2))
     grad = 0.8 * losses[0].value_and_gradient(exact)[1] + 0.2 * losses[1].value_and_gradient(exact)[1]
     assert grad.abs().max() < 1e-5 * max(float(loss.value_and_gradient(start)[1].abs().max()) for loss in losses)
-    objective = lambda w: float(0.8 * losses[0].value_and_gradient(w)[0] + 0.2 * losses[1].value_and_gradient(w)[0])  # noqa: E731
+
+    def objective(w: torch.Tensor) -> float:
+        return float(0.8 * losses[0].value_and_gradient(w)[0] + 0.2 * losses[1].value_and_gradient(w)[0])
+
     adam, weight = adam_merge(start, losses, DOPParams(mgda=False, num_steps=300, lr=1e-3))
     gap = lambda w: objective(w) - objective(exact)  # noqa: E731
     assert weight == 0.8 and 0 <= gap(adam) < 0.05 * gap(start)

@@ -15,12 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import PARITY
 from foldin import MergeState, available_methods
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import open_checkpoint
 from foldin.runners.ray import RayBackend
-
-from conftest import PARITY
 
 # Ray resolves 127.0.0.1 to the machine's outward address unless told it runs a loopback-only cluster
 # (on hosts that block connections to their own outward address, such as CI sandboxes, nothing else works)
@@ -74,7 +73,9 @@ def test_ray_gives_the_local_bits(cluster, tmp_path, method):
                 _one_thread(lambda: state.add(CLIP / f"ckpt_{i}", progress=False))
         states[backend] = state
     local, remote = states["local"], states["ray"]
-    assert (remote.dir / remote.meta["generation"] / "merged.safetensors.index.json").exists()  # written in shards by the tasks
+    assert (
+        remote.dir / remote.meta["generation"] / "merged.safetensors.index.json"
+    ).exists()  # written in shards by the tasks
     assert len({*remote._generation_file().parent.glob("merged-*.safetensors")}) > 1
     assert local.meta["stats"] == remote.meta["stats"]
     assert local.meta["checksums"]["merged"] == remote.meta["checksums"]["merged"]
@@ -83,7 +84,9 @@ def test_ray_gives_the_local_bits(cluster, tmp_path, method):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert remote.verify() > 0
     out_local = _one_thread(lambda: local.export(tmp_path / "out-local", max_shard_size="40KB", progress=False))
-    out_ray = remote.export(tmp_path / "out-ray", max_shard_size="40KB", progress=False, backend=RayBackend(cluster[0].address))
+    out_ray = remote.export(
+        tmp_path / "out-ray", max_shard_size="40KB", progress=False, backend=RayBackend(cluster[0].address)
+    )
     shards = sorted(p.name for p in out_local.glob("*.safetensors"))
     assert len(shards) > 1 and shards == sorted(p.name for p in out_ray.glob("*.safetensors"))
     assert all((out_local / s).read_bytes() == (out_ray / s).read_bytes() for s in shards)
@@ -102,7 +105,9 @@ def test_a_bad_checkpoint_fails_on_ray_in_one_sentence(cluster, tmp_path):
     assert "\n" not in str(e.value)
     again = MergeState.open(state.dir)
     assert again.step == 1 and (again.meta["generation"], again.meta.get("meta_sha256")) == before
-    assert sorted(p.name for p in state.dir.glob("gen-*")) == [again.meta["generation"]]  # the failed step left nothing
+    assert sorted(p.name for p in state.dir.glob("gen-*")) == [
+        again.meta["generation"]
+    ]  # the failed step left nothing
 
 
 def _big_model(folder: Path, seed: int) -> Path:
@@ -160,7 +165,10 @@ def test_a_killed_worker_is_retried_or_the_step_fails_cleanly(cluster, tmp_path,
         local = MergeState.create(tmp_path / "local", base, "opcm", linear_weights=r".*weight")
         for c in ckpts:
             _one_thread(lambda: local.add(c, progress=False))
-        assert state.meta["checksums"]["merged"] == local.meta["checksums"]["merged"] and state.meta["stats"] == local.meta["stats"]
+        assert (
+            state.meta["checksums"]["merged"] == local.meta["checksums"]["merged"]
+            and state.meta["stats"] == local.meta["stats"]
+        )
     else:
         again = MergeState.open(state.dir)
         assert again.step == 1 and again.meta["generation"] == before["generation"]

@@ -38,8 +38,12 @@ def medium_model(folder: Path, seed: int) -> Path:
 
 
 def cli_add(state: Path, ckpt: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "foldin.cli", "add", str(state), str(ckpt), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "foldin.cli", "add", str(state), str(ckpt), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **kw,
+    )
 
 
 def merged_bytes(state_dir: Path) -> bytes:
@@ -78,9 +82,11 @@ def kill_trials(work: Path, methods: list[str], trials: int, seed: int = 0) -> d
                 continue
             counts["old" if s.step == 1 else "new"] += 1
             s.verify()
-            for c in ckpts[s.step:]:  # the interrupted add can simply be retried, and the next one follows
+            for c in ckpts[s.step :]:  # the interrupted add can simply be retried, and the next one follows
                 s.add(c, progress=False)
-            assert merged_bytes(sdir) == ref[2], f"{method} trial {trial}: resumed run differs from an uninterrupted one"
+            assert merged_bytes(sdir) == ref[2], (
+                f"{method} trial {trial}: resumed run differs from an uninterrupted one"
+            )
             assert len(list(sdir.glob("gen-*"))) == 1  # leftovers were cleaned up
             shutil.rmtree(sdir)
     return outcomes
@@ -107,8 +113,14 @@ def test_two_concurrent_adds_fold_in_each_checkpoint_at_most_once(tmp_path):
     base = medium_model(tmp_path / "base", 0)
     ckpts = [medium_model(tmp_path / f"ck{i}", i + 1) for i in range(2)]
     MergeState.create(tmp_path / "s", base, "opcm")
-    procs = [subprocess.Popen([sys.executable, "-m", "foldin.cli", "add", str(tmp_path / "s"), str(c), "--quiet"],
-                              stderr=subprocess.PIPE, text=True) for c in ckpts]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "foldin.cli", "add", str(tmp_path / "s"), str(c), "--quiet"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in ckpts
+    ]
     results = [(p.wait(), p.stderr.read()) for p in procs]
     for rc, err in results:
         assert rc == 0 or "in use by another foldin process" in err
@@ -120,9 +132,14 @@ def test_two_concurrent_adds_fold_in_each_checkpoint_at_most_once(tmp_path):
 
 def _small_tmpfs(where: Path, size_bytes: int) -> Path:
     where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)], capture_output=True
+    )
     if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip() or 'not root'}); the injected-ENOSPC tests still run")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({done.stderr.decode().strip() or 'not root'}); the "
+            f"injected-ENOSPC tests still run"
+        )
     return where
 
 

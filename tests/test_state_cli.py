@@ -35,8 +35,13 @@ def test_init_add_export_info_methods(bert_case, tmp_path, capsys):
     assert next(model.parameters()).dtype == torch.bfloat16
 
     base = read_weights(bert_case / "base")
-    expected = merge(base, [read_weights(bert_case / f"ckpt_{i}") for i in (1, 2, 3)], method="opcm", alpha=0.6,
-                     linear_weights=AutoModel.from_pretrained(bert_case / "base"))
+    expected = merge(
+        base,
+        [read_weights(bert_case / f"ckpt_{i}") for i in (1, 2, 3)],
+        method="opcm",
+        alpha=0.6,
+        linear_weights=AutoModel.from_pretrained(bert_case / "base"),
+    )
     for name, p in model.state_dict().items():
         torch.testing.assert_close(p, expected[name].to(torch.bfloat16))  # CLI == in-memory API
 
@@ -66,10 +71,19 @@ def _bad_inputs(case: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     with open(truncated / "model.safetensors", "r+b") as f:
         f.truncate(os.path.getsize(truncated / "model.safetensors") - 100)
     return {
-        "missing key": (write_variant(ck, tmp / "missing", lambda sd: {k: v for k, v in sd.items() if k != "pooler.dense.bias"}), "missing"),
-        "extra key": (write_variant(ck, tmp / "extra", lambda sd: {**sd, "classifier.weight": torch.zeros(2, 32)}), "not in the base"),
+        "missing key": (
+            write_variant(ck, tmp / "missing", lambda sd: {k: v for k, v in sd.items() if k != "pooler.dense.bias"}),
+            "missing",
+        ),
+        "extra key": (
+            write_variant(ck, tmp / "extra", lambda sd: {**sd, "classifier.weight": torch.zeros(2, 32)}),
+            "not in the base",
+        ),
         "shape": (write_variant(ck, tmp / "shape", lambda sd: {**sd, "pooler.dense.bias": torch.zeros(33)}), "shape"),
-        "dtype": (write_variant(ck, tmp / "dtype", lambda sd: {**sd, "pooler.dense.bias": sd["pooler.dense.bias"].half()}), "float16"),
+        "dtype": (
+            write_variant(ck, tmp / "dtype", lambda sd: {**sd, "pooler.dense.bias": sd["pooler.dense.bias"].half()}),
+            "float16",
+        ),
         "nan": (write_variant(ck, tmp / "nan", nan), "NaN or Inf"),
         "truncated": (truncated, "truncated"),
         "duplicate": (case / "ckpt_1", "already folded in at step 1"),
@@ -112,8 +126,13 @@ def test_changed_base_is_detected(bert_case, tmp_path, capsys):
 
 
 def test_run_config_is_resumable_and_refuses_another_base(bert_case, tmp_path, capsys):
-    cfg = {"base": str(bert_case / "base"), "method": "task_arithmetic", "params": {"scaling_factor": 0.5},
-           "checkpoints": [str(bert_case / "ckpt_1")], "output": str(tmp_path / "merged")}
+    cfg = {
+        "base": str(bert_case / "base"),
+        "method": "task_arithmetic",
+        "params": {"scaling_factor": 0.5},
+        "checkpoints": [str(bert_case / "ckpt_1")],
+        "output": str(tmp_path / "merged"),
+    }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert cli("run", path, "--quiet") == 0
@@ -163,7 +182,11 @@ def test_a_full_disk_gives_a_clear_error_and_loses_nothing(bert_case, tmp_path, 
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(stf.os, "pwrite", pwrite_until_full)
-    args = ("add", state, bert_case / "ckpt_2") if command == "add" else ("export", state, tmp_path / "out", "--overwrite")
+    args = (
+        ("add", state, bert_case / "ckpt_2")
+        if command == "add"
+        else ("export", state, tmp_path / "out", "--overwrite")
+    )
     capsys.readouterr()
     assert cli(*args, "--quiet") == 1
     err = capsys.readouterr().err
@@ -203,8 +226,11 @@ def test_a_flipped_bit_in_the_merged_tensors_is_reported_never_merged(bert_case,
     _flip_byte(next(state.glob("gen-*")) / "merged.safetensors")
     before = snapshot(state)
     capsys.readouterr()
-    args = {"add": ("add", state, bert_case / "ckpt_2", "--quiet"), "export": ("export", state, tmp_path / "out", "--quiet"),
-            "verify": ("verify", state)}[command]
+    args = {
+        "add": ("add", state, bert_case / "ckpt_2", "--quiet"),
+        "export": ("export", state, tmp_path / "out", "--quiet"),
+        "verify": ("verify", state),
+    }[command]
     assert cli(*args) == 1
     err = capsys.readouterr().err
     assert "corrupted" in err and "checksum" in err and err.count("\n") == 1
@@ -223,8 +249,10 @@ def test_a_changed_state_json_is_reported(bert_case, tmp_path, capsys):
     assert "does not match its checksum" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field, value", [("generation", "../../elsewhere"), ("step", -1), ("params", {"alpha": "high"}),
-                                          ("checksums", None)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("generation", "../../elsewhere"), ("step", -1), ("params", {"alpha": "high"}), ("checksums", None)],
+)
 def test_a_resealed_but_invalid_state_json_is_refused(bert_case, tmp_path, capsys, field, value):
     """Even with a valid seal (a buggy tool, a hand edit), a state.json that points outside its
     directory or contradicts itself is refused in one sentence."""

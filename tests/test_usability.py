@@ -11,25 +11,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-
+from conftest import PARITY
 from foldin.cli import main
 from foldin.progress import LogProgress
-
-from conftest import PARITY
 
 BERT = PARITY / "bert-tiny"
 
 
 def _user_task(folder: Path, label: str = "label") -> Path:
     folder.mkdir(parents=True)
+
     def rows(numbers: range) -> str:
-        return "text,label\n" + "".join(f"{'great food and loved it' if i % 2 else 'awful and cold and late'} {i},{'pos' if i % 2 else 'neg'}\n"
-                                         for i in numbers)
+        return "text,label\n" + "".join(
+            f"{'great food and loved it' if i % 2 else 'awful and cold and late'} {i},{'pos' if i % 2 else 'neg'}\n"
+            for i in numbers
+        )
 
     (folder / "train.csv").write_text(rows(range(24)))
     (folder / "test.csv").write_text(rows(range(24, 40)))
-    (folder / "mine.yaml").write_text(f"name: mine\ntrain: train.csv\ntest: test.csv\nlabel: {label}\n"
-                                      "classes: {pos: a positive review, neg: a negative review}\n")
+    (folder / "mine.yaml").write_text(
+        f"name: mine\ntrain: train.csv\ntest: test.csv\nlabel: {label}\n"
+        "classes: {pos: a positive review, neg: a negative review}\n"
+    )
     return folder / "mine.yaml"
 
 
@@ -80,8 +83,13 @@ def test_export_overwrites_only_its_own_folders(tmp_path, capsys, monkeypatch):
     assert main(["export", str(state), str(mine), "--overwrite", "--quiet"]) == 1
     assert "is not one" in capsys.readouterr().err and (mine / "data.csv").exists()
     monkeypatch.chdir(tmp_path)
-    for target, reason in [(".", "current folder"), ("..", "current folder"), (str(state), "merge state"),
-                           (str(state / "inside"), "merge state"), (str(BERT / "base"), "base model")]:
+    for target, reason in [
+        (".", "current folder"),
+        ("..", "current folder"),
+        (str(state), "merge state"),
+        (str(state / "inside"), "merge state"),
+        (str(BERT / "base"), "base model"),
+    ]:
         assert main(["export", str(state), target, "--overwrite", "--quiet"]) == 1
         err = capsys.readouterr().err
         assert reason in err and err.count("\n") == 1 and "Traceback" not in err
@@ -102,14 +110,35 @@ def test_a_step_prints_progress_lines_into_a_log(tmp_path):
     state = tmp_path / "s"
     assert main(["init", str(state), "--base", str(BERT / "base"), "--method", "opcm"]) == 0
     env = {**os.environ, "FOLDIN_PROGRESS_SECONDS": "0"}
-    run = subprocess.run([sys.executable, "-m", "foldin.cli", "add", str(state), str(BERT / "ckpt_1")], env=env,
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "foldin.cli", "add", str(state), str(BERT / "ckpt_1")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "step 1: projecting:" in run.stderr and "tensor" in run.stderr
 
 
 def test_a_misspelt_parameter_lists_the_methods_parameters(tmp_path, capsys):
-    assert main(["init", str(tmp_path / "s"), "--base", str(BERT / "base"), "--method", "task_arithmetic",
-                 "--set", "scaling_facter=0.3"]) == 1
+    assert (
+        main(
+            [
+                "init",
+                str(tmp_path / "s"),
+                "--base",
+                str(BERT / "base"),
+                "--method",
+                "task_arithmetic",
+                "--set",
+                "scaling_facter=0.3",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
-    assert "no parameter 'scaling_facter'; did you mean 'scaling_factor'?" in err and "its parameters: scaling_factor" in err
+    assert (
+        "no parameter 'scaling_facter'; did you mean 'scaling_factor'?" in err
+        and "its parameters: scaling_factor" in err
+    )
     assert not (tmp_path / "s").exists()

@@ -14,10 +14,26 @@ import torch
 from transformers import AutoModel, BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
 TINY = {
-    "bert-tiny": lambda: BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, vocab_size=64, max_position_embeddings=32)),
-    "clip-vision-tiny": lambda: CLIPVisionModel(CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                                 intermediate_size=64, image_size=32, patch_size=8)),
+    "bert-tiny": lambda: BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=64,
+            max_position_embeddings=32,
+        )
+    ),
+    "clip-vision-tiny": lambda: CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ),
 }
 FULL = {
     # real pretrained weights that a package ships
@@ -36,8 +52,9 @@ FULL = {
 FROZEN = {"vision_model.embeddings.class_embedding"}
 
 
-def fine_tuned_like(sd: dict[str, torch.Tensor], gen: torch.Generator, rank: int = 4,
-                    frozen: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def fine_tuned_like(
+    sd: dict[str, torch.Tensor], gen: torch.Generator, rank: int = 4, frozen: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
     out = {}
     for name, w in sd.items():
         if not w.is_floating_point() or name in frozen:
@@ -53,7 +70,9 @@ def fine_tuned_like(sd: dict[str, torch.Tensor], gen: torch.Generator, rank: int
     return out
 
 
-def make_case(kind: str, out: Path, n_checkpoints: int = 3, seed: int = 0, fine_tune_class_embedding: bool = False) -> Path:
+def make_case(
+    kind: str, out: Path, n_checkpoints: int = 3, seed: int = 0, fine_tune_class_embedding: bool = False
+) -> Path:
     torch.manual_seed(seed)
     model = {**TINY, **FULL}[kind]().eval()
     model.save_pretrained(out / "base")

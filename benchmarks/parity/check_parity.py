@@ -30,7 +30,9 @@ EXCLUDED = {"vision_model.embeddings.class_embedding"}  # FusionBench quirk, see
 TOLERANCE = 1e-4
 
 
-def run_foldin(case: Path, label: str, work: Path, params: dict | None = None) -> tuple[dict[str, torch.Tensor], float]:
+def run_foldin(
+    case: Path, label: str, work: Path, params: dict | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
     """init + add every checkpoint (the first N for NAME-N) + export, through the on-disk state;
     returns (weights, seconds in add)."""
     method, _, count = label.partition("-")
@@ -50,7 +52,7 @@ def relative_errors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
     for name, ref in theirs.items():
         if name in EXCLUDED or not ref.is_floating_point():
             continue
-        diff = torch.linalg.vector_norm((ours[name].double() - ref.double()))
+        diff = torch.linalg.vector_norm(ours[name].double() - ref.double())
         errs[name] = float(diff / torch.linalg.vector_norm(ref.double()).clamp(min=1e-30))
     return errs
 
@@ -81,8 +83,12 @@ def main() -> int:
         fb = case / "fusionbench"
         missing = [m for m in methods if not (fb / f"{m}.safetensors").exists()]
         if missing:  # FusionBench runs once per case and method; its outputs are kept
-            subprocess.run([str(py), str(HERE / "fusionbench_side.py"), str(case), str(fb), "--methods", ",".join(missing)],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [str(py), str(HERE / "fusionbench_side.py"), str(case), str(fb), "--methods", ",".join(missing)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         fb_seconds = json.loads((fb / "timings.json").read_text())
         for method in methods:
             work = case / "foldin"
@@ -92,7 +98,10 @@ def main() -> int:
             name, err = max(errs.items(), key=lambda kv: kv[1])
             worst = max(worst, err)
             rows.append((kind, method, len(errs), err, name, fb_seconds[method], seconds))
-    print(f"{'case':<18}{'method':<17}{'tensors':>8}{'max rel err':>13}  {'fusionbench s':>13}{'foldin s':>10}  worst tensor")
+    print(
+        f"{'case':<18}{'method':<17}{'tensors':>8}{'max rel err':>13}  {'fusionbench s':>13}{'foldin s':>10}  "
+        f"worst tensor"
+    )
     for kind, method, n, err, name, fbs, s in rows:
         print(f"{kind:<18}{method:<17}{n:>8}{err:>13.2e}  {fbs:>13.2f}{s:>10.2f}  {name}")
     print(f"\nworst relative error {worst:.2e} (tolerance {TOLERANCE:.0e}): {'PASS' if worst < TOLERANCE else 'FAIL'}")

@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from transformers import AutoConfig
 import transformers
-
 from fusion_bench import BaseModelPool
 from fusion_bench.method.dop.dop_general import DOPMerging
 from fusion_bench.method.magmax import MagMaxAlgorithm
@@ -23,6 +20,8 @@ from fusion_bench.method.opcm.opcm_general import OPCM
 from fusion_bench.method.opcm.task_arithmetic import ContinualTaskArithmeticForCLIP
 from fusion_bench.method.opcm.ties_merging import ContinualTiesMergingForCLIP
 from fusion_bench.method.opcm.weight_average import ContinualWeightAverageForCLIP
+from safetensors.torch import save_file
+from transformers import AutoConfig
 
 COMMON = dict(shuffle_order=False, save_on_every_step=False, evaluate_on_every_step=False)
 
@@ -35,14 +34,30 @@ class _Program:
 def algorithms(params: dict) -> dict:
     return {
         "average": lambda: ContinualWeightAverageForCLIP(**COMMON),
-        "task_arithmetic": lambda: ContinualTaskArithmeticForCLIP(scaling_factor=params.get("scaling_factor", 0.3), **COMMON),
-        "ties": lambda: ContinualTiesMergingForCLIP(scaling_factor=params.get("scaling_factor", 0.3),
-                                                   threshold=params.get("threshold", 20), merge_func="sum", **COMMON),
+        "task_arithmetic": lambda: ContinualTaskArithmeticForCLIP(
+            scaling_factor=params.get("scaling_factor", 0.3), **COMMON
+        ),
+        "ties": lambda: ContinualTiesMergingForCLIP(
+            scaling_factor=params.get("scaling_factor", 0.3),
+            threshold=params.get("threshold", 20),
+            merge_func="sum",
+            **COMMON,
+        ),
         "opcm": lambda: OPCM(alpha=params.get("alpha", 0.5), **COMMON),
         "magmax": lambda: MagMaxAlgorithm(scaling_factor=params.get("scaling_factor", 0.5)),
         # the defaults of FusionBench's config/method/dop/dop.yaml (the class's own defaults differ)
-        "dop": lambda: DOPMerging(seed=0, lr=1e-4, num_steps=200, mgda=True, ema=True, ema_beta=0.999, alpha=0.8,
-                                  svd_epsilon=0.99999, svd_proj_space="uv", **COMMON),
+        "dop": lambda: DOPMerging(
+            seed=0,
+            lr=1e-4,
+            num_steps=200,
+            mgda=True,
+            ema=True,
+            ema_beta=0.999,
+            alpha=0.8,
+            svd_epsilon=0.99999,
+            svd_proj_space="uv",
+            **COMMON,
+        ),
     }
 
 
@@ -62,15 +77,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("case", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--methods", default="average,task_arithmetic,ties,opcm",
-                    help="method names; NAME-N folds in only the first N checkpoints (FusionBench's MagMax and DOP "
-                         "return only the final model)")
+    ap.add_argument(
+        "--methods",
+        default="average,task_arithmetic,ties,opcm",
+        help="method names; NAME-N folds in only the first N checkpoints (FusionBench's MagMax and DOP "
+        "return only the final model)",
+    )
     ap.add_argument("--params", default="{}", help="JSON of method parameters")
-    ap.add_argument("--lazy", action="store_true",
-                    help="give FusionBench model configs (loaded from disk when it asks), as its YAML configs do, "
-                         "instead of models loaded up front")
-    ap.add_argument("--float64-norm", action="store_true",
-                    help="diagnostic: compute OPCM's whole-model norms in float64 instead of FusionBench's float32")
+    ap.add_argument(
+        "--lazy",
+        action="store_true",
+        help="give FusionBench model configs (loaded from disk when it asks), as its YAML configs do, "
+        "instead of models loaded up front",
+    )
+    ap.add_argument(
+        "--float64-norm",
+        action="store_true",
+        help="diagnostic: compute OPCM's whole-model norms in float64 instead of FusionBench's float32",
+    )
     a = ap.parse_args()
     if a.float64_norm:
         import fusion_bench.method.opcm.opcm_general as opcm_general
@@ -78,7 +102,8 @@ def main() -> None:
         from fusion_bench.utils.state_dict_arithmetic import state_dict_sub
 
         opcm_general.get_task_vector_norm = lambda model, pre: torch.linalg.norm(
-            state_dict_to_vector(state_dict_sub(model.state_dict(), pre.state_dict())).double())
+            state_dict_to_vector(state_dict_sub(model.state_dict(), pre.state_dict())).double()
+        )
     torch.set_num_threads(torch.get_num_threads())
     a.out.mkdir(parents=True, exist_ok=True)
     ckpts = sorted(p for p in a.case.iterdir() if p.name.startswith("ckpt_"))

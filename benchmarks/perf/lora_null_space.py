@@ -45,11 +45,16 @@ def main() -> None:
     print(f"{'diagonal':<10}{'S + 1e-12 noise':>17}{'float64 vs float32':>20}")
     for diagonal in ("all", "nonzero"):
         p = project_task_vector(merged, task, 0.5, diagonal)
-        print(f"{diagonal:<10}{relative(project_task_vector(nudged, task, 0.5, diagonal), p):>17.1e}"
-              f"{relative(project_task_vector(merged.double(), task.double(), 0.5, diagonal), p):>20.1e}")
+        print(
+            f"{diagonal:<10}{relative(project_task_vector(nudged, task, 0.5, diagonal), p):>17.1e}"
+            f"{relative(project_task_vector(merged.double(), task.double(), 0.5, diagonal), p):>20.1e}"
+        )
     print(f"\n{'matrix':<28}{'sketch s':>10}{'full SVD s':>12}{'ratio':>8}")
     for m, n in ((768, 768), (768, 3072), (4096, 4096)):
-        for kind, matrix in (("rank 32", lora_sum(m, n, [16, 16], gen)), ("full rank", torch.randn(m, n, generator=gen))):
+        for kind, matrix in (
+            ("rank 32", lora_sum(m, n, [16, 16], gen)),
+            ("full rank", torch.randn(m, n, generator=gen)),
+        ):
             sketch = best_seconds(nonzero_singular_triplets, matrix)
             full = best_seconds(partial(torch.linalg.svd, full_matrices=False), matrix, 1 if m >= 4096 else 3)
             print(f"{f'{m}x{n} {kind}':<28}{sketch:>10.3f}{full:>12.3f}{full / sketch:>7.1f}x")

@@ -29,12 +29,19 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "parity"))
 from cases import make_case  # noqa: E402
-
 from foldin import MergeState  # noqa: E402
 from foldin.runners.ray import RayBackend  # noqa: E402
 
 # Llama-3-70B: 80 layers, hidden 8192, MLP 28672, 8 key/value heads of 128, vocabulary 128256
-LLAMA_70B_LINEAR = [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192), (28672, 8192), (28672, 8192), (8192, 28672)]
+LLAMA_70B_LINEAR = [
+    (8192, 8192),
+    (1024, 8192),
+    (1024, 8192),
+    (8192, 8192),
+    (28672, 8192),
+    (28672, 8192),
+    (8192, 28672),
+]
 LLAMA_70B_LAYERS, LLAMA_70B_VOCAB, LLAMA_70B_PARAMS = 80, 128256, 70.6e9
 
 
@@ -76,7 +83,9 @@ def ray_step(case: Path, work: Path, workers: int) -> tuple[float, dict[str, str
         cluster.shutdown()
 
 
-def fit_svd_rate(per_tensor: dict[str, float], shapes: dict[str, tuple[int, ...]], linear: set[str]) -> tuple[float, float]:
+def fit_svd_rate(
+    per_tensor: dict[str, float], shapes: dict[str, tuple[int, ...]], linear: set[str]
+) -> tuple[float, float]:
     """Least-squares rates: seconds per m*n*min(m,n) for projected matrices (SVD-bound), and
     seconds per element for the other tensors (element-wise)."""
     cubic = [(math.prod(shapes[n]) * min(shapes[n]), s) for n, s in per_tensor.items() if n in linear]
@@ -105,11 +114,15 @@ def calibrate(shapes: list[tuple[int, int]]) -> list[dict[str, float]]:
     return rows
 
 
-def estimate_70b(svd_rate: float, elem_rate: float, machines: list[int], cores: int, read_gbps: float) -> list[dict[str, float]]:
+def estimate_70b(
+    svd_rate: float, elem_rate: float, machines: list[int], cores: int, read_gbps: float
+) -> list[dict[str, float]]:
     """Seconds of one 70B OPCM step: compute spread over machines x cores one-thread tasks (never
     below the largest single tensor), plus I/O at read_gbps per machine (bf16 base and checkpoint,
     float32 merged task vector read and written: 12 bytes per parameter)."""
-    mats = [shape for _ in range(LLAMA_70B_LAYERS) for shape in LLAMA_70B_LINEAR] + [(LLAMA_70B_VOCAB, 8192)]  # + lm_head
+    mats = [shape for _ in range(LLAMA_70B_LAYERS) for shape in LLAMA_70B_LINEAR] + [
+        (LLAMA_70B_VOCAB, 8192)
+    ]  # + lm_head
     svd = [svd_rate * m * n * min(m, n) for m, n in mats]
     linear_params = sum(m * n for m, n in mats)
     other = elem_rate * (LLAMA_70B_PARAMS - linear_params)
@@ -117,7 +130,9 @@ def estimate_70b(svd_rate: float, elem_rate: float, machines: list[int], cores: 
     for n in machines:
         compute = max((sum(svd) + other) / (n * cores), max(svd))
         io = 12 * LLAMA_70B_PARAMS / (n * read_gbps * 1e9)
-        rows.append({"machines": n, "cores_each": cores, "compute_s": compute, "io_s": io, "total_h": (compute + io) / 3600})
+        rows.append(
+            {"machines": n, "cores_each": cores, "compute_s": compute, "io_s": io, "total_h": (compute + io) / 3600}
+        )
     return rows
 
 
@@ -150,29 +165,57 @@ def main() -> None:
     svd_rate = max([svd_rate] + [c["seconds"] / c["mn_min"] for c in checks])  # the slower rate: a cautious estimate
     anchor_s = statistics.median(local)
     rows = [{"backend": "local, 1 thread", "workers": 1, "seconds": anchor_s, "speedup": 1.0}]
-    rows += [{"backend": "ray", "workers": w, "seconds": statistics.median(s), "speedup": anchor_s / statistics.median(s)} for w, s in ray_runs.items()]
+    rows += [
+        {"backend": "ray", "workers": w, "seconds": statistics.median(s), "speedup": anchor_s / statistics.median(s)}
+        for w, s in ray_runs.items()
+    ]
     by_shape: dict[str, list[float]] = {}
     for n, s in per_tensor.items():
         by_shape.setdefault(f"{'x'.join(map(str, shapes[n]))}{' (projected)' if n in linear else ''}", []).append(s)
     estimate = estimate_70b(svd_rate, elem_rate, [1, 4, 16, 64], cores=16, read_gbps=1.0)
-    result = {"model": "clip-vit-b32 shape (parity case), OPCM step 2", "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
-              "rows": rows, "repeats": a.repeats, "per_tensor_seconds": per_tensor, "svd_seconds_per_mn_min": svd_rate,
-              "elementwise_seconds_per_element": elem_rate, "calibration": checks, "estimate_70b": estimate}
+    result = {
+        "model": "clip-vit-b32 shape (parity case), OPCM step 2",
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+        "rows": rows,
+        "repeats": a.repeats,
+        "per_tensor_seconds": per_tensor,
+        "svd_seconds_per_mn_min": svd_rate,
+        "elementwise_seconds_per_element": elem_rate,
+        "calibration": checks,
+        "estimate_70b": estimate,
+    }
     lines = ["| backend | worker nodes | step 2 seconds (median) | speed-up vs local |", "|---|---:|---:|---:|"]
     lines += [f"| {r['backend']} | {r['workers']} | {r['seconds']:.2f} | {r['speedup']:.2f} |" for r in rows]
     lines += ["", "| tensor shape | tensors | median seconds per task tensor |", "|---|---:|---:|"]
-    lines += [f"| {k} | {len(v)} | {statistics.median(v):.4f} |" for k, v in sorted(by_shape.items(), key=lambda kv: -max(kv[1]))]
-    lines += ["", "| calibration: projection of a random matrix, 1 thread | seconds | s per m*n*min(m,n) |", "|---|---:|---:|"]
-    lines += [f"| {c['shape'][0]}x{c['shape'][1]} | {c['seconds']:.2f} | {c['seconds'] / c['mn_min']:.3e} |" for c in checks]
-    lines += ["", f"Rate used: {svd_rate:.3e} s per m*n*min(m,n) for a projected matrix (the slowest of the ViT-B/32 fit "
-              f"and the calibration), {elem_rate:.3e} s per element otherwise.", "",
-              "| 70B step on N machines (16 one-thread tasks each, 1 GB/s storage each) | compute s | I/O s | total hours |", "|---:|---:|---:|---:|"]
+    lines += [
+        f"| {k} | {len(v)} | {statistics.median(v):.4f} |"
+        for k, v in sorted(by_shape.items(), key=lambda kv: -max(kv[1]))
+    ]
+    lines += [
+        "",
+        "| calibration: projection of a random matrix, 1 thread | seconds | s per m*n*min(m,n) |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {c['shape'][0]}x{c['shape'][1]} | {c['seconds']:.2f} | {c['seconds'] / c['mn_min']:.3e} |" for c in checks
+    ]
+    lines += [
+        "",
+        f"Rate used: {svd_rate:.3e} s per m*n*min(m,n) for a projected matrix (the slowest of the ViT-B/32 fit "
+        f"and the calibration), {elem_rate:.3e} s per element otherwise.",
+        "",
+        "| 70B step on N machines (16 one-thread tasks each, 1 GB/s storage each) | compute s | I/O s | total hours |",
+        "|---:|---:|---:|---:|",
+    ]
     lines += [f"| {e['machines']} | {e['compute_s']:.0f} | {e['io_s']:.0f} | {e['total_h']:.2f} |" for e in estimate]
     print("\n".join(lines))
     if a.out:
         a.out.write_text(json.dumps(result, indent=2) + "\n")
-        a.out.with_suffix(".md").write_text(f"# OPCM on Ray\n\n`python benchmarks/perf/ray_scaling.py --workers {a.workers} --repeats {a.repeats} --out {a.out}`\n"
-                                            f"({result['machine']})\n\n" + "\n".join(lines) + "\n")
+        a.out.with_suffix(".md").write_text(
+            f"# OPCM on Ray\n\n`python benchmarks/perf/ray_scaling.py --workers {a.workers} --repeats "
+            f"{a.repeats} --out {a.out}`\n"
+            f"({result['machine']})\n\n" + "\n".join(lines) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ def sync(device: torch.device) -> None:
 
 def timed_decompositions(matrices: list[torch.Tensor], device: torch.device) -> dict[str, float]:
     out = {}
-    for name, fn in (("svd_thin", lambda m: torch.linalg.svd(m, full_matrices=False)),
-                     ("eigh_gram", lambda m: torch.linalg.eigh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m))):
+    for name, fn in (
+        ("svd_thin", lambda m: torch.linalg.svd(m, full_matrices=False)),
+        ("eigh_gram", lambda m: torch.linalg.eigh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m)),
+    ):
         fn(matrices[0])  # warm-up (library loading, GPU kernels)
         sync(device)
         t0 = time.perf_counter()
@@ -63,7 +65,7 @@ def main() -> None:
         shutil.rmtree(case, ignore_errors=True)
         make_case(a.case, case, n_checkpoints=3)
     steps = []
-    for r in range(a.repeats):
+    for _ in range(a.repeats):
         state_dir = a.work / f"{a.case}-svd-state"
         shutil.rmtree(state_dir, ignore_errors=True)
         state = MergeState.create(state_dir, case / "base", "opcm")
@@ -73,12 +75,21 @@ def main() -> None:
     matrices = [tau[n].to(device) for n in state.meta["linear_weights"]]
     dec = timed_decompositions(matrices, device)
     step = statistics.median(steps)
-    row = {"case": a.case, "device": str(device), "threads": torch.get_num_threads(), "linear_weights": len(matrices),
-           "step2_seconds_median": step, "step2_seconds": steps, **{f"{k}_seconds": v for k, v in dec.items()},
-           "svd_fraction_of_step": dec["svd_thin"] / step}
-    print(f"{a.case} on {device} ({torch.get_num_threads()} threads): OPCM step 2 {step:.2f} s (median of {a.repeats}, "
-          f"I/O included); {len(matrices)} linear weights: thin SVD {dec['svd_thin']:.2f} s "
-          f"({100 * row['svd_fraction_of_step']:.0f}% of the step), eigh of the Gram matrix {dec['eigh_gram']:.2f} s")
+    row = {
+        "case": a.case,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "linear_weights": len(matrices),
+        "step2_seconds_median": step,
+        "step2_seconds": steps,
+        **{f"{k}_seconds": v for k, v in dec.items()},
+        "svd_fraction_of_step": dec["svd_thin"] / step,
+    }
+    print(
+        f"{a.case} on {device} ({torch.get_num_threads()} threads): OPCM step 2 {step:.2f} s (median of {a.repeats}, "
+        f"I/O included); {len(matrices)} linear weights: thin SVD {dec['svd_thin']:.2f} s "
+        f"({100 * row['svd_fraction_of_step']:.0f}% of the step), eigh of the Gram matrix {dec['eigh_gram']:.2f} s"
+    )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(row, indent=2) + "\n")

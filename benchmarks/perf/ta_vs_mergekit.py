@@ -28,9 +28,10 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "parity"))
 sys.path.insert(0, str(HERE.parent))
+from timing import timed  # noqa: E402
+
 from cases import fine_tuned_like  # noqa: E402
 from check_parity import relative_errors  # noqa: E402
-from timing import timed  # noqa: E402
 
 
 def mergekit_bin() -> Path:
@@ -47,8 +48,15 @@ def make_models(work: Path, layers: int) -> tuple[Path, Path]:
     if (ckpt / "config.json").exists():
         return base, ckpt
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(base)
     model.load_state_dict(fine_tuned_like(model.state_dict(), torch.Generator().manual_seed(1)))
@@ -59,8 +67,10 @@ def make_models(work: Path, layers: int) -> tuple[Path, Path]:
 def run_mergekit(base: Path, ckpt: Path, out: Path) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     config = out.with_suffix(".yml")
-    config.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ckpt}\n"
-                      f"    parameters:\n      weight: 0.3\ndtype: float32\n")
+    config.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ckpt}\n"
+        f"    parameters:\n      weight: 0.3\ndtype: float32\n"
+    )
     wall, rss, _ = timed([str(mergekit_bin()), str(config), str(out), "--no-copy-tokenizer"])
     return {"wall_s": wall, "peak_rss_mb": rss}
 
@@ -68,10 +78,24 @@ def run_mergekit(base: Path, ckpt: Path, out: Path) -> dict[str, float]:
 def run_foldin(base: Path, ckpt: Path, work: Path) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
     foldin = [sys.executable, "-m", "foldin.cli"]
-    runs = [timed(cmd)[:2] for cmd in (
-        [*foldin, "init", str(work / "state"), "--base", str(base), "--method", "task_arithmetic", "--set", "scaling_factor=0.3"],
-        [*foldin, "add", str(work / "state"), str(ckpt), "--quiet"],
-        [*foldin, "export", str(work / "state"), str(work / "out"), "--quiet"])]
+    runs = [
+        timed(cmd)[:2]
+        for cmd in (
+            [
+                *foldin,
+                "init",
+                str(work / "state"),
+                "--base",
+                str(base),
+                "--method",
+                "task_arithmetic",
+                "--set",
+                "scaling_factor=0.3",
+            ],
+            [*foldin, "add", str(work / "state"), str(ckpt), "--quiet"],
+            [*foldin, "export", str(work / "state"), str(work / "out"), "--quiet"],
+        )
+    ]
     return {"wall_s": sum(w for w, _ in runs), "peak_rss_mb": max(r for _, r in runs), "add_wall_s": runs[1][0]}
 
 
@@ -95,19 +119,36 @@ def main() -> None:
     for r in range(a.repeats):
         runs["mergekit"].append(run_mergekit(base, ckpt, a.work / "mergekit-out"))
         runs["foldin"].append(run_foldin(base, ckpt, a.work / "foldin"))
-        print(f"  repeat {r + 1}: mergekit {runs['mergekit'][-1]['wall_s']:.1f} s, foldin {runs['foldin'][-1]['wall_s']:.1f} s", file=sys.stderr)
+        print(
+            f"  repeat {r + 1}: mergekit {runs['mergekit'][-1]['wall_s']:.1f} s, foldin "
+            f"{runs['foldin'][-1]['wall_s']:.1f} s",
+            file=sys.stderr,
+        )
     errs = relative_errors(load_all(a.work / "foldin" / "out"), load_all(a.work / "mergekit-out"))
-    med = {side: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "peak_rss_mb")} for side, rs in runs.items()}
-    print(f"\ntask arithmetic, base + 1 model at 0.3, Llama-shaped {size_gb:.2f} GB float32, medians of {a.repeats} alternating runs\n")
+    med = {
+        side: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "peak_rss_mb")} for side, rs in runs.items()
+    }
+    print(
+        f"\ntask arithmetic, base + 1 model at 0.3, Llama-shaped {size_gb:.2f} GB float32, medians of "
+        f"{a.repeats} alternating runs\n"
+    )
     print(f"{'side':<10}{'wall s':>9}{'peak RSS MiB':>14}")
     for side, m in med.items():
         print(f"{side:<10}{m['wall_s']:>9.1f}{m['peak_rss_mb']:>14.0f}")
-    print(f"{'ratio':<10}{med['mergekit']['wall_s'] / med['foldin']['wall_s']:>8.1f}x"
-          f"{med['foldin']['peak_rss_mb'] / med['mergekit']['peak_rss_mb']:>13.2f}x   (speed: mergekit / foldin; RSS: foldin / mergekit)")
+    print(
+        f"{'ratio':<10}{med['mergekit']['wall_s'] / med['foldin']['wall_s']:>8.1f}x"
+        f"{med['foldin']['peak_rss_mb'] / med['mergekit']['peak_rss_mb']:>13.2f}x   (speed: mergekit / foldin; "
+        f"RSS: foldin / mergekit)"
+    )
     print(f"parity: {len(errs)} tensors, max relative error {max(errs.values()):.1e} ({max(errs, key=errs.get)})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model_gb": size_gb, "layers": a.layers, "median": med, "runs": runs,
-                                 "max_rel_err": max(errs.values())}, indent=2) + "\n")
+    a.out.write_text(
+        json.dumps(
+            {"model_gb": size_gb, "layers": a.layers, "median": med, "runs": runs, "max_rel_err": max(errs.values())},
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,17 @@ class ContinualMerger:
     methods also buffer_ (examples of the last task, for the next step) and heads_ (refit heads).
     """
 
-    def __init__(self, base: Mapping[str, torch.Tensor], method: str = "opcm",
-                 linear_weights: nn.Module | str | None = None, module: nn.Module | None = None,
-                 features: FeatureFn | None = None, device: str | None = None, workers: int = 1, **params: Any):
+    def __init__(
+        self,
+        base: Mapping[str, torch.Tensor],
+        method: str = "opcm",
+        linear_weights: nn.Module | str | None = None,
+        module: nn.Module | None = None,
+        features: FeatureFn | None = None,
+        device: str | None = None,
+        workers: int = 1,
+        **params: Any,
+    ):
         self.base = base
         self.method = method
         self.linear_weights = linear_weights
@@ -45,21 +53,32 @@ class ContinualMerger:
         self.workers = workers
         self.params = params
 
-    def partial_fit(self, checkpoint: Mapping[str, torch.Tensor], data: TaskData | None = None) -> "ContinualMerger":
+    def partial_fit(self, checkpoint: Mapping[str, torch.Tensor], data: TaskData | None = None) -> ContinualMerger:
         """Fold one checkpoint in; data-driven methods also need its task's `data`."""
         if not hasattr(self, "step_"):
             self._start()
         learning = None
         if self.method_.needs_data and data is not None:
             if self.module is None or self.features is None:
-                raise FoldinError(f"method {self.method!r} runs the model: give ContinualMerger module= and features=.")
+                raise FoldinError(
+                    f"method {self.method!r} runs the model: give ContinualMerger module= and features=."
+                )
             learning = Learning(self.module, self.features, data, self.buffer_)
         merged: dict[str, torch.Tensor] = {}
         previous = DictSource(self.merged_task_vector_) if self.step_ else None
-        runner = LocalRunner(self._base_source, previous, merged.__setitem__, RunOptions(False, self.device, self.workers))
-        result, ckpt_hash = fold_step(self.method_, self.step_ + 1, self.stats_, self.layout_,
-                                      DictSource(checkpoint, f"checkpoint {self.step_ + 1}"), runner, learning,
-                                      on_hashed=self._refuse_duplicate)
+        runner = LocalRunner(
+            self._base_source, previous, merged.__setitem__, RunOptions(False, self.device, self.workers)
+        )
+        result, ckpt_hash = fold_step(
+            self.method_,
+            self.step_ + 1,
+            self.stats_,
+            self.layout_,
+            DictSource(checkpoint, f"checkpoint {self.step_ + 1}"),
+            runner,
+            learning,
+            on_hashed=self._refuse_duplicate,
+        )
         self.merged_task_vector_, self.stats_ = merged, result.stats
         self.step_ += 1
         self.hashes_.append(ckpt_hash)
@@ -93,14 +112,24 @@ class ContinualMerger:
         if not getattr(self, "step_", 0):
             return {n: t.detach().clone() for n, t in self.base.items()}
         return {
-            n: export_tensor(self.method_, self.stats_, t, self.merged_task_vector_.get(n),
-                             dtype if dtype is not None and t.dtype.is_floating_point else None)
+            n: export_tensor(
+                self.method_,
+                self.stats_,
+                t,
+                self.merged_task_vector_.get(n),
+                dtype if dtype is not None and t.dtype.is_floating_point else None,
+            )
             for n, t in self.base.items()
         }
 
 
-def merge(base: Mapping[str, torch.Tensor], checkpoints: Iterable[Mapping[str, torch.Tensor]],
-          method: str = "opcm", linear_weights: nn.Module | str | None = None, **params: Any) -> dict[str, torch.Tensor]:
+def merge(
+    base: Mapping[str, torch.Tensor],
+    checkpoints: Iterable[Mapping[str, torch.Tensor]],
+    method: str = "opcm",
+    linear_weights: nn.Module | str | None = None,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
     """Fold `checkpoints` into `base` in order and return the merged state dict.
 
     >>> merged = merge(base_sd, [sd1, sd2, sd3], method="opcm", alpha=0.5, linear_weights=model)

@@ -30,7 +30,9 @@ class TaskData:
     def __post_init__(self) -> None:
         sizes = {len(t) for t in self.inputs.values()} | ({len(self.labels)} if self.labels is not None else set())
         if not self.inputs or len(sizes) != 1 or 0 in sizes:
-            raise FoldinError(f"task data {self.name!r}: inputs (and labels) must be non-empty and hold the same number of examples.")
+            raise FoldinError(
+                f"task data {self.name!r}: inputs (and labels) must be non-empty and hold the same number of examples."
+            )
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -38,11 +40,17 @@ class TaskData:
     def batch(self, index: torch.Tensor) -> Batch:
         return {k: v[index] for k, v in self.inputs.items()}
 
-    def subset(self, n: int, generator: torch.Generator) -> "TaskData":
+    def subset(self, n: int, generator: torch.Generator) -> TaskData:
         """At most n examples, drawn without replacement: the bounded buffer kept for the next step."""
         index = torch.randperm(len(self), generator=generator)[:n]
         labels = self.labels[index] if self.labels is not None else None
-        return TaskData({k: v[index].clone() for k, v in self.inputs.items()}, labels, self.head, self.name, self.total or len(self))
+        return TaskData(
+            {k: v[index].clone() for k, v in self.inputs.items()},
+            labels,
+            self.head,
+            self.name,
+            self.total or len(self),
+        )
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class ModelLayout:
         object.__setattr__(self, "numel", sum(math.prod(self.specs[n][1]) for n in self.merged_names))
 
     @classmethod
-    def from_source(cls, base: TensorSource, linear: set[str] | list[str]) -> "ModelLayout":
+    def from_source(cls, base: TensorSource, linear: set[str] | list[str]) -> ModelLayout:
         specs = {n: base.spec(n) for n in base.names()}
         merged = [n for n, (dtype, _) in specs.items() if dtype.is_floating_point]
         if not merged:
@@ -100,7 +100,9 @@ class ModelLayout:
         for name in names:
             (dtype, shape), (c_dtype, c_shape) = self.specs[name], ckpt.spec(name)
             if c_shape != shape:
-                raise MismatchError(f"{ckpt.path}: tensor {name!r} has shape {list(c_shape)} but the base has {list(shape)}.")
+                raise MismatchError(
+                    f"{ckpt.path}: tensor {name!r} has shape {list(c_shape)} but the base has {list(shape)}."
+                )
             if c_dtype != dtype:
                 raise MismatchError(f"{ckpt.path}: tensor {name!r} is {c_dtype} but the base is {dtype}.")
 
@@ -151,7 +153,10 @@ class VerifiedSource:
         self.ckpt, self.path, self._digests, self._owner = ckpt, ckpt.path, dict(digests), owner
         self._verified: set[str] = set()
         if set(ckpt.names()) != set(self._digests):
-            raise StateError(f"the merge state in {owner} is corrupted: its merged tensors do not match the list recorded at commit.")
+            raise StateError(
+                f"the merge state in {owner} is corrupted: its merged tensors do not match the list recorded "
+                "at commit."
+            )
 
     def names(self) -> list[str]:
         return self.ckpt.names()
@@ -163,8 +168,10 @@ class VerifiedSource:
         t = self.ckpt.read(name)
         if name not in self._verified:
             if tensor_digest(t) != self._digests[name]:
-                raise StateError(f"the merge state in {self._owner} is corrupted: tensor {name!r} does not match its checksum "
-                                 "(disk or copy damage); restore the state directory from a backup.")
+                raise StateError(
+                    f"the merge state in {self._owner} is corrupted: tensor {name!r} does not match its checksum "
+                    "(disk or copy damage); restore the state directory from a backup."
+                )
             self._verified.add(name)
         return t
 
@@ -205,20 +212,37 @@ class StepPasses(ABC):
 class Runner(Protocol):
     """Carries a step's passes out: gives the step its context (runners/ implement it)."""
 
-    def context(self, method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout,
-                new: CheckedReader, learning: Learning | None) -> StepPasses: ...
+    def context(
+        self,
+        method: MergeMethod,
+        step: int,
+        stats: Mapping[str, float],
+        layout: ModelLayout,
+        new: CheckedReader,
+        learning: Learning | None,
+    ) -> StepPasses: ...
 
 
-def fold_step(method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout, checkpoint: TensorSource,
-              runner: Runner, learning: Learning | None = None,
-              on_hashed: Callable[[str], None] | None = None) -> tuple[FoldResult, str]:
+def fold_step(
+    method: MergeMethod,
+    step: int,
+    stats: Mapping[str, float],
+    layout: ModelLayout,
+    checkpoint: TensorSource,
+    runner: Runner,
+    learning: Learning | None = None,
+    on_hashed: Callable[[str], None] | None = None,
+) -> tuple[FoldResult, str]:
     """Fold `checkpoint` in as step `step`: the runner streams the new merged task vector to where it
     goes; returns (what the step leaves, the checkpoint's content hash). Raises before returning if
     the checkpoint is bad; the caller commits only on success. Data-driven methods need `learning`.
     `on_hashed(content_hash)` runs once the whole checkpoint has been read (e.g. to refuse a
     duplicate before a long learning phase)."""
     if method.needs_data and learning is None:
-        raise FoldinError(f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: --task SUITE:TASK).")
+        raise FoldinError(
+            f"method {method.name!r} learns from data: give the task's data (API: data=TaskData(...); CLI: "
+            f"--task SUITE:TASK)."
+        )
     layout.check_compatible(checkpoint)
     new = CheckedReader(checkpoint, on_hashed)
     ctx = runner.context(method, step, stats, layout, new, learning if method.needs_data else None)
@@ -228,8 +252,9 @@ def fold_step(method: MergeMethod, step: int, stats: Mapping[str, float], layout
     return result, new.content_hash()
 
 
-def tensor_loader(layout: ModelLayout, base: TensorSource, new: CheckedReader, previous: TensorSource | None,
-                  compute: torch.device) -> Callable[[str, str], torch.Tensor]:
+def tensor_loader(
+    layout: ModelLayout, base: TensorSource, new: CheckedReader, previous: TensorSource | None, compute: torch.device
+) -> Callable[[str, str], torch.Tensor]:
     """load(kind, name) for TensorSlot: kind is "base", "new" or "merged" (zeros before the first step)."""
     dtype = layout.compute_dtype
 
@@ -255,8 +280,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
-def export_tensor(method: MergeMethod, stats: Mapping[str, float], base: torch.Tensor,
-                  merged: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+def export_tensor(
+    method: MergeMethod,
+    stats: Mapping[str, float],
+    base: torch.Tensor,
+    merged: torch.Tensor | None,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
     """The merged model's tensor: base + scale * merged task vector (base itself if not merged)."""
     if merged is None:
         return base
@@ -264,8 +294,14 @@ def export_tensor(method: MergeMethod, stats: Mapping[str, float], base: torch.T
     return out.to(dtype or base.dtype)
 
 
-def read_export_tensor(method: MergeMethod, stats: Mapping[str, float], base: TensorSource, merged: TensorSource | None,
-                       name: str, dtype: torch.dtype) -> torch.Tensor:
+def read_export_tensor(
+    method: MergeMethod,
+    stats: Mapping[str, float],
+    base: TensorSource,
+    merged: TensorSource | None,
+    name: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """export_tensor for `name`, read from the base and the merged task vector (non-float tensors: the base's)."""
     m = merged.read(name) if merged is not None and dtype.is_floating_point else None
     return export_tensor(method, stats, base.read(name), m, dtype)

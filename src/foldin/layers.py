@@ -55,9 +55,7 @@ def _align(model_names: set[str], checkpoint_names: Iterable[str]) -> set[str]:
     keys = set(checkpoint_names)
     found = model_names & keys
     for name in model_names - found:
-        matches = [k for k in keys if k.endswith("." + name)] or [
-            k for k in keys if name.endswith("." + k)
-        ]
+        matches = [k for k in keys if k.endswith("." + name)] or [k for k in keys if name.endswith("." + k)]
         if len(matches) == 1:
             found.add(matches[0])
     return found
@@ -79,7 +77,9 @@ def resolve_linear_weights(
         names = [n for n in specs if rx.fullmatch(n)]
         bad = [n for n in names if len(specs[n]) < 2]
         if bad:
-            raise FoldinError(f"--linear-weights matches {bad[0]!r}, which has fewer than two dimensions (not a weight matrix).")
+            raise FoldinError(
+                f"--linear-weights matches {bad[0]!r}, which has fewer than two dimensions (not a weight matrix)."
+            )
         return sorted(names), f"pattern {pattern!r}"
     if module is None and config_dir is not None:
         module = _model_from_config(config_dir)
@@ -92,6 +92,5 @@ def resolve_linear_weights(
         if found:
             return sorted(found), source
     return sorted(n for n, shape in specs.items() if fallback_rule(n, shape)), (
-        "fallback rule: 2-D '*weight' tensors whose names do not contain "
-        "embed/wte/wpe/position/token_type/shared"
+        "fallback rule: 2-D '*weight' tensors whose names do not contain embed/wte/wpe/position/token_type/shared"
     )

@@ -19,10 +19,19 @@ LOG_INTERVAL = float(os.environ.get("FOLDIN_PROGRESS_SECONDS", 15))  # seconds b
 class LogProgress:
     """The part of tqdm's interface foldin uses, printed as occasional lines: what, how far, time left."""
 
-    def __init__(self, iterable: Iterable[Any] | None = None, total: float | None = None, desc: str = "", unit: str = "it",
-                 interval: float | None = None, stream: Any = None):
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        total: float | None = None,
+        desc: str = "",
+        unit: str = "it",
+        interval: float | None = None,
+        stream: Any = None,
+    ):
         self.iterable = iterable
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)  # type: ignore[arg-type]
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        self.total = total
         self.desc, self.unit = desc, unit
         self.interval = LOG_INTERVAL if interval is None else interval
         self.stream = stream or sys.stderr
@@ -35,7 +44,7 @@ class LogProgress:
             yield item
             self.update(1)
 
-    def __enter__(self) -> "LogProgress":
+    def __enter__(self) -> LogProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -66,11 +75,20 @@ class LogProgress:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
-def progress(iterable: Iterable[T] | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
-             enabled: bool = True, leave: bool = False) -> Any:
+def progress(
+    iterable: Iterable[T] | None = None,
+    *,
+    total: float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    leave: bool = False,
+) -> Any:
     """A progress display for `iterable` (or for manual `update` calls up to `total`): a bar on a
     terminal, occasional lines in a log, nothing when not `enabled`."""
     if not enabled:

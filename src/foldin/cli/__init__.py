@@ -15,7 +15,10 @@ from foldin.errors import FoldinError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="foldin", description="Continual model merging: fold fine-tuned checkpoints into one model as they arrive.")
+    parser = argparse.ArgumentParser(
+        prog="foldin",
+        description="Continual model merging: fold fine-tuned checkpoints into one model as they arrive.",
+    )
     parser.add_argument("--version", action="version", version=f"foldin {version('foldin')}")
     sub = parser.add_subparsers(dest="command", required=True)
     merge.add_commands(sub)

@@ -28,12 +28,25 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
     from foldin.evaluation.zoo import build_zoo
 
     suite = args.suite or "text"
-    zoo = build_zoo(args.out or f"zoo/{suite}", suite, builtin_selection(args, suite), args.task, progress=not args.quiet,
-                    steps=args.steps, lr=args.lr, seed=args.seed, max_train=args.max_train, max_test=args.max_test, heads=args.heads)
+    zoo = build_zoo(
+        args.out or f"zoo/{suite}",
+        suite,
+        builtin_selection(args, suite),
+        args.task,
+        progress=not args.quiet,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        max_train=args.max_train,
+        max_test=args.max_test,
+        heads=args.heads,
+    )
     print(f"{'task':<22}{'classes':>8}{'pretrained':>12}{'fine-tuned':>12}{'lift':>8}")
     for name, t in zoo.meta["tasks"].items():
-        print(f"{name:<22}{len(t['labels']):>8}{100 * t['pretrained_acc']:>12.1f}{100 * t['finetuned_acc']:>12.1f}"
-              f"{100 * (t['finetuned_acc'] - t['pretrained_acc']):>+8.1f}")
+        print(
+            f"{name:<22}{len(t['labels']):>8}{100 * t['pretrained_acc']:>12.1f}{100 * t['finetuned_acc']:>12.1f}"
+            f"{100 * (t['finetuned_acc'] - t['pretrained_acc']):>+8.1f}"
+        )
     print(f"zoo in {zoo.dir}")
 
 
@@ -52,7 +65,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         with open_checkpoint(target) as ckpt:
             scorer.load({n: ckpt.read(n) for n in ckpt.names()})
-    rows = {n: (zoo.meta["tasks"][n]["pretrained_acc"], scorer.score(n), zoo.meta["tasks"][n]["finetuned_acc"]) for n in names}
+    rows = {
+        n: (zoo.meta["tasks"][n]["pretrained_acc"], scorer.score(n), zoo.meta["tasks"][n]["finetuned_acc"])
+        for n in names
+    }
     print(f"{'task':<24}{'pretrained':>11}{'this model':>11}{'fine-tuned':>11}")
     for n, accs in {**rows, "mean": tuple(sum(col) / len(col) for col in zip(*rows.values()))}.items():
         print(f"{n:<24}" + "".join(f"{100 * a:>11.1f}" for a in accs))
@@ -67,27 +83,56 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if (zoo_dir / "zoo.json").exists():  # built tasks are kept; missing ones of the first --tasks are built alike
         zoo = Zoo.open(zoo_dir)
         if args.tasks and len(zoo.task_names) < args.tasks:
-            zoo = build_zoo(zoo_dir, zoo.meta["suite"], builtin_selection(args, zoo.meta["suite"]), progress=not args.quiet,
-                            **zoo.settings)
+            zoo = build_zoo(
+                zoo_dir,
+                zoo.meta["suite"],
+                builtin_selection(args, zoo.meta["suite"]),
+                progress=not args.quiet,
+                **zoo.settings,
+            )
     else:
         zoo = build_zoo(zoo_dir, args.suite, builtin_selection(args, args.suite), progress=not args.quiet)
-    run_bench(zoo, specs, args.orders, Path(args.out), seed=args.seed, full_matrix_orders=args.full_matrix_orders,
-              cft_orders=args.cft_orders, tasks=zoo.task_names[: args.tasks] if args.tasks else None, max_test=args.max_test, progress=not args.quiet,
-              command="foldin " + " ".join(sys.argv[1:]), extend=args.extend)
+    run_bench(
+        zoo,
+        specs,
+        args.orders,
+        Path(args.out),
+        seed=args.seed,
+        full_matrix_orders=args.full_matrix_orders,
+        cft_orders=args.cft_orders,
+        tasks=zoo.task_names[: args.tasks] if args.tasks else None,
+        max_test=args.max_test,
+        progress=not args.quiet,
+        command="foldin " + " ".join(sys.argv[1:]),
+        extend=args.extend,
+    )
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zoo", help="task checkpoints for evaluation").add_subparsers(dest="zoo_command", required=True)
     p = p.add_parser("build", help="fine-tune the suite's backbone on each task (resumable)")
-    p.add_argument("--suite", choices=list(SUITES), help="the built-in suite (default: text); with --task, also build its tasks")
+    p.add_argument(
+        "--suite", choices=list(SUITES), help="the built-in suite (default: text); with --task, also build its tasks"
+    )
     p.add_argument("--tasks", type=int, help="build only the first N built-in tasks")
-    p.add_argument("--task", action="append", default=[], metavar="TASK.yaml",
-                   help="a task of your own (repeatable); alone, only these are built (see docs/benchmarks.md)")
-    p.add_argument("--heads", choices=["zeroshot", "probe"],
-                   help="frozen task heads: class-description embeddings (text default) or linear probes (vision default)")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="TASK.yaml",
+        help="a task of your own (repeatable); alone, only these are built (see docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "--heads",
+        choices=["zeroshot", "probe"],
+        help="frozen task heads: class-description embeddings (text default) or linear probes (vision default)",
+    )
     p.add_argument("--out", help="default: zoo/SUITE")
-    p.add_argument("--steps", type=int, help="fine-tuning steps per task (default: text 200 at batch 16, vision 400 at batch 32)")
+    p.add_argument(
+        "--steps", type=int, help="fine-tuning steps per task (default: text 200 at batch 16, vision 400 at batch 32)"
+    )
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: 1e-4)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-train", type=int, help="training examples per task (default: text 2000, vision 3000)")
@@ -96,23 +141,39 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_zoo_build)
 
     p = sub.add_parser("eval", help="accuracy of a merged model (folder or state) on each task, with the tasks' heads")
-    p.add_argument("model", help="a checkpoint (Hugging Face folder, .safetensors, .bin, ...) or a foldin state directory")
+    p.add_argument(
+        "model", help="a checkpoint (Hugging Face folder, .safetensors, .bin, ...) or a foldin state directory"
+    )
     p.add_argument("--suite", default="text", choices=list(SUITES))
     p.add_argument("--zoo", help="default: zoo/SUITE")
     p.add_argument("--tasks", help="comma-separated task names (default: all in the zoo)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="every method over the same random task orders, with references, report and plots")
+    p = sub.add_parser(
+        "bench", help="every method over the same random task orders, with references, report and plots"
+    )
     p.add_argument("--suite", default="text", choices=list(SUITES))
     p.add_argument("--zoo", help="default: zoo/SUITE (built if missing)")
     p.add_argument("--tasks", type=int, help="use only the first N tasks (builds them if needed)")
-    p.add_argument("--methods", default="average,task_arithmetic,ties,opcm", help="name or name:key=value[:key=value], comma-separated")
+    p.add_argument(
+        "--methods",
+        default="average,task_arithmetic,ties,opcm",
+        help="name or name:key=value[:key=value], comma-separated",
+    )
     p.add_argument("--orders", type=int, default=10)
-    p.add_argument("--full-matrix-orders", type=int, default=3, help="orders evaluated in full (the rest: diagonal + final row)")
+    p.add_argument(
+        "--full-matrix-orders", type=int, default=3, help="orders evaluated in full (the rest: diagonal + final row)"
+    )
     p.add_argument("--cft-orders", type=int, default=1, help="orders for the continual fine-tuning reference")
-    p.add_argument("--max-test", type=int, help="score on the first N test examples of each task (default: all the zoo kept)")
+    p.add_argument(
+        "--max-test", type=int, help="score on the first N test examples of each task (default: all the zoo kept)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    p.add_argument("--extend", action="store_true", help="add these methods to the results already in --out (same zoo, seed and test sets)")
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="add these methods to the results already in --out (same zoo, seed and test sets)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)

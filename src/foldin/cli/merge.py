@@ -28,6 +28,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
         out[key.strip()] = yaml.safe_load(value)
     return out
 
+
 class RunConfig(BaseModel):
     """The YAML file `foldin run` reads. Relative paths are relative to the file."""
 
@@ -42,7 +43,10 @@ class RunConfig(BaseModel):
     dtype: str | None = None
     max_shard_size: str = "5GB"
 
-def ensure_state(state_dir: Path, base: str, method: str, params: dict[str, Any], linear_weights: str | None) -> MergeState:
+
+def ensure_state(
+    state_dir: Path, base: str, method: str, params: dict[str, Any], linear_weights: str | None
+) -> MergeState:
     """Open the state at state_dir if it exists and matches (base, method, params), else create it."""
     if not (state_dir / STATE_FILE).exists():
         return MergeState.create(state_dir, base, method, params, linear_weights)
@@ -69,36 +73,60 @@ def _backend(args: argparse.Namespace) -> Backend | None:
 
 
 def _add_backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="ray: run the work as Ray tasks that read and write the files themselves (pip install 'foldin[ray]'; paths must be on storage every node sees)")
-    p.add_argument("--address", help="the Ray cluster to use (e.g. auto or HOST:6379); default: RAY_ADDRESS, else a new local one")
-    p.add_argument("--threads-per-task", type=int, default=1,
-                   help="torch threads per Ray task; the bits equal a local run with as many threads (OMP_NUM_THREADS)")
+    p.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="ray: run the work as Ray tasks that read and write the files themselves (pip install "
+        "'foldin[ray]'; paths must be on storage every node sees)",
+    )
+    p.add_argument(
+        "--address", help="the Ray cluster to use (e.g. auto or HOST:6379); default: RAY_ADDRESS, else a new local one"
+    )
+    p.add_argument(
+        "--threads-per-task",
+        type=int,
+        default=1,
+        help="torch threads per Ray task; the bits equal a local run with as many threads (OMP_NUM_THREADS)",
+    )
+
 
 def cmd_init(args: argparse.Namespace) -> None:
     state = MergeState.create(args.state_dir, args.base, args.method, parse_settings(args.set), args.linear_weights)
-    print(f"created {args.method} state in {state.dir} (base {state.meta['base']['hash'][:19]}, "
-          f"{len(state.meta['linear_weights'])} linear-layer weights from {state.meta['linear_weights_source']})")
+    print(
+        f"created {args.method} state in {state.dir} (base {state.meta['base']['hash'][:19]}, "
+        f"{len(state.meta['linear_weights'])} linear-layer weights from {state.meta['linear_weights_source']})"
+    )
 
 
 def cmd_add(args: argparse.Namespace) -> None:
     state = MergeState.open(args.state_dir)
     if args.task and len(args.task) != len(args.checkpoints):
-        raise FoldinError(f"give one --task per checkpoint ({len(args.checkpoints)} checkpoints, {len(args.task)} --task).")
+        raise FoldinError(
+            f"give one --task per checkpoint ({len(args.checkpoints)} checkpoints, {len(args.task)} --task)."
+        )
     for i, ckpt in enumerate(args.checkpoints):
         learning = None
         if args.task:
             from foldin.evaluation.registry import learning_for_task
 
             learning = learning_for_task(args.task[i], state.base_path, Path(ckpt))
-        entry = state.add(ckpt, progress=not args.quiet, learning=learning, device=args.device, workers=args.workers,
-                          backend=_backend(args))
+        entry = state.add(
+            ckpt,
+            progress=not args.quiet,
+            learning=learning,
+            device=args.device,
+            workers=args.workers,
+            backend=_backend(args),
+        )
         print(f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     state = MergeState.open(args.state_dir)
-    out = state.export(args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet, backend=_backend(args))
+    out = state.export(
+        args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet, backend=_backend(args)
+    )
     print(f"exported the merged model after step {state.step} to {out}")
 
 
@@ -124,11 +152,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     checkpoints = [resolve(c) for c in cfg.checkpoints]
     done = [Path(e["checkpoint"]) for e in state.history]
     if done != checkpoints[: len(done)]:
-        raise StateError(f"{state_dir} already holds a different sequence of checkpoints than {path} lists; use another state directory.")
+        raise StateError(
+            f"{state_dir} already holds a different sequence of checkpoints than {path} lists; use another "
+            f"state directory."
+        )
     if done:
         print(f"resuming {state_dir} at step {len(done)}")
     backend = _backend(args)
-    for ckpt in checkpoints[len(done):]:
+    for ckpt in checkpoints[len(done) :]:
         entry = state.add(ckpt, progress=not args.quiet, backend=backend)
         print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
     state.export(output, cfg.dtype, cfg.max_shard_size, overwrite=True, progress=not args.quiet, backend=backend)
@@ -179,23 +210,43 @@ def cmd_methods(args: argparse.Namespace) -> None:
         for p, f in m["params"].items():
             print(f"    {p} = {f['default']!r}  ({f['type']})  {f['description'] or ''}")
 
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a merge state for a base model and a method")
     p.add_argument("state_dir")
     p.add_argument("--base", required=True, help="the pretrained model: HF folder, .safetensors, .bin or .pt")
     p.add_argument("--method", required=True, choices=list(available_methods()))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (repeatable)")
-    p.add_argument("--linear-weights", metavar="REGEX", help="tensors OPCM treats as linear-layer weights (full match); default: the model's nn.Linear modules from config.json, else a name rule")
+    p.add_argument(
+        "--linear-weights",
+        metavar="REGEX",
+        help="tensors OPCM treats as linear-layer weights (full match); default: the model's nn.Linear modules "
+        "from config.json, else a name rule",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("add", help="fold checkpoints in, in the order given")
     p.add_argument("state_dir")
     p.add_argument("checkpoints", nargs="+")
-    p.add_argument("--task", action="append", default=[], metavar="SUITE:TASK",
-                   help="data-driven methods (otmf, adamerging): the checkpoint's task, e.g. text:reuters_r8 or vision:my_task.yaml; one per checkpoint")
-    p.add_argument("--workers", type=int, default=1,
-                   help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that share)")
-    p.add_argument("--device", help="where the arithmetic runs, e.g. cuda or cuda:1 (default: cpu); results are identical up to float rounding")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="SUITE:TASK",
+        help="data-driven methods (otmf, adamerging): the checkpoint's task, e.g. text:reuters_r8 or "
+        "vision:my_task.yaml; one per checkpoint",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that share)",
+    )
+    p.add_argument(
+        "--device",
+        help="where the arithmetic runs, e.g. cuda or cuda:1 (default: cpu); results are identical up to float "
+        "rounding",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_options(p)
     p.set_defaults(func=cmd_add)
@@ -221,7 +272,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", help="read the whole state and check it against the checksums recorded at each commit")
+    p = sub.add_parser(
+        "verify", help="read the whole state and check it against the checksums recorded at each commit"
+    )
     p.add_argument("state_dir")
     p.set_defaults(func=cmd_verify)
 

@@ -27,9 +27,9 @@ from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
 from foldin.evaluation.zoo import Zoo
+from foldin.io.atomic import write_json_atomic
 from foldin.methods import get_method
 from foldin.progress import progress as progress_bar
-from foldin.io.atomic import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,9 @@ class Scorer:
         """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored."""
         missing = self.model.load_state_dict(state_dict, strict=False).missing_keys
         if missing:
-            raise FoldinError(f"the model to score lacks {len(missing)} of the backbone's weights (e.g. {missing[0]!r}).")
+            raise FoldinError(
+                f"the model to score lacks {len(missing)} of the backbone's weights (e.g. {missing[0]!r})."
+            )
 
     def score(self, name: str, refit: bool = True) -> float:
         """Accuracy on the task's test set, with its refit head if there is one and `refit`."""
@@ -89,8 +91,13 @@ class Scorer:
         return self.suite.accuracy(self.model, head or self.zoo_heads[name], self.test[name])
 
 
-def run_order(order: list[str], advance: Callable[[str], float], scorer: Scorer, full: bool,
-              refit_variants: tuple[bool, ...] = (True,)) -> tuple[dict[bool, Matrix], list[float]]:
+def run_order(
+    order: list[str],
+    advance: Callable[[str], float],
+    scorer: Scorer,
+    full: bool,
+    refit_variants: tuple[bool, ...] = (True,),
+) -> tuple[dict[bool, Matrix], list[float]]:
     """Fold the tasks in, in order; `advance(name)` does one step, loads the result into the
     scorer and returns its merge seconds. Returns (an accuracy matrix per variant: scored with the
     refit heads or with the zoo's heads, seconds per step)."""
@@ -113,7 +120,9 @@ def without_head_refit(spec: MethodSpec) -> MethodSpec | None:
         return None
     name, *settings = spec.label.split(":")
     label = ":".join([name, *(s for s in settings if s.partition("=")[0] != "head_refit")])
-    return MethodSpec(label, spec.method, {k: v for k, v in spec.params.items() if k != "head_refit"}, spec.linear_weights)
+    return MethodSpec(
+        label, spec.method, {k: v for k, v in spec.params.items() if k != "head_refit"}, spec.linear_weights
+    )
 
 
 def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[str, Any]:
@@ -121,19 +130,36 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
     norm = [normalized_accuracy([r["final_acc"][n] for n in finetuned], list(finetuned.values())) for r in runs]
     (acc_m, acc_s), (bwt_m, bwt_s), (norm_m, _) = mean_std(accs), mean_std(bwts), mean_std(norm)
     steps = [s for r in runs for s in r["seconds_per_step"]]
-    return {"ACC_mean": acc_m, "ACC_std": acc_s, "BWT_mean": bwt_m, "BWT_std": bwt_s,
-            "normalized_acc_mean": norm_m, "seconds_per_step": sum(steps) / len(steps), "runs": runs}
+    return {
+        "ACC_mean": acc_m,
+        "ACC_std": acc_s,
+        "BWT_mean": bwt_m,
+        "BWT_std": bwt_s,
+        "normalized_acc_mean": norm_m,
+        "seconds_per_step": sum(steps) / len(steps),
+        "runs": runs,
+    }
 
 
-def _run_record(order: list[str], acc: Matrix, seconds: list[float], step_stats: list[dict[str, float]] | None = None) -> dict[str, Any]:
+def _run_record(
+    order: list[str], acc: Matrix, seconds: list[float], step_stats: list[dict[str, float]] | None = None
+) -> dict[str, Any]:
     """One order's results; `step_stats`: the method's scalars after each step (e.g. AdaMerging's
     learned coefficients, OPCM's scale), kept so a run says what was learned, not only how well."""
-    return {"order": order, "acc_matrix": acc, "final_acc": dict(zip(order, acc[-1])),
-            "ACC": final_accuracy(acc), "BWT": backward_transfer(acc), "seconds_per_step": seconds,
-            **({"step_stats": step_stats} if step_stats is not None else {})}
+    return {
+        "order": order,
+        "acc_matrix": acc,
+        "final_acc": dict(zip(order, acc[-1])),
+        "ACC": final_accuracy(acc),
+        "BWT": backward_transfer(acc),
+        "seconds_per_step": seconds,
+        **({"step_stats": step_stats} if step_stats is not None else {}),
+    }
 
 
-def reference_accuracies(scorer: Scorer, base: dict[str, torch.Tensor], checkpoints: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
+def reference_accuracies(
+    scorer: Scorer, base: dict[str, torch.Tensor], checkpoints: dict[str, dict[str, torch.Tensor]]
+) -> tuple[dict[str, float], dict[str, float]]:
     """(pretrained, individually fine-tuned) accuracy of each task, on the bench's own test sets."""
     scorer.load(base)
     pretrained = {n: scorer.score(n) for n in checkpoints}
@@ -152,27 +178,53 @@ def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]
         return {}
     saved = json.loads(path.read_text())
     ignoring_orders = lambda d: {k: v for k, v in (d or {}).items() if k != "orders"}  # noqa: E731
-    if ignoring_orders(saved.get("settings")) != ignoring_orders(settings) or saved.get("orders", [])[:len(orders)] != orders[:len(saved.get("orders", []))]:
+    if (
+        ignoring_orders(saved.get("settings")) != ignoring_orders(settings)
+        or saved.get("orders", [])[: len(orders)] != orders[: len(saved.get("orders", []))]
+    ):
         return {}
-    return {label: runs[:len(orders)] for label, runs in saved["runs"].items()}
+    return {label: runs[: len(orders)] for label, runs in saved["runs"].items()}
 
 
 def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`new`'s methods added to an earlier run's results; refuses runs that are not comparable."""
     same = lambda key: old["settings"].get(key) == new["settings"].get(key)  # noqa: E731
-    if old["suite"] != new["suite"] or list(old["tasks"]) != list(new["tasks"]) or not (same("seed") and same("max_test") and same("zoo")):
-        raise FoldinError("--extend: the results already in the output directory come from another suite, task list, seed, test set or zoo.")
+    if (
+        old["suite"] != new["suite"]
+        or list(old["tasks"]) != list(new["tasks"])
+        or not (same("seed") and same("max_test") and same("zoo"))
+    ):
+        raise FoldinError(
+            "--extend: the results already in the output directory come from another suite, task list, seed, "
+            "test set or zoo."
+        )
     if any(abs(old["tasks"][n]["finetuned_acc"] - t["finetuned_acc"]) > 1e-9 for n, t in new["tasks"].items()):
-        raise FoldinError("--extend: the fine-tuned accuracies differ from the earlier run's: not the same checkpoints.")
+        raise FoldinError(
+            "--extend: the fine-tuned accuracies differ from the earlier run's: not the same checkpoints."
+        )
     merged = {**old, "methods": {**old["methods"], **new["methods"]}}
-    merged["references"] = {**old["references"], **{k: v for k, v in new["references"].items() if k == "continual_finetuning"}}
+    merged["references"] = {
+        **old["references"],
+        **{k: v for k, v in new["references"].items() if k == "continual_finetuning"},
+    }
     merged["commands"] = [*old.get("commands", [old.get("command", "")]), new["command"]]
     return merged
 
 
-def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed: int = 0,
-              full_matrix_orders: int = 3, cft_orders: int = 1, tasks: list[str] | None = None,
-              max_test: int | None = None, progress: bool = True, command: str = "", extend: bool = False) -> dict[str, Any]:
+def run_bench(
+    zoo: Zoo,
+    specs: list[MethodSpec],
+    n_orders: int,
+    out: Path,
+    seed: int = 0,
+    full_matrix_orders: int = 3,
+    cft_orders: int = 1,
+    tasks: list[str] | None = None,
+    max_test: int | None = None,
+    progress: bool = True,
+    command: str = "",
+    extend: bool = False,
+) -> dict[str, Any]:
     """Run the benchmark and write results.json, report.md and plots to `out`. With `extend`, the
     methods are added to the results already in `out` (same suite, tasks, seed and test sets)."""
     names = tasks or zoo.task_names
@@ -184,14 +236,31 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
     steps_total = len(names) * (n_orders * len(specs) + min(cft_orders, n_orders))
     bar = progress_bar(total=steps_total, desc="bench", unit="step", enabled=progress)
     results: dict[str, Any] = {
-        "suite": zoo.meta["suite"], "backbone": zoo.suite.backbone_label(), "command": command,
+        "suite": zoo.meta["suite"],
+        "backbone": zoo.suite.backbone_label(),
+        "command": command,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "settings": {"orders": n_orders, "seed": seed, "full_matrix_orders": full_matrix_orders, "cft_orders": cft_orders, "max_test": max_test,
-                     "zoo": zoo.meta["settings"]},
-        "tasks": {n: {"source": zoo.meta["tasks"][n]["source"], "labels": zoo.meta["tasks"][n]["labels"],
-                      "n_train": zoo.meta["tasks"][n]["n_train"], "n_test": len(scorer.test[n].labels),
-                      "pretrained_acc": pretrained[n], "finetuned_acc": finetuned[n]} for n in names},
-        "methods": {}, "references": {},
+        "settings": {
+            "orders": n_orders,
+            "seed": seed,
+            "full_matrix_orders": full_matrix_orders,
+            "cft_orders": cft_orders,
+            "max_test": max_test,
+            "zoo": zoo.meta["settings"],
+        },
+        "tasks": {
+            n: {
+                "source": zoo.meta["tasks"][n]["source"],
+                "labels": zoo.meta["tasks"][n]["labels"],
+                "n_train": zoo.meta["tasks"][n]["n_train"],
+                "n_test": len(scorer.test[n].labels),
+                "pretrained_acc": pretrained[n],
+                "finetuned_acc": finetuned[n],
+            }
+            for n in names
+        },
+        "methods": {},
+        "references": {},
     }
     previous = out / "results.json"
     if extend and previous.exists():
@@ -216,8 +285,14 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
         for i, order in enumerate(orders):
             if i < len(runs[True]):
                 continue
-            merger = ContinualMerger(base, spec.method, linear_weights=spec.linear_weights or scorer.model,
-                                     module=scorer.model, features=scorer.suite.batch_features, **spec.params)
+            merger = ContinualMerger(
+                base,
+                spec.method,
+                linear_weights=spec.linear_weights or scorer.model,
+                module=scorer.model,
+                features=scorer.suite.batch_features,
+                **spec.params,
+            )
             scorer.use_heads({})
             step_stats: list[dict[str, float]] = []
 
@@ -233,15 +308,25 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
 
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
             accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders, tuple(variants))
-            for refit, v in variants.items():
+            for refit in variants:
                 runs[refit].append(_run_record(order, accs[refit], seconds, step_stats))
             record(**{v.label: runs[refit] for refit, v in variants.items()})
         for refit, v in variants.items():
             method = get_method(v.method)(**v.params)
-            results["methods"][v.label] = {"method": v.method, "params": method.params.model_dump(), "data_use": method.data_use(),
-                                           "linear_weights": v.linear_weights or "nn.Linear modules of the backbone",
-                                           **({} if refit else {"scored_from": f"the {spec.label} runs: the same merged weights, scored with the zoo's heads"}),
-                                           **_summarize(runs[refit], finetuned)}
+            results["methods"][v.label] = {
+                "method": v.method,
+                "params": method.params.model_dump(),
+                "data_use": method.data_use(),
+                "linear_weights": v.linear_weights or "nn.Linear modules of the backbone",
+                **(
+                    {}
+                    if refit
+                    else {
+                        "scored_from": f"the {spec.label} runs: the same merged weights, scored with the zoo's heads"
+                    }
+                ),
+                **_summarize(runs[refit], finetuned),
+            }
     results["references"]["pretrained"] = {"final_acc": pretrained}
     results["references"]["finetuned"] = {"final_acc": finetuned}
     for ref in ("pretrained", "finetuned"):
@@ -258,8 +343,14 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
             def advance(name: str) -> float:
                 task = scorer.tasks[name]
                 t0 = time.perf_counter()
-                scorer.suite.fine_tune(scorer.model, scorer.zoo_heads[name], *task.train, steps=settings["steps"],
-                                       lr=settings["lr"], seed=settings["seed"])
+                scorer.suite.fine_tune(
+                    scorer.model,
+                    scorer.zoo_heads[name],
+                    *task.train,
+                    steps=settings["steps"],
+                    lr=settings["lr"],
+                    seed=settings["seed"],
+                )
                 bar.update(1)
                 return time.perf_counter() - t0
 
@@ -267,7 +358,10 @@ def run_bench(zoo: Zoo, specs: list[MethodSpec], n_orders: int, out: Path, seed:
             accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders)
             runs.append(_run_record(order, accs[True], seconds))
             record(continual_finetuning=runs)
-        results["references"]["continual_finetuning"] = {"method": "continual fine-tuning", **_summarize(runs, finetuned)}
+        results["references"]["continual_finetuning"] = {
+            "method": "continual fine-tuning",
+            **_summarize(runs, finetuned),
+        }
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
     if extend and previous.exists():

@@ -38,7 +38,9 @@ def learning_for_task(spec: str, base: Path, checkpoint: Path) -> Learning:
         task = suite.user_task(Path(task_name), **settings)
     else:
         if task_name not in suite.builtin_task_names():
-            raise FoldinError(f"unknown {suite_name} task {task_name!r}; available: {', '.join(suite.builtin_task_names())}.")
+            raise FoldinError(
+                f"unknown {suite_name} task {task_name!r}; available: {', '.join(suite.builtin_task_names())}."
+            )
         (task,) = suite.builtin_tasks([task_name], **settings)
     head_file = Path(checkpoint) / "head.safetensors"
     head = load_file(head_file) if head_file.is_file() else None

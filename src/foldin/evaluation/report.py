@@ -16,8 +16,10 @@ def _pct(x: float) -> str:
 def write_report(results: dict[str, Any], out: Path) -> None:
     tasks = list(results["tasks"])
     refs = results["references"]
-    rows = {**({"continual fine-tuning": refs["continual_finetuning"]} if "continual_finetuning" in refs else {}),
-            **results["methods"]}
+    rows = {
+        **({"continual fine-tuning": refs["continual_finetuning"]} if "continual_finetuning" in refs else {}),
+        **results["methods"],
+    }
     lines = [
         f"# Continual merging benchmark: {results['suite']} suite, {len(tasks)} tasks, "
         f"{results['settings']['orders']} task orders",
@@ -33,26 +35,48 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         f"| individually fine-tuned (reference) | {_pct(refs['finetuned']['ACC_mean'])} | - | 100.0 | - | - |",
     ]
     for label, r in rows.items():
-        lines.append(f"| {label} | {_pct(r['ACC_mean'])} ± {_pct(r['ACC_std'])} | {_pct(r['BWT_mean'])} ± {_pct(r['BWT_std'])} "
-                     f"| {_pct(r['normalized_acc_mean'])} | {len(r['runs'])} | {r['seconds_per_step']:.2f} |")
-    lines += ["", "## Table 3 form: final accuracy per task, mean over orders (%)", "",
-              "| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        lines.append(
+            f"| {label} | {_pct(r['ACC_mean'])} ± {_pct(r['ACC_std'])} | {_pct(r['BWT_mean'])} ± {_pct(r['BWT_std'])} "
+            f"| {_pct(r['normalized_acc_mean'])} | {len(r['runs'])} | {r['seconds_per_step']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Table 3 form: final accuracy per task, mean over orders (%)",
+        "",
+        "| method | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
     per_task = {"pretrained": refs["pretrained"]["final_acc"], "fine-tuned": refs["finetuned"]["final_acc"]}
     for label, r in rows.items():
         per_task[label] = {n: sum(run["final_acc"][n] for run in r["runs"]) / len(r["runs"]) for n in tasks}
     for label, accs in per_task.items():
         lines.append(f"| {label} | " + " | ".join(_pct(accs[n]) for n in tasks) + " |")
     lines += ["", "## Data each method reads", "", "| method | besides the checkpoints |", "|---|---|"]
-    lines += [f"| {label} | {r.get('data_use', 'none (checkpoint weights only)')}{' (scored from ' + r['scored_from'] + ')' if 'scored_from' in r else ''} |"
-              for label, r in results["methods"].items()]
+    lines += [
+        f"| {label} | {r.get('data_use', 'none (checkpoint weights only)')}{_scored_from(r)} |"
+        for label, r in results["methods"].items()
+    ]
     lines += ["", "Data-driven methods read training splits only; every accuracy is on the test splits."]
     lines += _learned_scalars(results["methods"])
-    lines += ["", "## Tasks", "", "| task | source | classes | train | test | pretrained head | fine-tuned | lift |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Tasks",
+        "",
+        "| task | source | classes | train | test | pretrained head | fine-tuned | lift |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for n, t in results["tasks"].items():
-        lines.append(f"| {n} | {t['source']} | {len(t['labels'])} | {t['n_train']} | {t['n_test']} | {_pct(t['pretrained_acc'])} "
-                     f"| {_pct(t['finetuned_acc'])} | {100 * (t['finetuned_acc'] - t['pretrained_acc']):+.1f} |")
+        lines.append(
+            f"| {n} | {t['source']} | {len(t['labels'])} | {t['n_train']} | {t['n_test']} | "
+            f"{_pct(t['pretrained_acc'])} "
+            f"| {_pct(t['finetuned_acc'])} | {100 * (t['finetuned_acc'] - t['pretrained_acc']):+.1f} |"
+        )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_all(results, out)
+
+
+def _scored_from(r: dict[str, Any]) -> str:
+    return f" (scored from {r['scored_from']})" if "scored_from" in r else ""
 
 
 def _learned_scalars(methods: dict[str, Any]) -> list[str]:
@@ -67,11 +91,20 @@ def _learned_scalars(methods: dict[str, Any]) -> list[str]:
         for s in steps:
             for k, v in s.items():
                 values.setdefault(k, []).append(v)
-        lines += [f"| {label} | {k} | {sum(v) / len(v):.3f} | {min(v):.3f} | {max(v):.3f} | {len(v)} |" for k, v in values.items()]
+        lines += [
+            f"| {label} | {k} | {sum(v) / len(v):.3f} | {min(v):.3f} | {max(v):.3f} | {len(v)} |"
+            for k, v in values.items()
+        ]
     if not lines:
         return []
-    return ["", "## What the data-driven methods learned (steps 2 and later, all recorded orders)", "",
-            "| method | scalar | mean | min | max | steps |", "|---|---|---:|---:|---:|---:|", *lines]
+    return [
+        "",
+        "## What the data-driven methods learned (steps 2 and later, all recorded orders)",
+        "",
+        "| method | scalar | mean | min | max | steps |",
+        "|---|---|---:|---:|---:|---:|",
+        *lines,
+    ]
 
 
 def plot_all(results: dict[str, Any], out: Path) -> None:
@@ -127,8 +160,11 @@ def plot_all(results: dict[str, Any], out: Path) -> None:
 def plot_sweeps(results: dict[str, Any], out: Path, plt) -> None:
     """ACC versus OPCM's alpha and task arithmetic's scaling factor, when several values were run."""
     for method, param in (("opcm", "alpha"), ("task_arithmetic", "scaling_factor"), ("otmf", "alpha")):
-        points = sorted((r["params"][param], r["ACC_mean"], r["ACC_std"]) for r in results["methods"].values()
-                        if r["method"] == method and r["params"].get("masks", True) and not r["params"].get("head_refit"))
+        points = sorted(
+            (r["params"][param], r["ACC_mean"], r["ACC_std"])
+            for r in results["methods"].values()
+            if r["method"] == method and r["params"].get("masks", True) and not r["params"].get("head_refit")
+        )
         if len(points) < 2:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))

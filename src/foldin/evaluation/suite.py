@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foldin.errors import FoldinError
 from foldin.data import TaskData
+from foldin.errors import FoldinError
 
 EVAL_BATCH = 64
 
@@ -49,14 +49,18 @@ class Suite(ABC):
     name: str
     defaults: dict[str, Any]  # zoo settings: steps, lr, max_train, max_test, seed, heads
     fine_tune_batch: int
-    head_weight_decay: float = 0.0  # L2 on the head: a head that already fits the training set leaves fine-tuning nothing to learn
+    head_weight_decay: float = (
+        0.0  # L2 on the head: a head that already fits the training set leaves fine-tuning nothing to learn
+    )
     head_protocols: tuple[str, ...] = ("probe",)  # how a task's frozen head is made (see `head`)
 
     def __init__(self, backbone: Path | str | None = None, heads: str | None = None):
         self.backbone = Path(backbone) if backbone else self.default_backbone()
         self.heads = heads or self.defaults["heads"]
         if self.heads not in self.head_protocols:
-            raise FoldinError(f"the {self.name} suite's heads can be {' or '.join(self.head_protocols)}, not {self.heads!r}.")
+            raise FoldinError(
+                f"the {self.name} suite's heads can be {' or '.join(self.head_protocols)}, not {self.heads!r}."
+            )
 
     @abstractmethod
     def default_backbone(self) -> Path:
@@ -120,7 +124,9 @@ class Suite(ABC):
         if self.heads == "zeroshot":
             return self.zero_shot_head(model, task)
         train = self.encode(*task.train)
-        return fit_head(self.embed(model, train), train.labels, len(task.labels), seed=seed, weight_decay=self.head_weight_decay)
+        return fit_head(
+            self.embed(model, train), train.labels, len(task.labels), seed=seed, weight_decay=self.head_weight_decay
+        )
 
     def zero_shot_head(self, model: nn.Module, task: Task) -> dict[str, torch.Tensor]:
         raise FoldinError(f"the {self.name} suite has no zero-shot heads; use --heads probe.")
@@ -142,8 +148,17 @@ class Suite(ABC):
         """The module state during fine-tuning (dropout on, by default)."""
         model.train()
 
-    def fine_tune(self, model: nn.Module, head: Mapping[str, torch.Tensor], inputs: Any, labels: Sequence[int],
-                  steps: int, lr: float, seed: int = 0, progress=None) -> nn.Module:
+    def fine_tune(
+        self,
+        model: nn.Module,
+        head: Mapping[str, torch.Tensor],
+        inputs: Any,
+        labels: Sequence[int],
+        steps: int,
+        lr: float,
+        seed: int = 0,
+        progress=None,
+    ) -> nn.Module:
         """Fine-tune the backbone with the head frozen (AdamW, linear decay), in place."""
         batch = self.fine_tune_batch
         torch.manual_seed(seed)
@@ -154,8 +169,10 @@ class Suite(ABC):
         order = torch.randperm(len(y))
         for step in range(steps):
             start = (step * batch) % len(y)
-            idx = order[start: start + batch]
-            loss = F.cross_entropy(F.linear(self.features(model, self.train_batch(inputs, idx)), head["weight"], head["bias"]), y[idx])
+            idx = order[start : start + batch]
+            loss = F.cross_entropy(
+                F.linear(self.features(model, self.train_batch(inputs, idx)), head["weight"], head["bias"]), y[idx]
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -165,8 +182,14 @@ class Suite(ABC):
         return model.eval()
 
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 300, seed: int = 0,
-             weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+def fit_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    steps: int = 300,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """A linear classifier on frozen features (full-batch Adam): the task's fixed head."""
     torch.manual_seed(seed)
     head = nn.Linear(features.shape[1], n_classes)

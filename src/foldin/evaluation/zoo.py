@@ -44,7 +44,7 @@ class Zoo:
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, zoo_dir: str | Path) -> "Zoo":
+    def open(cls, zoo_dir: str | Path) -> Zoo:
         path = Path(zoo_dir) / "zoo.json"
         if not path.is_file():
             raise FoldinError(f"{zoo_dir} is not a model zoo (no zoo.json); build one with 'foldin zoo build'.")
@@ -77,7 +77,9 @@ class Zoo:
         names = names or self.task_names
         unknown = set(names) - set(self.task_names)
         if unknown:
-            raise FoldinError(f"task {sorted(unknown)[0]!r} is not in the zoo at {self.dir}; it has {', '.join(self.task_names)}.")
+            raise FoldinError(
+                f"task {sorted(unknown)[0]!r} is not in the zoo at {self.dir}; it has {', '.join(self.task_names)}."
+            )
         user = self.meta.get("user_tasks", {})
         files = {n: self.dir / user[n] for n in names if n in user}
         loaded = {t.name: t for t in load_tasks(self.suite, self.settings, [n for n in names if n not in user], files)}
@@ -111,8 +113,15 @@ def _copy_user_task(spec: Path, out: Path) -> tuple[str, str]:
     return name, str((folder / spec.name).relative_to(out))
 
 
-def build_zoo(out: str | Path, suite_name: str = "text", builtin: list[str] | None = None, task_files: list[str] | None = None,
-              backbone: Path | None = None, progress: bool = True, **settings: Any) -> Zoo:
+def build_zoo(
+    out: str | Path,
+    suite_name: str = "text",
+    builtin: list[str] | None = None,
+    task_files: list[str] | None = None,
+    backbone: Path | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> Zoo:
     """Build (or finish building) the zoo in `out`: the built-in tasks named in `builtin` (None:
     all of the suite's) and the user tasks of `task_files` (YAML files). Built tasks are skipped.
     A build that fails before its first task is written leaves no folder behind."""
@@ -120,34 +129,50 @@ def build_zoo(out: str | Path, suite_name: str = "text", builtin: list[str] | No
     meta_path = out / "zoo.json"
     existed = out.exists()
     try:
-        return _build(out, meta_path, suite_name, builtin, [Path(f) for f in task_files or []], backbone, progress, settings)
+        return _build(
+            out, meta_path, suite_name, builtin, [Path(f) for f in task_files or []], backbone, progress, settings
+        )
     except BaseException:
         if not existed and not meta_path.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _build(out: Path, meta_path: Path, suite_name: str, builtin: list[str] | None, task_files: list[Path],
-           backbone: Path | None, progress: bool, settings: dict[str, Any]) -> Zoo:
+def _build(
+    out: Path,
+    meta_path: Path,
+    suite_name: str,
+    builtin: list[str] | None,
+    task_files: list[Path],
+    backbone: Path | None,
+    progress: bool,
+    settings: dict[str, Any],
+) -> Zoo:
     suite = get_suite(suite_name, backbone, settings.get("heads"))
     settings = {**suite.defaults, **{k: v for k, v in settings.items() if v is not None}}
     names = suite.builtin_task_names() if builtin is None else builtin
     unknown = set(names) - set(suite.builtin_task_names())
     if unknown:
-        raise FoldinError(f"unknown {suite_name} task {sorted(unknown)[0]!r}; available: {', '.join(suite.builtin_task_names())}.")
+        raise FoldinError(
+            f"unknown {suite_name} task {sorted(unknown)[0]!r}; available: {', '.join(suite.builtin_task_names())}."
+        )
     for f in task_files:  # check every user task before anything is built or copied
         suite.user_task(f, **{k: settings[k] for k in ("max_train", "max_test", "seed")})
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta["suite"] != suite_name or _settings_of(meta) != settings:
-            raise FoldinError(f"{out} was built with other settings ({meta['suite']}, {_settings_of(meta)}); use another directory.")
+            raise FoldinError(
+                f"{out} was built with other settings ({meta['suite']}, {_settings_of(meta)}); use another directory."
+            )
         meta["settings"] = settings
     else:
         meta = {"suite": suite_name, "backbone": None, "settings": settings, "user_tasks": {}, "tasks": {}}
     out.mkdir(parents=True, exist_ok=True)
     backbone_path = str(suite.base_checkpoint(out))
     if meta["backbone"] not in (None, backbone_path):
-        raise FoldinError(f"{out} was built from the backbone {meta['backbone']}, not {backbone_path}; use another directory.")
+        raise FoldinError(
+            f"{out} was built from the backbone {meta['backbone']}, not {backbone_path}; use another directory."
+        )
     meta["backbone"] = backbone_path
     user = meta.setdefault("user_tasks", {})
     for f in task_files:
@@ -158,7 +183,9 @@ def _build(out: Path, meta_path: Path, suite_name: str, builtin: list[str] | Non
     for n in wanted:
         if n not in todo:
             meta["tasks"][n] = json.loads((out / "tasks" / n / "task.json").read_text())
-    tasks = load_tasks(suite, settings, [n for n in todo if n not in user], {n: out / user[n] for n in todo if n in user})
+    tasks = load_tasks(
+        suite, settings, [n for n in todo if n not in user], {n: out / user[n] for n in todo if n in user}
+    )
     bar = progress_bar(total=len(tasks) * settings["steps"], desc="building zoo", unit="step", enabled=progress)
     for task in tasks:
         bar.set_postfix_str(task.name)
@@ -186,9 +213,19 @@ def _build_task(suite: Suite, task: Task, folder: Path, settings: dict[str, Any]
     pretrained = suite.accuracy(model, head, test)
     suite.fine_tune(model, head, *task.train, steps=settings["steps"], lr=settings["lr"], seed=seed, progress=bar)
     finetuned = suite.accuracy(model, head, test)
-    info = {"name": task.name, "source": task.source, "labels": task.labels, "descriptions": list(task.descriptions),
-            "heads": settings["heads"], "n_train": len(task.train[1]), "n_test": len(task.test[1]),
-            "pretrained_acc": pretrained, "finetuned_acc": finetuned, "seed": seed, "seconds": round(time.time() - started, 1)}
+    info = {
+        "name": task.name,
+        "source": task.source,
+        "labels": task.labels,
+        "descriptions": list(task.descriptions),
+        "heads": settings["heads"],
+        "n_train": len(task.train[1]),
+        "n_test": len(task.test[1]),
+        "pretrained_acc": pretrained,
+        "finetuned_acc": finetuned,
+        "seed": seed,
+        "seconds": round(time.time() - started, 1),
+    }
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

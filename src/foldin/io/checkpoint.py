@@ -52,7 +52,7 @@ class Checkpoint(ABC):
     def read(self, name: str) -> torch.Tensor:
         """The tensor's data in its stored dtype; a fresh buffer the caller may keep."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (a checkpoint with no open file has nothing to release)
         pass
 
     def fingerprint(self) -> list[list[object]]:
@@ -63,7 +63,7 @@ class Checkpoint(ABC):
             out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
         return out
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,7 +157,9 @@ def _load_state_dict(f: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{f} is truncated or corrupted: {first_line}") from e
     if isinstance(obj, dict) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         raise CheckpointError(f"{f} does not hold a state dict (a mapping of names to tensors).")
     return obj
 
@@ -168,7 +170,9 @@ def _index_files(index: Path) -> tuple[list[Path], dict[str, str]]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index} is not a valid checkpoint index (expected JSON with a weight_map).") from e
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names.")
     folder = index.parent.resolve()
     files: list[Path] = []

@@ -9,9 +9,8 @@ nothing else: a file of the user's that sits in the target is never deleted.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import re
 import secrets
 import shutil
@@ -73,9 +72,15 @@ def write_hf_folder(
     tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
     tmp.mkdir()
     try:
-        sizes = {n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()}
+        sizes = {
+            n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()
+        }
         shards = plan_shards(sizes, max_shard_bytes)
-        filenames = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        filenames = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
         weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
         if write_shards is not None:
             write_shards([(tmp / filename, names) for filename, names in zip(filenames, shards)])
@@ -88,8 +93,12 @@ def write_hf_folder(
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if config_dir is not None:
-            shutil.copytree(config_dir, tmp, dirs_exist_ok=True,
-                            ignore=lambda _d, names: [n for n in names if WEIGHT_PATTERNS.search(n)])
+            shutil.copytree(
+                config_dir,
+                tmp,
+                dirs_exist_ok=True,
+                ignore=lambda _d, names: [n for n in names if WEIGHT_PATTERNS.search(n)],
+            )
         if torch_dtype is not None and (tmp / "config.json").is_file():
             _set_config_dtype(tmp / "config.json", torch_dtype)
         (tmp / "README.md").write_text(model_card)
@@ -119,11 +128,15 @@ def check_target(out_dir: Path, overwrite: bool, protected: dict[str, Path] | No
     target = out_dir.resolve()
     here = Path.cwd().resolve()
     if out_dir.name in ("", ".", "..") or target == here or target in here.parents:
-        raise FoldinError(f"cannot export into {out_dir}: it is the current folder or one above it; name a new folder.")
+        raise FoldinError(
+            f"cannot export into {out_dir}: it is the current folder or one above it; name a new folder."
+        )
     for what, path in (protected or {}).items():
         p = path.resolve()
         if target == p or target in p.parents or p in target.parents:
-            raise FoldinError(f"cannot export into {out_dir}: it is, holds or lies inside {what} ({path}); name a new folder.")
+            raise FoldinError(
+                f"cannot export into {out_dir}: it is, holds or lies inside {what} ({path}); name a new folder."
+            )
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
@@ -136,9 +149,13 @@ def check_target(out_dir: Path, overwrite: bool, protected: dict[str, Path] | No
     try:
         written = set(json.loads((out_dir / MANIFEST).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise FoldinError(f"--overwrite replaces only a folder that foldin exported, and {out_dir} is not one "
-                          f"(no {MANIFEST}); choose another directory.") from None
+        raise FoldinError(
+            f"--overwrite replaces only a folder that foldin exported, and {out_dir} is not one "
+            f"(no {MANIFEST}); choose another directory."
+        ) from None
     foreign = sorted(entries - written - {MANIFEST})
     if foreign:
-        raise FoldinError(f"{out_dir} holds files that foldin did not write ({', '.join(foreign[:3])}); "
-                          "move them or choose another directory.")
+        raise FoldinError(
+            f"{out_dir} holds files that foldin did not write ({', '.join(foreign[:3])}); "
+            "move them or choose another directory."
+        )

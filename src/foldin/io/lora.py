@@ -43,7 +43,9 @@ class LoraCheckpoint(Checkpoint):
         config = self._config(path)
         weights = path / "adapter_model.safetensors"
         if not weights.is_file():
-            raise CheckpointError(f"{path} is a LoRA adapter without adapter_model.safetensors (adapter_model.bin is not read).")
+            raise CheckpointError(
+                f"{path} is a LoRA adapter without adapter_model.safetensors (adapter_model.bin is not read)."
+            )
         super().__init__(path, [path / "adapter_config.json", weights])
         self._base = base
         self._adapter = open_checkpoint(weights)
@@ -52,7 +54,10 @@ class LoraCheckpoint(Checkpoint):
         for key in self._adapter.names():
             m = LORA_KEY.match(key.removeprefix(PREFIX))
             if m is None:
-                raise CheckpointError(f"{path}: adapter tensor {key!r} is not a LoRA A or B matrix (modules_to_save and biases are not supported).")
+                raise CheckpointError(
+                    f"{path}: adapter tensor {key!r} is not a LoRA A or B matrix (modules_to_save and biases "
+                    f"are not supported)."
+                )
             pairs.setdefault(m["module"], {})[m["ab"]] = key
         self._updates: dict[str, tuple[str, str, float]] = {}  # base tensor name -> (A key, B key, scaling)
         base_names = set(base.names())
@@ -75,9 +80,20 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{path / 'adapter_config.json'} is not valid JSON.") from e
         if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{path} is a {config.get('peft_type')} adapter; foldin reads LoRA adapters.")
-        if config.get("use_dora") or config.get("bias", "none") != "none" or config.get("lora_bias") or config.get("modules_to_save"):
-            raise CheckpointError(f"{path}: DoRA, LoRA biases and modules_to_save are not supported; merge the adapter with PEFT first.")
-        if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)) or config["r"] <= 0:
+        if (
+            config.get("use_dora")
+            or config.get("bias", "none") != "none"
+            or config.get("lora_bias")
+            or config.get("modules_to_save")
+        ):
+            raise CheckpointError(
+                f"{path}: DoRA, LoRA biases and modules_to_save are not supported; merge the adapter with PEFT first."
+            )
+        if (
+            not isinstance(config.get("r"), int)
+            or not isinstance(config.get("lora_alpha"), (int, float))
+            or config["r"] <= 0
+        ):
             raise CheckpointError(f"{path / 'adapter_config.json'} lacks a valid r and lora_alpha.")
         return config
 
@@ -107,7 +123,10 @@ class LoraCheckpoint(Checkpoint):
         if self._fan_in_fan_out:
             delta = delta.T
         if delta.shape != weight.shape:
-            raise CheckpointError(f"{self.path}: the update of {name!r} has shape {list(delta.shape)}, the base weight {list(weight.shape)}.")
+            raise CheckpointError(
+                f"{self.path}: the update of {name!r} has shape {list(delta.shape)}, the base weight "
+                f"{list(weight.shape)}."
+            )
         return (weight.float() + delta).to(weight.dtype)
 
     def close(self) -> None:

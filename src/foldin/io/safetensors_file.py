@@ -8,9 +8,8 @@ accumulating in RSS) and to write a file whose tensors are produced one by one.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -54,7 +53,6 @@ class TensorSpec:
         return self.end - self.begin
 
 
-
 def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     """Parse and validate a safetensors header: offsets inside the file, contiguous and
     non-overlapping, sizes consistent with dtype and shape. Returns (specs, metadata)."""
@@ -89,7 +87,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
         specs[name] = _parse_entry(path, name, entry, data_start, data_size)
     # Tensors must tile the data area without overlap; gaps would be tolerable, overlaps are not.
     spans = sorted((s.begin, s.end, n) for n, s in specs.items() if s.nbytes)
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointError(f"{path} has overlapping tensors {n0!r} and {n1!r} in its header.")
     if spans and spans[-1][1] > size:
@@ -157,14 +155,20 @@ class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor. The header is fixed up front from the
     tensors' names, dtypes and shapes; each tensor is then written at its offset in any order."""
 
-    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ):
         self.path = path
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         self._offsets: dict[str, tuple[int, int]] = {}
         for name, (dtype, shape) in specs.items():
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._offsets[name] = (offset, offset + nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -205,7 +209,7 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

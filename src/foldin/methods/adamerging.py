@@ -5,10 +5,10 @@
 lambda_pre starts at 1.0 (the merged model as it is) and lambda_post at 0.3, as the continual
 AdaMerging baseline of the OTMF research code starts them: starting both at 0.3, as offline
 AdaMerging does for independent task vectors, would begin every step by shrinking everything
-merged so far to 0.3 times its size. The two coefficients are trained with Adam to minimise the entropy of the model's predictions
-(through each task's classification head) on unlabelled inputs of the previous task (the buffer
-the state keeps) and of the new task, one batch of each per step; they are clamped to [0, 1]
-after every step.
+merged so far to 0.3 times its size. The two coefficients are trained with Adam to minimise the
+entropy of the model's predictions (through each task's classification head) on unlabelled inputs
+of the previous task (the buffer the state keeps) and of the new task, one batch of each per step;
+they are clamped to [0, 1] after every step.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from foldin.errors import FoldinError
-from foldin.methods.registry import register
 from foldin.data import Learning
+from foldin.errors import FoldinError
 from foldin.methods.learned import FunctionalModel, LearnedMethod, LearnedParams, LinearWeights, sample_index
+from foldin.methods.registry import register
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,9 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 class AdaMergingParams(LearnedParams):
-    init_merged: float = Field(1.0, ge=0.0, le=1.0, description="Initial lambda_pre, the merged task vector's coefficient.")
+    init_merged: float = Field(
+        1.0, ge=0.0, le=1.0, description="Initial lambda_pre, the merged task vector's coefficient."
+    )
     init_new: float = Field(0.3, ge=0.0, le=1.0, description="Initial lambda_post, the new task vector's coefficient.")
 
 
@@ -37,18 +39,25 @@ class AdaMergingParams(LearnedParams):
 class AdaMerging(LearnedMethod):
     name = "adamerging"
     Params = AdaMergingParams
-    summary = "Learns one coefficient for the merged and one for the new task vector by minimising prediction entropy on unlabelled inputs (needs task data and heads)."
+    summary = (
+        "Learns one coefficient for the merged and one for the new task vector by minimising prediction "
+        "entropy on unlabelled inputs (needs task data and heads)."
+    )
 
     def data_use(self) -> str:
         p = self.params
-        return (f"unlabelled training inputs of the previous task (a buffer of {p.buffer_size}) and of the new task, "
-                f"{p.steps} steps of {p.batch_size} each, and the two tasks' frozen heads; no labels")
+        return (
+            f"unlabelled training inputs of the previous task (a buffer of {p.buffer_size}) and of the new task, "
+            f"{p.steps} steps of {p.batch_size} each, and the two tasks' frozen heads; no labels"
+        )
 
     def learn(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator):
         p = self.params
         tasks = [learning.previous, learning.new]
         if any(t is None or t.head is None for t in tasks):
-            raise FoldinError("adamerging scores predictions, so each task's data needs its classification head (TaskData.head).")
+            raise FoldinError(
+                "adamerging scores predictions, so each task's data needs its classification head (TaskData.head)."
+            )
         weights = LinearWeights(FunctionalModel(learning), base)
         taus = (tau_pre, tau_post)
         coeffs = torch.tensor([p.init_merged, p.init_new])
@@ -56,10 +65,18 @@ class AdaMerging(LearnedMethod):
         for _ in range(p.steps):
             batches = [t.batch(sample_index(t, p.batch_size, generator)) for t in tasks]
             weights.fill(*((float(c), None, tau) for c, tau in zip(coeffs, taus)))
-            _, grads = weights.gradient(lambda features: sum(prediction_entropy(F.linear(features(b), t.head["weight"], t.head["bias"]))
-                                                             for t, b in zip(tasks, batches)))
-            coeffs.grad = torch.stack([sum(torch.dot(g.flatten(), tau[n].flatten()) for n, g in grads.items() if g is not None)
-                                       for tau in taus])  # the chain rule: d loss/d lambda = <d loss/d weights, tau>
+            _, grads = weights.gradient(
+                lambda features: sum(
+                    prediction_entropy(F.linear(features(b), t.head["weight"], t.head["bias"]))
+                    for t, b in zip(tasks, batches)
+                )
+            )
+            coeffs.grad = torch.stack(
+                [
+                    sum(torch.dot(g.flatten(), tau[n].flatten()) for n, g in grads.items() if g is not None)
+                    for tau in taus
+                ]
+            )  # the chain rule: d loss/d lambda = <d loss/d weights, tau>
             opt.step()
             coeffs.clamp_(0.0, 1.0)
         c_pre, c_post = (float(c) for c in coeffs.detach())

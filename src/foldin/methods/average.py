@@ -3,8 +3,8 @@ M_1 = theta_1, M_t = ((t-1) M_{t-1} + theta_t) / t, kept as a task vector M_t - 
 
 from __future__ import annotations
 
-from foldin.methods.registry import register
 from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext
+from foldin.methods.registry import register
 
 
 class AverageParams(MethodParams):

@@ -102,8 +102,10 @@ class MergeMethod(ABC):
         if unknown:
             close = difflib.get_close_matches(unknown[0], fields, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise FoldinError(f"method {self.name!r} has no parameter {unknown[0]!r}; {hint}"
-                              f"its parameters: {', '.join(fields) or 'none'}.")
+            raise FoldinError(
+                f"method {self.name!r} has no parameter {unknown[0]!r}; {hint}"
+                f"its parameters: {', '.join(fields) or 'none'}."
+            )
         self.params = self.Params(**params)
 
     @abstractmethod

@@ -33,8 +33,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from foldin.methods.registry import register
 from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot
+from foldin.methods.registry import register
 
 ProjSpace = Literal["uv", "u", "v"]
 
@@ -84,7 +84,7 @@ def min_norm_weights(g_pre: torch.Tensor, g_post: torch.Tensor) -> tuple[float, 
     return float(gamma), float(1 - gamma)
 
 
-def adam_merge(start: torch.Tensor, losses: list[ProjectedLoss], p: "DOPParams") -> tuple[torch.Tensor, float]:
+def adam_merge(start: torch.Tensor, losses: list[ProjectedLoss], p: DOPParams) -> tuple[torch.Tensor, float]:
     """`num_steps` Adam steps from `start`; returns the merged weight and the final weight of L_pre."""
     w = torch.nn.Parameter(start.clone())
     optimizer = torch.optim.Adam([w], lr=p.lr)
@@ -134,21 +134,33 @@ class DOPParams(MethodParams):
     lr: float = Field(1e-4, gt=0, description="Adam learning rate.")
     num_steps: int = Field(200, ge=0, description="Adam steps per linear layer and merge.")
     mgda: bool = Field(True, description="Balance the two losses by MGDA's min-norm weights (else alpha, 1 - alpha).")
-    ema: bool = Field(True, description="With mgda: smooth the weights by an exponential moving average starting at alpha.")
+    ema: bool = Field(
+        True, description="With mgda: smooth the weights by an exponential moving average starting at alpha."
+    )
     ema_beta: float = Field(0.999, ge=0, le=1, description="Decay of that moving average.")
     alpha: float = Field(0.8, ge=0, le=1, description="Weight of the merged model's loss (the EMA's start with mgda).")
-    svd_epsilon: float = Field(0.99999, ge=0, le=1, description="Share of singular-value mass each task vector's basis keeps.")
-    svd_proj_space: ProjSpace = Field("uv", description="Project on the left (u), right (v) or both (uv) singular bases.")
-    solver: Literal["adam", "exact"] = Field("adam", description=(
-        "adam: FusionBench's optimisation; exact: the closed-form minimiser of alpha L_pre + (1 - alpha) L_post."))
+    svd_epsilon: float = Field(
+        0.99999, ge=0, le=1, description="Share of singular-value mass each task vector's basis keeps."
+    )
+    svd_proj_space: ProjSpace = Field(
+        "uv", description="Project on the left (u), right (v) or both (uv) singular bases."
+    )
+    solver: Literal["adam", "exact"] = Field(
+        "adam",
+        description=(
+            "adam: FusionBench's optimisation; exact: the closed-form minimiser of alpha L_pre + (1 - alpha) L_post."
+        ),
+    )
 
 
 @register
 class DOP(MergeMethod):
     name = "dop"
     Params = DOPParams
-    summary = ("Per linear layer, finds the weight closest to both the merged and the new model in each one's principal "
-               "singular subspaces (dual projections); averages the other parameters.")
+    summary = (
+        "Per linear layer, finds the weight closest to both the merged and the new model in each one's principal "
+        "singular subspaces (dual projections); averages the other parameters."
+    )
 
     def fold(self, ctx: StepContext) -> FoldResult:
         p = self.params
@@ -163,7 +175,10 @@ class DOP(MergeMethod):
             if not slot.is_linear:
                 return average - base, None
             targets = (previous.flatten(1), new.flatten(1))
-            losses = [ProjectedLoss(t, *principal_basis(t - base.flatten(1), p.svd_epsilon), p.svd_proj_space) for t in targets]
+            losses = [
+                ProjectedLoss(t, *principal_basis(t - base.flatten(1), p.svd_epsilon), p.svd_proj_space)
+                for t in targets
+            ]
             if p.solver == "exact":
                 merged, weight = exact_merge(average.flatten(1), losses, (p.alpha, 1 - p.alpha)), p.alpha
             else:

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from foldin.errors import FoldinError
 from foldin.data import Batch, FeatureFn, Learning, TaskData
+from foldin.errors import FoldinError
 from foldin.methods.base import FoldResult, Heads, MergeMethod, MethodParams, StepContext
+
 
 class _WithFeatures(nn.Module):
     def __init__(self, module: nn.Module, features: FeatureFn):
@@ -48,7 +49,9 @@ class FunctionalModel:
         return torch.func.functional_call(self._wrapped, params, (batch,), strict=False)
 
 
-def add_task_vectors(base: Mapping[str, torch.Tensor], *terms: tuple[torch.Tensor | float, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def add_task_vectors(
+    base: Mapping[str, torch.Tensor], *terms: tuple[torch.Tensor | float, Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """base + sum of coefficient * task vector, name by name (a coefficient is a scalar or a tensor per name)."""
     out = {}
     for name, b in base.items():
@@ -88,7 +91,9 @@ class LinearWeights:
     def features(self, batch: Batch) -> torch.Tensor:
         return self.model(self.weights, batch)
 
-    def gradient(self, loss_of: Callable[[Callable[[Batch], torch.Tensor]], torch.Tensor]) -> tuple[float, dict[str, torch.Tensor | None]]:
+    def gradient(
+        self, loss_of: Callable[[Callable[[Batch], torch.Tensor]], torch.Tensor]
+    ) -> tuple[float, dict[str, torch.Tensor | None]]:
         """The loss `loss_of(features)` computes from features under the current weights, and its
         gradient with respect to each weight (None where the loss does not depend on it)."""
         leaves = {n: w.requires_grad_() for n, w in self.weights.items()}
@@ -105,8 +110,9 @@ def sample_index(data: TaskData, batch_size: int, generator: torch.Generator) ->
     return torch.randint(len(data), (min(batch_size, len(data)),), generator=generator)
 
 
-def refit_head(head: Mapping[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, steps: int,
-               lr: float = 1e-3) -> dict[str, torch.Tensor]:
+def refit_head(
+    head: Mapping[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, steps: int, lr: float = 1e-3
+) -> dict[str, torch.Tensor]:
     """Continue training a linear head by cross-entropy on features of the merged model (full batch, Adam)."""
     weight = head["weight"].detach().clone().requires_grad_()
     bias = head["bias"].detach().clone().requires_grad_()
@@ -119,7 +125,9 @@ def refit_head(head: Mapping[str, torch.Tensor], features: torch.Tensor, labels:
 
 
 @torch.no_grad()
-def batched_features(model: FunctionalModel, weights: Mapping[str, torch.Tensor], data: TaskData, batch_size: int = 64) -> torch.Tensor:
+def batched_features(
+    model: FunctionalModel, weights: Mapping[str, torch.Tensor], data: TaskData, batch_size: int = 64
+) -> torch.Tensor:
     index = torch.arange(len(data))
     return torch.cat([model(weights, data.batch(i)) for i in index.split(batch_size)])
 
@@ -140,8 +148,14 @@ class LearnedMethod(MergeMethod):
     params: LearnedParams
 
     @abstractmethod
-    def learn(self, base: dict[str, torch.Tensor], tau_pre: dict[str, torch.Tensor], tau_post: dict[str, torch.Tensor],
-              learning: Learning, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
+    def learn(
+        self,
+        base: dict[str, torch.Tensor],
+        tau_pre: dict[str, torch.Tensor],
+        tau_post: dict[str, torch.Tensor],
+        learning: Learning,
+        generator: torch.Generator,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
         """Return the next merged task vector, a few scalars worth recording (e.g. coefficients) and
         the heads it refit (by task name; empty if none)."""
 
@@ -159,7 +173,10 @@ class LearnedMethod(MergeMethod):
         if ctx.step == 1:
             merged = tau_post
         elif learning.previous is None:
-            raise FoldinError(f"{self.name} needs examples of the previous task, and none were kept (was step {ctx.step - 1} made by another method?).")
+            raise FoldinError(
+                f"{self.name} needs examples of the previous task, and none were kept (was step {ctx.step - 1} "
+                f"made by another method?)."
+            )
         else:
             merged, stats, heads = self.learn(base, tau_pre, tau_post, learning, generator)
         buffer = learning.new.subset(self.params.buffer_size, generator)

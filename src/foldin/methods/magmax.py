@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from foldin.methods.registry import register
 from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot
+from foldin.methods.registry import register
 
 
 def max_magnitude(running: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,9 @@ def max_magnitude(running: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 class MagMaxParams(MethodParams):
-    scaling_factor: float = Field(0.5, description="Weight of the max-magnitude task vector (FusionBench's default, 0.5).")
+    scaling_factor: float = Field(
+        0.5, description="Weight of the max-magnitude task vector (FusionBench's default, 0.5)."
+    )
 
 
 @register

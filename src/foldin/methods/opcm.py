@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from foldin.methods.registry import register
 from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot, squared_norm
+from foldin.methods.registry import register
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -35,11 +35,15 @@ def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
     return int((share > alpha).float().argmax().item())
 
 
-NONZERO_RTOL = 1e-5  # float32 rounding leaves a sum of LoRA updates with "null" singular values near 1e-6 x the largest
+NONZERO_RTOL = (
+    1e-5  # float32 rounding leaves a sum of LoRA updates with "null" singular values near 1e-6 x the largest
+)
 SKETCH_OVERSAMPLING = 8
 
 
-def nonzero_singular_triplets(merged: torch.Tensor, rtol: float = NONZERO_RTOL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nonzero_singular_triplets(
+    merged: torch.Tensor, rtol: float = NONZERO_RTOL
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of `merged` restricted to the singular values above rtol x the largest.
 
     A numerically low-rank matrix (a sum of LoRA updates) is found from a seeded Gaussian sketch
@@ -66,7 +70,9 @@ def nonzero_singular_triplets(merged: torch.Tensor, rtol: float = NONZERO_RTOL) 
 Diagonal = Literal["all", "nonzero"]
 
 
-def project_task_vector(merged: torch.Tensor, task: torch.Tensor, alpha: float, diagonal: Diagonal = "all") -> torch.Tensor:
+def project_task_vector(
+    merged: torch.Tensor, task: torch.Tensor, alpha: float, diagonal: Diagonal = "all"
+) -> torch.Tensor:
     """Remove from `task` the coefficients OPCM assigns to `merged`'s dominant singular subspace:
     the top-left r x r block and the diagonal coefficients u_i^T task v_i (of every pair, or of
     the pairs with a nonzero singular value)."""
@@ -78,7 +84,9 @@ def project_task_vector(merged: torch.Tensor, task: torch.Tensor, alpha: float, 
         u, s, vh = nonzero_singular_triplets(merged)
     r = split_rank(s, alpha)
     coeffs = u.T @ task  # (k, n): rows are u_i^T task
-    diagonal_coeffs = torch.bmm(coeffs.unsqueeze(1), vh.unsqueeze(2)).reshape(-1)  # u_i^T task v_i, no (k, n) temporary
+    diagonal_coeffs = torch.bmm(coeffs.unsqueeze(1), vh.unsqueeze(2)).reshape(
+        -1
+    )  # u_i^T task v_i, no (k, n) temporary
     block = coeffs[:r] @ vh[:r].T  # U_r^T task V_r
     del coeffs
     block.diagonal().zero_()  # the diagonal is removed below, once
@@ -87,19 +95,28 @@ def project_task_vector(merged: torch.Tensor, task: torch.Tensor, alpha: float, 
 
 
 class OPCMParams(MethodParams):
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Share of the singular-value mass that defines the protected subspace.")
-    diagonal: Diagonal = Field("all", description=(
-        "Singular pairs of the merged task vector whose diagonal coefficient is removed: 'all' (FusionBench; "
-        "arbitrary when the merged task vector is rank-deficient, as sums of LoRA updates are) or 'nonzero' "
-        "(above 1e-5 x the largest: well-defined for LoRA, and a low-rank merged task vector is decomposed "
-        "at the cost of its rank)."))
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of the singular-value mass that defines the protected subspace."
+    )
+    diagonal: Diagonal = Field(
+        "all",
+        description=(
+            "Singular pairs of the merged task vector whose diagonal coefficient is removed: 'all' (FusionBench; "
+            "arbitrary when the merged task vector is rank-deficient, as sums of LoRA updates are) or 'nonzero' "
+            "(above 1e-5 x the largest: well-defined for LoRA, and a low-rank merged task vector is decomposed "
+            "at the cost of its rank)."
+        ),
+    )
 
 
 @register
 class OPCM(MergeMethod):
     name = "opcm"
     Params = OPCMParams
-    summary = "Projects each task vector away from the merged one's dominant singular subspace (linear layers), then rescales to the mean task-vector norm."
+    summary = (
+        "Projects each task vector away from the merged one's dominant singular subspace (linear layers), "
+        "then rescales to the mean task-vector norm."
+    )
 
     def fold(self, ctx: StepContext) -> FoldResult:
         alpha, diagonal, first = self.params.alpha, self.params.diagonal, ctx.step == 1
@@ -109,7 +126,11 @@ class OPCM(MergeMethod):
             if first:
                 merged = tau
             elif slot.is_linear:  # a convolution kernel selected by pattern is read as (out, in * kh * kw)
-                merged = project_task_vector(slot.merged.flatten(1), tau.flatten(1), alpha, diagonal).view_as(tau).add_(slot.merged)
+                merged = (
+                    project_task_vector(slot.merged.flatten(1), tau.flatten(1), alpha, diagonal)
+                    .view_as(tau)
+                    .add_(slot.merged)
+                )
             else:
                 merged = slot.merged + tau
             return merged, (squared_norm(tau), squared_norm(merged))
@@ -118,11 +139,13 @@ class OPCM(MergeMethod):
         norm_sum = ctx.stats.get("task_vector_norm_sum", 0.0) + math.sqrt(sum(p[0] for p in parts))
         merged_norm = math.sqrt(sum(p[1] for p in parts))
         mean_norm = norm_sum / ctx.step
-        return FoldResult({
-            "task_vector_norm_sum": norm_sum,
-            "merged_norm": merged_norm,
-            "scale": mean_norm / merged_norm if merged_norm > 0 else 1.0,
-        })
+        return FoldResult(
+            {
+                "task_vector_norm_sum": norm_sum,
+                "merged_norm": merged_norm,
+                "scale": mean_norm / merged_norm if merged_norm > 0 else 1.0,
+            }
+        )
 
     def scale(self, stats) -> float:
         return stats["scale"]

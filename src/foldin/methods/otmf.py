@@ -20,16 +20,26 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from foldin.methods.registry import register
-from foldin.methods.base import squared_norm
 from foldin.data import Learning, TaskData
-from foldin.methods.learned import (FunctionalModel, LearnedMethod, LearnedParams, LinearWeights, add_task_vectors,
-                                    batched_features, refit_head, sample_index)
+from foldin.methods.base import squared_norm
+from foldin.methods.learned import (
+    FunctionalModel,
+    LearnedMethod,
+    LearnedParams,
+    LinearWeights,
+    add_task_vectors,
+    batched_features,
+    refit_head,
+    sample_index,
+)
+from foldin.methods.registry import register
 
 Masks = dict[str, torch.Tensor]
 
 
-def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, p: int = 2, blur: float = 0.05, scaling: float = 0.5) -> torch.Tensor:
+def sinkhorn_divergence(
+    x: torch.Tensor, y: torch.Tensor, p: int = 2, blur: float = 0.05, scaling: float = 0.5
+) -> torch.Tensor:
     """Debiased Sinkhorn divergence between two point clouds with uniform weights, as geomloss
     computes it (cost |x - y|^p / p, entropic regularisation blur^p, epsilon annealed by `scaling`
     per iteration: 0.5 is geomloss's default and the research code's), on the tensorized backend:
@@ -39,9 +49,15 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, p: int = 2, blur: floa
     return SamplesLoss("sinkhorn", p=p, blur=blur, scaling=scaling, backend="tensorized")(x, y)
 
 
-def masked_fusion(tau_pre: dict[str, torch.Tensor], tau_post: dict[str, torch.Tensor], m_pre: Masks | None,
-                  m_post: Masks | None, alpha: float) -> dict[str, torch.Tensor]:
+def masked_fusion(
+    tau_pre: dict[str, torch.Tensor],
+    tau_post: dict[str, torch.Tensor],
+    m_pre: Masks | None,
+    m_post: Masks | None,
+    alpha: float,
+) -> dict[str, torch.Tensor]:
     """alpha * M_pre * tau_pre + (1 - alpha) * M_post * tau_post, name by name (None: masks of ones)."""
+
     def side(tau: dict[str, torch.Tensor], masks: Masks | None, name: str, scale: float) -> torch.Tensor:
         return scale * tau[name] if masks is None else scale * masks[name] * tau[name]
 
@@ -52,8 +68,11 @@ def mask_statistics(masks: Masks, prefix: str) -> dict[str, float]:
     """Mean and 5th / 95th percentile of every element of a mask (exact order statistics)."""
     flat = torch.cat([m.reshape(-1) for m in masks.values()])
     k = lambda q: max(1, min(len(flat), round(q * len(flat))))  # noqa: E731
-    return {f"{prefix}_mean": float(flat.double().mean()), f"{prefix}_p5": float(flat.kthvalue(k(0.05)).values),
-            f"{prefix}_p95": float(flat.kthvalue(k(0.95)).values)}
+    return {
+        f"{prefix}_mean": float(flat.double().mean()),
+        f"{prefix}_p5": float(flat.kthvalue(k(0.05)).values),
+        f"{prefix}_p95": float(flat.kthvalue(k(0.95)).values),
+    }
 
 
 class OTMFParams(LearnedParams):
@@ -61,8 +80,12 @@ class OTMFParams(LearnedParams):
     blur: float = Field(0.05, gt=0, description="Sinkhorn blur (entropic regularisation blur^p).")
     p: int = Field(2, ge=1, le=2, description="Exponent of the transport cost.")
     masks: bool = Field(True, description="Learn the masks; false: plain alpha interpolation (the ablation).")
-    head_refit: bool = Field(False, description="Refit the previous and the new task's heads on the merged model's features.")
-    head_refit_fraction: float = Field(0.25, gt=0, le=1, description="Fraction of each refit task's labelled examples used.")
+    head_refit: bool = Field(
+        False, description="Refit the previous and the new task's heads on the merged model's features."
+    )
+    head_refit_fraction: float = Field(
+        0.25, gt=0, le=1, description="Fraction of each refit task's labelled examples used."
+    )
     head_refit_steps: int = Field(100, ge=1, description="Adam steps of the head refit.")
 
 
@@ -70,14 +93,25 @@ class OTMFParams(LearnedParams):
 class OTMF(LearnedMethod):
     name = "otmf"
     Params = OTMFParams
-    summary = "Learns element-wise masks on the merged and the new task vector by a Sinkhorn loss against both teachers' features (needs task data)."
+    summary = (
+        "Learns element-wise masks on the merged and the new task vector by a Sinkhorn loss against both "
+        "teachers' features (needs task data)."
+    )
 
     def data_use(self) -> str:
         p = self.params
-        refit = (f"labels of {p.head_refit_fraction:.0%} of the previous task's (at most the buffer) and of the new task's "
-                 "training examples to refit their heads" if p.head_refit else "no labels")
-        inputs = (f"unlabelled training inputs of the previous task (a buffer of {p.buffer_size}) and of the new task, "
-                  f"{p.steps} batches of {p.batch_size}" if p.masks else "none for the fusion itself")
+        refit = (
+            f"labels of {p.head_refit_fraction:.0%} of the previous task's (at most the buffer) and of the new task's "
+            "training examples to refit their heads"
+            if p.head_refit
+            else "no labels"
+        )
+        inputs = (
+            f"unlabelled training inputs of the previous task (a buffer of {p.buffer_size}) and of the new task, "
+            f"{p.steps} batches of {p.batch_size}"
+            if p.masks
+            else "none for the fusion itself"
+        )
         return f"{inputs}; {refit}"
 
     def learn(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator):
@@ -90,18 +124,25 @@ class OTMF(LearnedMethod):
             fused = masked_fusion(tau_pre, tau_post, masks["pre"], masks["post"], p.alpha)
             plain = masked_fusion(tau_pre, tau_post, None, None, p.alpha)
             norm = lambda tensors: sum(squared_norm(t) for t in tensors.values()) ** 0.5  # noqa: E731
-            stats = {**mask_statistics(masks["pre"], "mask_pre"), **mask_statistics(masks["post"], "mask_post"),
-                     "norm_ratio": norm(fused) / max(norm(plain), 1e-30)}
+            stats = {
+                **mask_statistics(masks["pre"], "mask_pre"),
+                **mask_statistics(masks["post"], "mask_post"),
+                "norm_ratio": norm(fused) / max(norm(plain), 1e-30),
+            }
             if loss < float("inf"):
                 stats["sinkhorn_loss"] = loss
         heads = {}
         if p.head_refit:
             for task in (learning.previous, learning.new):
-                if task is not None and task.labels is not None and task.head is not None:  # else nothing to refit with
+                if (
+                    task is not None and task.labels is not None and task.head is not None
+                ):  # else nothing to refit with
                     heads[task.name] = self._refit_head(task, base, fused, learning, generator)
         return fused, stats, heads
 
-    def _train_masks(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator) -> tuple[dict[str, Masks], float]:
+    def _train_masks(
+        self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator
+    ) -> tuple[dict[str, Masks], float]:
         """The best masks (by the summed loss of a pre and a post step) and that loss."""
         p = self.params
         weights = LinearWeights(FunctionalModel(learning), base)
@@ -130,10 +171,16 @@ class OTMF(LearnedMethod):
                 pair_loss = 0.0
         return best or masks, best_loss
 
-    def _refit_head(self, task: TaskData, base, fused, learning: Learning, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def _refit_head(
+        self, task: TaskData, base, fused, learning: Learning, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """`task`'s head refit on the merged model's features of a labelled fraction of its examples."""
-        wanted = round(self.params.head_refit_fraction * (task.total or len(task)))  # a fraction of the task's examples
-        draws = torch.Generator().set_state(generator.get_state())  # a copy: refitting leaves the merged weights as they would be without it
+        wanted = round(
+            self.params.head_refit_fraction * (task.total or len(task))
+        )  # a fraction of the task's examples
+        draws = torch.Generator().set_state(
+            generator.get_state()
+        )  # a copy: refitting leaves the merged weights as they would be without it
         labelled = task.subset(max(1, wanted), draws)  # as many as the buffer holds
         features = batched_features(FunctionalModel(learning), add_task_vectors(base, (1.0, fused)), labelled)
         return refit_head(task.head, features, labelled.labels, self.params.head_refit_steps)

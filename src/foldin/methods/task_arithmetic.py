@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from foldin.methods.registry import register
 from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext
+from foldin.methods.registry import register
 
 
 class TaskArithmeticParams(MethodParams):

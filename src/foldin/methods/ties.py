@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from foldin.methods.registry import register
 from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot
+from foldin.methods.registry import register
 from foldin.methods.selection import kth_smallest_abs
 
 
@@ -49,8 +49,15 @@ def kept_count_rank(numel: int, threshold: float) -> int:
 
 class TiesParams(MethodParams):
     scaling_factor: float = Field(0.3, description="lambda: weight of each TIES-merged update.")
-    threshold: float = Field(20, gt=0, le=100, description="Percent of entries (by magnitude) each task vector keeps; a value <= 1 is read as a fraction.")
-    merge_func: Literal["sum", "mean", "max"] = Field("sum", description="How the sign-agreeing entries are aggregated.")
+    threshold: float = Field(
+        20,
+        gt=0,
+        le=100,
+        description="Percent of entries (by magnitude) each task vector keeps; a value <= 1 is read as a fraction.",
+    )
+    merge_func: Literal["sum", "mean", "max"] = Field(
+        "sum", description="How the sign-agreeing entries are aggregated."
+    )
 
 
 @register

@@ -55,16 +55,32 @@ class GenerationRunner(Runner, Protocol):
     digests: dict[str, str]
 
 
-ShardWriter = Callable[[list[tuple[Path, list[str]]]], None]  # writes the planned (path, tensor names) shards of an export
+ShardWriter = Callable[
+    [list[tuple[Path, list[str]]]], None
+]  # writes the planned (path, tensor names) shards of an export
 
 
 class Backend(Protocol):
     """Runs a state's steps and exports (LocalBackend, RayBackend)."""
 
-    def generation_runner(self, options: RunOptions, files: StateFiles, checkpoint: Path, layout: ModelLayout, step: int,
-                          gen_dir: Path, base: TensorSource, previous: TensorSource | None
-                          ) -> AbstractContextManager[GenerationRunner]: ...
+    def generation_runner(
+        self,
+        options: RunOptions,
+        files: StateFiles,
+        checkpoint: Path,
+        layout: ModelLayout,
+        step: int,
+        gen_dir: Path,
+        base: TensorSource,
+        previous: TensorSource | None,
+    ) -> AbstractContextManager[GenerationRunner]: ...
 
-    def shard_writer(self, options: RunOptions, files: StateFiles, method: MergeMethod, stats: dict[str, float],
-                     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ShardWriter | None:
+    def shard_writer(
+        self,
+        options: RunOptions,
+        files: StateFiles,
+        method: MergeMethod,
+        stats: dict[str, float],
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    ) -> ShardWriter | None:
         """None: the export writes its shards in this process."""

@@ -27,14 +27,26 @@ MERGED_FILE = "merged.safetensors"
 class LocalStep(StepPasses):
     """Passes over the layout's tensors in this process; the update pass sends each new tensor to `sink`."""
 
-    def __init__(self, step: int, stats: Mapping[str, float], layout: ModelLayout, load: Callable[[str, str], torch.Tensor],
-                 sink: Callable[[str, torch.Tensor], None], options: RunOptions, learning: Learning | None = None):
+    def __init__(
+        self,
+        step: int,
+        stats: Mapping[str, float],
+        layout: ModelLayout,
+        load: Callable[[str, str], torch.Tensor],
+        sink: Callable[[str, torch.Tensor], None],
+        options: RunOptions,
+        learning: Learning | None = None,
+    ):
         super().__init__(step, stats, layout, learning)
         self._load, self._sink, self._options = load, sink, options
-        self._workers = 1 if learning is not None else options.workers  # a data-driven method holds the model whole anyway
+        self._workers = (
+            1 if learning is not None else options.workers
+        )  # a data-driven method holds the model whole anyway
 
     def _slots(self, desc: str) -> Iterator[TensorSlot]:
-        names = progress(self.layout.merged_names, desc=f"step {self.step}: {desc}", unit="tensor", enabled=self._options.progress)
+        names = progress(
+            self.layout.merged_names, desc=f"step {self.step}: {desc}", unit="tensor", enabled=self._options.progress
+        )
         for name in names:
             yield TensorSlot(name, name in self.layout.linear, self._load)
 
@@ -77,18 +89,32 @@ class LocalRunner:
     """Runs steps in this process, reading the base and the previous merged task vector from
     sources and writing the new one to `sink`."""
 
-    def __init__(self, base: TensorSource, previous: TensorSource | None, sink: Callable[[str, torch.Tensor], None],
-                 options: RunOptions = RunOptions()):
+    def __init__(
+        self,
+        base: TensorSource,
+        previous: TensorSource | None,
+        sink: Callable[[str, torch.Tensor], None],
+        options: RunOptions | None = None,
+    ):
+        options = options or RunOptions()
         if options.workers < 1:
             raise FoldinError(f"--workers must be at least 1, not {options.workers}.")
         self.base, self.previous, self.sink, self.options = base, previous, sink, options
         self.device = resolve_device(options.device)
 
-    def context(self, method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout,
-                new: CheckedReader, learning: Learning | None) -> LocalStep:
+    def context(
+        self,
+        method: MergeMethod,
+        step: int,
+        stats: Mapping[str, float],
+        layout: ModelLayout,
+        new: CheckedReader,
+        learning: Learning | None,
+    ) -> LocalStep:
         if method.needs_data and self.device.type != "cpu":
             raise FoldinError(f"--device applies to the weight-only methods; {method.name!r} runs on the CPU.")
-        # tensors that are not merged (integer buffers) are hashed first, so `on_hashed` fires once the merged ones are read
+        # tensors that are not merged (integer buffers) are hashed first,
+        # so that `on_hashed` fires once the merged ones are read
         for name in [n for n in new.specs if n not in layout.specs or not layout.specs[n][0].is_floating_point]:
             new.read(name)
         load = tensor_loader(layout, self.base, new, self.previous, self.device)
@@ -98,7 +124,9 @@ class LocalRunner:
 class GenerationFileRunner(LocalRunner):
     """A LocalRunner writing the merged task vector to one safetensors file, with each tensor's checksum."""
 
-    def __init__(self, writer: SafetensorsWriter, base: TensorSource, previous: TensorSource | None, options: RunOptions):
+    def __init__(
+        self, writer: SafetensorsWriter, base: TensorSource, previous: TensorSource | None, options: RunOptions
+    ):
         super().__init__(base, previous, self._write, options)
         self.writer = writer
         self.digests: dict[str, str] = {}
@@ -112,12 +140,29 @@ class LocalBackend:
     """A merge state's steps and exports in this process."""
 
     @contextmanager
-    def generation_runner(self, options: RunOptions, files: StateFiles, checkpoint: Path, layout: ModelLayout, step: int,
-                          gen_dir: Path, base: TensorSource, previous: TensorSource | None) -> Iterator[GenerationFileRunner]:
+    def generation_runner(
+        self,
+        options: RunOptions,
+        files: StateFiles,
+        checkpoint: Path,
+        layout: ModelLayout,
+        step: int,
+        gen_dir: Path,
+        base: TensorSource,
+        previous: TensorSource | None,
+    ) -> Iterator[GenerationFileRunner]:
         """A runner writing the step's merged task vector to gen_dir/merged.safetensors."""
-        with SafetensorsWriter(gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}) as writer:
+        with SafetensorsWriter(
+            gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}
+        ) as writer:
             yield GenerationFileRunner(writer, base, previous, options)
 
-    def shard_writer(self, options: RunOptions, files: StateFiles, method: MergeMethod, stats: dict[str, float],
-                     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    def shard_writer(
+        self,
+        options: RunOptions,
+        files: StateFiles,
+        method: MergeMethod,
+        stats: dict[str, float],
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    ) -> None:
         return None  # the export writes its shards in this process

@@ -56,7 +56,9 @@ class StepFiles:
 class ChunkResult:
     results: list[Any]
     digests: dict[str, str]  # of the tensors this task wrote
-    new_digests: dict[str, str]  # of the incoming checkpoint's tensors it read (the driver hashes the checkpoint from them)
+    new_digests: dict[
+        str, str
+    ]  # of the incoming checkpoint's tensors it read (the driver hashes the checkpoint from them)
     seconds: dict[str, float]  # per tensor
     versions: tuple[str, str]  # foldin and torch on the node that ran it
 
@@ -71,8 +73,9 @@ SHARD_PREFIX = "merged"  # a generation written by Ray tasks: merged-00001-of-00
 SHARD_INDEX = "merged.safetensors.index.json"  # ... and their index, as Hugging Face shards models
 
 
-def fold_chunk(files: StepFiles, names: list[str], fn: Callable[[TensorSlot], Any], shard: str | None,
-               also_hash: list[str]) -> ChunkResult:
+def fold_chunk(
+    files: StepFiles, names: list[str], fn: Callable[[TensorSlot], Any], shard: str | None, also_hash: list[str]
+) -> ChunkResult:
     """One task: `fn` over the slots of `names`; with `shard`, fn returns (tensor, result) and the
     tensors are written there. Runs on a Ray worker (or anywhere: it needs only the files)."""
     torch.set_num_threads(files.threads)
@@ -83,7 +86,9 @@ def fold_chunk(files: StepFiles, names: list[str], fn: Callable[[TensorSlot], An
         load = tensor_loader(layout, base, new, previous, torch.device(files.device))
         specs = layout.state_specs()
         with ExitStack() as stack:
-            writer = stack.enter_context(SafetensorsWriter(Path(shard), {n: specs[n] for n in names})) if shard else None
+            writer = (
+                stack.enter_context(SafetensorsWriter(Path(shard), {n: specs[n] for n in names})) if shard else None
+            )
             for name in names:
                 started = time.perf_counter()
                 out = fn(TensorSlot(name, name in layout.linear, load))
@@ -99,8 +104,15 @@ def fold_chunk(files: StepFiles, names: list[str], fn: Callable[[TensorSlot], An
     return ChunkResult(results, digests, dict(new.digests), seconds, _versions())
 
 
-def export_shard(files: StateFiles, names: list[str], method: Any, stats: dict[str, float],
-                 specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], path: str, threads: int) -> dict[str, float]:
+def export_shard(
+    files: StateFiles,
+    names: list[str],
+    method: Any,
+    stats: dict[str, float],
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    path: str,
+    threads: int,
+) -> dict[str, float]:
     """One task of an export: compute the merged model's `names` and write them to `path`."""
     torch.set_num_threads(threads)
     seconds = {}
@@ -136,10 +148,16 @@ class RayBackend:
         ray = _import_ray()
         if not ray.is_initialized():
             try:
-                ray.init(address=self.address, logging_level="ERROR", log_to_driver=False,
-                         **({} if self.address else {"include_dashboard": False}))
+                ray.init(
+                    address=self.address,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                    **({} if self.address else {"include_dashboard": False}),
+                )
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise FoldinError(f"could not reach the Ray cluster at {self.address or 'a new local cluster'}: {e}") from None
+                raise FoldinError(
+                    f"could not reach the Ray cluster at {self.address or 'a new local cluster'}: {e}"
+                ) from None
         return ray
 
     def chunks(self, layout: ModelLayout, names: list[str]) -> list[list[str]]:
@@ -149,7 +167,9 @@ class RayBackend:
         sizes = {n: math.prod(layout.specs[n][1]) * layout.compute_dtype.itemsize for n in names}
         return plan_shards(sizes, max(1, math.ceil(sum(sizes.values()) / (cpus * self.tasks_per_cpu))))
 
-    def run(self, function: Callable[..., R], calls: list[tuple], desc: str, progress: bool, weights: list[int]) -> list[R]:
+    def run(
+        self, function: Callable[..., R], calls: list[tuple], desc: str, progress: bool, weights: list[int]
+    ) -> list[R]:
         """Run `function(*call)` for each call as a Ray task; results in call order. A task that
         raises a foldin error re-raises it here; a task lost for good fails the step clearly."""
         ray = self.connect()
@@ -173,31 +193,55 @@ class RayBackend:
             except ray.exceptions.RayError as e:
                 for f in pending:
                     ray.cancel(f, force=True)
-                raise FoldinError(f"a Ray worker was lost during {desc} and {self.retries} retries did not bring it back "
-                                  f"({type(e).__name__}).") from None
+                raise FoldinError(
+                    f"a Ray worker was lost during {desc} and {self.retries} retries did not bring it back "
+                    f"({type(e).__name__})."
+                ) from None
 
     @contextmanager
-    def generation_runner(self, options: RunOptions, files: StateFiles, checkpoint: Path, layout: ModelLayout, step: int,
-                          gen_dir: Path, base: TensorSource, previous: TensorSource | None) -> Iterator[RayRunner]:
+    def generation_runner(
+        self,
+        options: RunOptions,
+        files: StateFiles,
+        checkpoint: Path,
+        layout: ModelLayout,
+        step: int,
+        gen_dir: Path,
+        base: TensorSource,
+        previous: TensorSource | None,
+    ) -> Iterator[RayRunner]:
         """A step as Ray tasks writing the merged task vector in shards into gen_dir, then their index."""
         if options.device not in (None, "cpu"):
-            raise FoldinError("--device with --backend ray is not supported yet; the Ray tasks compute on their nodes' CPUs.")
+            raise FoldinError(
+                "--device with --backend ray is not supported yet; the Ray tasks compute on their nodes' CPUs."
+            )
         step_files = StepFiles(files, str(checkpoint.resolve()), layout, "cpu", self.threads)
         runner = RayRunner(self, step_files, gen_dir, SHARD_PREFIX, options.progress)
         yield runner
-        index = {"metadata": {"format": "pt", "foldin_step": str(step)},
-                 "weight_map": {n: runner.weight_map[n] for n in layout.merged_names}}
+        index = {
+            "metadata": {"format": "pt", "foldin_step": str(step)},
+            "weight_map": {n: runner.weight_map[n] for n in layout.merged_names},
+        }
         with open(gen_dir / SHARD_INDEX, "w") as f:
             f.write(json.dumps(index, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def shard_writer(self, options: RunOptions, files: StateFiles, method: MergeMethod, stats: dict[str, float],
-                     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> ShardWriter:
+    def shard_writer(
+        self,
+        options: RunOptions,
+        files: StateFiles,
+        method: MergeMethod,
+        stats: dict[str, float],
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    ) -> ShardWriter:
         """Each shard of an export written by a Ray task (the output folder's parent must be shared storage)."""
+
         def write(shards: list[tuple[Path, list[str]]]) -> None:
-            calls = [(files, names, method, stats, {n: specs[n] for n in names}, str(path.resolve()), self.threads)
-                     for path, names in shards]
+            calls = [
+                (files, names, method, stats, {n: specs[n] for n in names}, str(path.resolve()), self.threads)
+                for path, names in shards
+            ]
             timings = self.run(export_shard, calls, "exporting", options.progress, [len(names) for _, names in shards])
             self.timings.append({"pass": "export", "seconds": {k: v for t in timings for k, v in t.items()}})
 
@@ -207,29 +251,49 @@ class RayBackend:
         driver = _versions()
         for r in results:
             if r.versions != driver:
-                raise FoldinError(f"a Ray worker runs foldin {r.versions[0]} with torch {r.versions[1]}, the driver foldin "
-                                  f"{driver[0]} with torch {driver[1]}: install the same versions on every node.")
+                raise FoldinError(
+                    f"a Ray worker runs foldin {r.versions[0]} with torch {r.versions[1]}, the driver foldin "
+                    f"{driver[0]} with torch {driver[1]}: install the same versions on every node."
+                )
 
 
 class RayRunner:
     """Runs one step as Ray tasks that write the merged task vector's shards into `out_dir`."""
 
-    def __init__(self, backend: "RayBackend", files: StepFiles, out_dir: Path, shard_prefix: str, progress: bool):
-        self.backend, self.files, self.out_dir, self.shard_prefix, self.progress = backend, files, out_dir, shard_prefix, progress
+    def __init__(self, backend: RayBackend, files: StepFiles, out_dir: Path, shard_prefix: str, progress: bool):
+        self.backend, self.files, self.out_dir, self.shard_prefix, self.progress = (
+            backend,
+            files,
+            out_dir,
+            shard_prefix,
+            progress,
+        )
         self.weight_map: dict[str, str] = {}
         self.digests: dict[str, str] = {}
 
-    def context(self, method: MergeMethod, step: int, stats: Mapping[str, float], layout: ModelLayout,
-                new: CheckedReader, learning: Learning | None) -> "RayStep":
+    def context(
+        self,
+        method: MergeMethod,
+        step: int,
+        stats: Mapping[str, float],
+        layout: ModelLayout,
+        new: CheckedReader,
+        learning: Learning | None,
+    ) -> RayStep:
         if method.needs_data:
-            raise FoldinError(f"--backend ray applies to the weight-only methods; {method.name!r} learns on one machine (use the local backend).")
+            raise FoldinError(
+                f"--backend ray applies to the weight-only methods; {method.name!r} learns on one machine (use "
+                f"the local backend)."
+            )
         return RayStep(self, step, stats, layout, new)
 
 
 class RayStep(StepPasses):
     """The StepContext of a step on Ray: each pass is a round of tasks over chunks of tensors."""
 
-    def __init__(self, runner: RayRunner, step: int, stats: Mapping[str, float], layout: ModelLayout, new: CheckedReader):
+    def __init__(
+        self, runner: RayRunner, step: int, stats: Mapping[str, float], layout: ModelLayout, new: CheckedReader
+    ):
         super().__init__(step, stats, layout)
         self._runner, self._new = runner, new
         self._chunks = runner.backend.chunks(layout, layout.merged_names)
@@ -238,15 +302,20 @@ class RayStep(StepPasses):
     def run_pass(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
         r, n = self._runner, len(self._chunks)
         shards = [f"{r.shard_prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if write else [None] * n
-        calls = [(r.files, names, fn, str(r.out_dir / s) if s else None, self._unmerged if i == 0 else [])
-                 for i, (names, s) in enumerate(zip(self._chunks, shards))]
-        outs: list[ChunkResult] = r.backend.run(fold_chunk, calls, f"step {self.step}: {desc}", r.progress,
-                                                [len(c) for c in self._chunks])
+        calls = [
+            (r.files, names, fn, str(r.out_dir / s) if s else None, self._unmerged if i == 0 else [])
+            for i, (names, s) in enumerate(zip(self._chunks, shards))
+        ]
+        outs: list[ChunkResult] = r.backend.run(
+            fold_chunk, calls, f"step {self.step}: {desc}", r.progress, [len(c) for c in self._chunks]
+        )
         r.backend.check_versions(outs)
         for names, shard, out in zip(self._chunks, shards, outs):
             self._new.add_digests(out.new_digests)
             if shard:
                 r.digests.update(out.digests)
                 r.weight_map.update(dict.fromkeys(names, shard))
-        r.backend.timings.append({"step": self.step, "pass": desc, "seconds": {k: v for o in outs for k, v in o.seconds.items()}})
+        r.backend.timings.append(
+            {"step": self.step, "pass": desc, "seconds": {k: v for o in outs for k, v in o.seconds.items()}}
+        )
         return [x for out in outs for x in out.results]

@@ -41,10 +41,27 @@ from foldin.progress import progress as progress_bar
 from foldin.runners import Backend, RunOptions, StateFiles
 from foldin.runners.local import LocalBackend
 from foldin.state.card import model_card
-from foldin.state.generation import (BUFFER_FILE, HEADS_FILE, merged_file, new_generation_name, read_heads, read_task_data,
-                                     remove_leftovers, write_heads, write_task_data)
+from foldin.state.generation import (
+    BUFFER_FILE,
+    HEADS_FILE,
+    merged_file,
+    new_generation_name,
+    read_heads,
+    read_task_data,
+    remove_leftovers,
+    write_heads,
+    write_task_data,
+)
 from foldin.state.lock import locked
-from foldin.state.schema import FORMAT, FORMAT_VERSION, STATE_FILE, committed_generation, file_digest, read_meta, write_meta
+from foldin.state.schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    STATE_FILE,
+    committed_generation,
+    file_digest,
+    read_meta,
+    write_meta,
+)
 
 __all__ = ["MergeState"]
 
@@ -73,13 +90,21 @@ class MergeState:
         return Path(self.meta["base"]["path"])
 
     @classmethod
-    def create(cls, state_dir: str | os.PathLike[str], base: str | os.PathLike[str], method: str,
-               params: dict[str, Any] | None = None, linear_weights: str | None = None) -> "MergeState":
+    def create(
+        cls,
+        state_dir: str | os.PathLike[str],
+        base: str | os.PathLike[str],
+        method: str,
+        params: dict[str, Any] | None = None,
+        linear_weights: str | None = None,
+    ) -> MergeState:
         """Start a merge state at step 0 (the merged model is the base)."""
         state_dir = Path(state_dir)
         merge_method = get_method(method)(**(params or {}))  # validates the parameters first
         if (state_dir / STATE_FILE).exists():
-            raise StateError(f"{state_dir} already holds a foldin state; use 'foldin add' or choose another directory.")
+            raise StateError(
+                f"{state_dir} already holds a foldin state; use 'foldin add' or choose another directory."
+            )
         if state_dir.exists() and any(p.name != ".lock" for p in state_dir.iterdir()):
             raise StateError(f"{state_dir} exists and is not empty; choose a new directory for the state.")
         with open_checkpoint(base) as ckpt:
@@ -114,7 +139,7 @@ class MergeState:
         return cls(state_dir, meta)
 
     @classmethod
-    def open(cls, state_dir: str | os.PathLike[str]) -> "MergeState":
+    def open(cls, state_dir: str | os.PathLike[str]) -> MergeState:
         return cls(Path(state_dir), read_meta(Path(state_dir)))
 
     # ---- folding in -------------------------------------------------------------------------
@@ -125,7 +150,10 @@ class MergeState:
         if ckpt.fingerprint() != base_info["fingerprint"]:
             if hash_source(ckpt) != base_info["hash"]:
                 ckpt.close()
-                raise MismatchError(f"the base model at {base_info['path']} has changed since this state was created; restore it or start a new state.")
+                raise MismatchError(
+                    f"the base model at {base_info['path']} has changed since this state was created; restore "
+                    f"it or start a new state."
+                )
             base_info["fingerprint"] = ckpt.fingerprint()  # same content, new files (e.g. copied)
         return ckpt
 
@@ -137,8 +165,15 @@ class MergeState:
             if hash_source(ckpt) != self.meta["base"]["hash"]:
                 raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
 
-    def add(self, checkpoint: str | os.PathLike[str], progress: bool = True, learning: Learning | None = None,
-            device: str | None = None, workers: int = 1, backend: Backend | None = None) -> dict[str, Any]:
+    def add(
+        self,
+        checkpoint: str | os.PathLike[str],
+        progress: bool = True,
+        learning: Learning | None = None,
+        device: str | None = None,
+        workers: int = 1,
+        backend: Backend | None = None,
+    ) -> dict[str, Any]:
         """Fold one checkpoint in, atomically. Returns its history entry. Data-driven methods need
         `learning` (the model and the new task's data); the previous task's examples come from the
         state. `device` is where the arithmetic runs, `workers` how many tensors are in flight on
@@ -150,10 +185,14 @@ class MergeState:
             try:
                 return self._add_locked(Path(checkpoint), learning, options, backend or LocalBackend())
             except OSError as e:  # disk full, I/O error: the new generation was discarded
-                raise StateError(f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
-                                 f"the state is unchanged at step {self.step}.") from e
+                raise StateError(
+                    f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
+                    f"the state is unchanged at step {self.step}."
+                ) from e
 
-    def _add_locked(self, checkpoint: Path, learning: Learning | None, options: RunOptions, backend: Backend) -> dict[str, Any]:
+    def _add_locked(
+        self, checkpoint: Path, learning: Learning | None, options: RunOptions, backend: Backend
+    ) -> dict[str, Any]:
         started = time.time()
         step = self.step + 1
         method = self.method
@@ -166,9 +205,19 @@ class MergeState:
             previous = self._open_generation()
             gen_dir.mkdir()
             try:
-                with backend.generation_runner(options, self._files(), checkpoint, layout, step, gen_dir, base, previous) as runner:
-                    result, ckpt_hash = fold_step(method, step, self.meta["stats"], layout, ckpt, runner, learning,
-                                                  on_hashed=lambda h: self._refuse_duplicate(checkpoint, h))
+                with backend.generation_runner(
+                    options, self._files(), checkpoint, layout, step, gen_dir, base, previous
+                ) as runner:
+                    result, ckpt_hash = fold_step(
+                        method,
+                        step,
+                        self.meta["stats"],
+                        layout,
+                        ckpt,
+                        runner,
+                        learning,
+                        on_hashed=lambda h: self._refuse_duplicate(checkpoint, h),
+                    )
                 files = self._write_learned(gen_dir, result.buffer, result.heads)
                 fsync_dir(gen_dir)
                 entry = {
@@ -180,9 +229,15 @@ class MergeState:
                     "seconds": round(time.time() - started, 3),
                     "stats": result.stats,
                 }
-                meta = {**self.meta, "step": step, "stats": result.stats, "generation": gen,
-                        "checksums": {"merged": runner.digests, "files": files},
-                        "history": [*self.history, entry], "foldin_version": version("foldin")}
+                meta = {
+                    **self.meta,
+                    "step": step,
+                    "stats": result.stats,
+                    "generation": gen,
+                    "checksums": {"merged": runner.digests, "files": files},
+                    "history": [*self.history, entry],
+                    "foldin_version": version("foldin"),
+                }
                 write_meta(self.dir, meta)  # the commit point
             except BaseException:
                 if committed_generation(self.dir) != gen:  # a failure after the commit point keeps it
@@ -209,8 +264,12 @@ class MergeState:
     def _files(self) -> StateFiles:
         """The state's tensors as paths, for a backend whose workers open them (and verify what they read)."""
         gen = self._generation_file()
-        return StateFiles(str(self.dir.resolve()), self.meta["base"]["path"], str(gen.resolve()) if gen else None,
-                          dict(self.meta.get("checksums", {}).get("merged", {})))
+        return StateFiles(
+            str(self.dir.resolve()),
+            self.meta["base"]["path"],
+            str(gen.resolve()) if gen else None,
+            dict(self.meta.get("checksums", {}).get("merged", {})),
+        )
 
     def _generation_file(self) -> Path | None:
         return merged_file(self.dir / self.meta["generation"]) if self.meta["generation"] else None
@@ -224,7 +283,10 @@ class MergeState:
             return None
         expected = self.meta.get("checksums", {}).get("files", {}).get(name)
         if expected is None or file_digest(path) != expected:
-            raise StateError(f"the merge state in {self.dir} is corrupted: {name} does not match its checksum; restore it from a backup.")
+            raise StateError(
+                f"the merge state in {self.dir} is corrupted: {name} does not match its checksum; restore it "
+                f"from a backup."
+            )
         return path
 
     def _open_generation(self) -> VerifiedSource | None:
@@ -263,7 +325,10 @@ class MergeState:
             raise MismatchError(f"{checkpoint} is the base model itself; there is nothing to fold in.")
         for entry in self.history:
             if entry["hash"] == ckpt_hash:
-                raise MismatchError(f"{checkpoint} was already folded in at step {entry['step']} (same content as {entry['checkpoint']}).")
+                raise MismatchError(
+                    f"{checkpoint} was already folded in at step {entry['step']} (same content as "
+                    f"{entry['checkpoint']})."
+                )
 
     # ---- reading ----------------------------------------------------------------------------
     @contextmanager
@@ -298,8 +363,15 @@ class MergeState:
             specs, produce = self._merged_tensors(base, merged, dtype)
             return {name: produce(name) for name in specs}
 
-    def export(self, out_dir: str | os.PathLike[str], dtype: str | None = None, max_shard_size: str = "5GB",
-               overwrite: bool = False, progress: bool = True, backend: Backend | None = None) -> Path:
+    def export(
+        self,
+        out_dir: str | os.PathLike[str],
+        dtype: str | None = None,
+        max_shard_size: str = "5GB",
+        overwrite: bool = False,
+        progress: bool = True,
+        backend: Backend | None = None,
+    ) -> Path:
         """Write the merged model after the current step as a Hugging Face folder. With `backend`
         (e.g. a RayBackend), each shard is written elsewhere (out_dir's parent must be shared storage)."""
         out_dtype = None
@@ -308,21 +380,32 @@ class MergeState:
                 raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
             out_dtype = DTYPES[dtype]
         options = RunOptions(progress)
-        check_target(Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path})
+        check_target(
+            Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path}
+        )
         with self.reading() as (base, merged):
             specs, produce = self._merged_tensors(base, merged, out_dtype)
             config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
             try:
                 return write_hf_folder(
-                    Path(out_dir), specs, produce, config_dir, model_card(self.meta), parse_size(max_shard_size),
-                    overwrite=overwrite, torch_dtype=out_dtype,
+                    Path(out_dir),
+                    specs,
+                    produce,
+                    config_dir,
+                    model_card(self.meta),
+                    parse_size(max_shard_size),
+                    overwrite=overwrite,
+                    torch_dtype=out_dtype,
                     progress=lambda names: progress_bar(names, desc="exporting", unit="tensor", enabled=progress),
-                    write_shards=(backend or LocalBackend()).shard_writer(options, self._files(), self.method,
-                                                                          self.meta["stats"], specs),
+                    write_shards=(backend or LocalBackend()).shard_writer(
+                        options, self._files(), self.method, self.meta["stats"], specs
+                    ),
                 )
             except OSError as e:
-                raise FoldinError(f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
-                                  f"{out_dir} was left as it was.") from e
+                raise FoldinError(
+                    f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
+                    f"{out_dir} was left as it was."
+                ) from e
 
     def info(self) -> dict[str, Any]:
         return {

@@ -1,9 +1,9 @@
 """A generation: one folder of a merge state holding everything after one step.
 
-  gen-<step>-<token>/merged.safetensors   the merged task vector (float32), or, when Ray tasks
-                                          wrote it, merged-0000i-of-0000N.safetensors + their index
-  gen-<step>-<token>/buffer.safetensors   data-driven methods: examples of the last task (bounded)
-  gen-<step>-<token>/heads.safetensors    data-driven methods: classification heads refit so far
+gen-<step>-<token>/merged.safetensors   the merged task vector (float32), or, when Ray tasks
+                                        wrote it, merged-0000i-of-0000N.safetensors + their index
+gen-<step>-<token>/buffer.safetensors   data-driven methods: examples of the last task (bounded)
+gen-<step>-<token>/heads.safetensors    data-driven methods: classification heads refit so far
 """
 
 from __future__ import annotations
@@ -59,10 +59,15 @@ def read_task_data(path: Path) -> TaskData:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
 
     def pick(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    return TaskData(pick("inputs."), tensors.get("labels"), pick("head.") or None, meta.get("name", "task"),
-                    int(meta.get("total", 0)) or None)
+    return TaskData(
+        pick("inputs."),
+        tensors.get("labels"),
+        pick("head.") or None,
+        meta.get("name", "task"),
+        int(meta.get("total", 0)) or None,
+    )
 
 
 def write_heads(path: Path, heads: Heads) -> None:
@@ -73,7 +78,7 @@ def write_heads(path: Path, heads: Heads) -> None:
 
 def read_heads(path: Path | None) -> Heads:
     heads: Heads = {}
-    for key, tensor in (load_file(path).items() if path else []):
+    for key, tensor in load_file(path).items() if path else []:
         task, _, part = key.rpartition("/")
         heads.setdefault(task, {})[part] = tensor
     return heads

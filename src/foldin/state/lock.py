@@ -18,7 +18,9 @@ def locked(state_dir: Path, exclusive: bool) -> Iterator[None]:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StateError(f"{state_dir} is in use by another foldin process; try again when it has finished.") from None
+            raise StateError(
+                f"{state_dir} is in use by another foldin process; try again when it has finished."
+            ) from None
         yield
     finally:
         os.close(fd)

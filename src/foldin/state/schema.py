@@ -60,8 +60,12 @@ class StateMeta(BaseModel):
     checksums: _Checksums | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "StateMeta":
-        if self.step != len(self.history) or (self.generation is None) != (self.step == 0) or (self.checksums is None) != (self.step == 0):
+    def _consistent(self) -> StateMeta:
+        if (
+            self.step != len(self.history)
+            or (self.generation is None) != (self.step == 0)
+            or (self.checksums is None) != (self.step == 0)
+        ):
             raise ValueError("step, history, generation and checksums disagree")
         get_method(self.method)(**self.params)
         return self
@@ -99,7 +103,9 @@ def read_meta(state_dir: Path) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise StateError(f"{path} has state format {meta.get('format_version')}, this foldin reads {FORMAT_VERSION}.")
     if meta.get("meta_sha256") != meta_digest(meta):
-        raise StateError(f"{path} is corrupted: its content does not match its checksum; restore the state directory from a backup.")
+        raise StateError(
+            f"{path} is corrupted: its content does not match its checksum; restore the state directory from a backup."
+        )
     meta.pop("meta_sha256")
     try:
         StateMeta.model_validate(meta)

