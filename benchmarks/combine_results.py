@@ -2,7 +2,7 @@
 when a run writes into it directly (same suite, tasks, seed, test sets and zoo, or refused), and
 rewrite its report and plots. For runs made side by side into separate directories.
 
-    python benchmarks/combine_results.py benchmarks/results/text /tmp/text-otmf /tmp/text-ada
+    python benchmarks/combine_results.py benchmarks/results/text-zeroshot/8 runs/text-otmf runs/text-ada
 """
 
 from __future__ import annotations
