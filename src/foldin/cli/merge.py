@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from foldin.cli.common import validation_message
 from foldin.errors import FoldinError, StateError
+from foldin.io.hub import HUB_ID
 from foldin.methods import available_methods, get_method
 from foldin.runners import Backend
 from foldin.state import MergeState
@@ -124,6 +125,17 @@ def cmd_add(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     state = MergeState.open(args.state_dir)
+    if args.lora_rank is not None:
+        energy = state.export_lora(
+            args.out_dir, args.lora_rank, args.lora_full_tensors, args.overwrite, not args.quiet
+        )
+        worst = min(energy, key=energy.get)
+        print(
+            f"exported the merged model after step {state.step} as a rank-{args.lora_rank} LoRA adapter to "
+            f"{args.out_dir}: {len(energy)} weights, energy kept mean {sum(energy.values()) / len(energy):.1%}, "
+            f"least {energy[worst]:.1%} ({worst}); per weight in lora-energy.json"
+        )
+        return
     out = state.export(
         args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet, backend=_backend(args)
     )
@@ -146,12 +158,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     def resolve(p: str) -> Path:
         return (here / p).resolve()
 
+    def model(p: str) -> str:
+        """A path relative to the file, or else a Hub id as written."""
+        return str(resolve(p)) if (here / p).exists() or not HUB_ID.fullmatch(p) else p
+
     output = resolve(cfg.output)
     state_dir = resolve(cfg.state) if cfg.state else output.with_name(output.name + ".foldin-state")
-    state = ensure_state(state_dir, str(resolve(cfg.base)), cfg.method, cfg.params, cfg.linear_weights)
-    checkpoints = [resolve(c) for c in cfg.checkpoints]
-    done = [Path(e["checkpoint"]) for e in state.history]
-    if done != checkpoints[: len(done)]:
+    state = ensure_state(state_dir, model(cfg.base), cfg.method, cfg.params, cfg.linear_weights)
+    checkpoints = [model(c) for c in cfg.checkpoints]
+    done = state.history
+    if not all(same_model(entry, wanted) for entry, wanted in zip(done, checkpoints)) or len(done) > len(checkpoints):
         raise StateError(
             f"{state_dir} already holds a different sequence of checkpoints than {path} lists; use another "
             f"state directory."
@@ -164,6 +180,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
     state.export(output, cfg.dtype, cfg.max_shard_size, overwrite=True, progress=not args.quiet, backend=backend)
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
+
+
+def same_model(entry: dict[str, Any], wanted: str) -> bool:
+    """Whether a history entry folded in the model `wanted` names (a path, org/name or org/name@rev)."""
+    source = entry.get("source")
+    if source is None:
+        return Path(entry["checkpoint"]) == Path(wanted)
+    return source == wanted or source.partition("@")[0] == wanted
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -256,7 +280,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the base's dtypes")
     p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is an earlier foldin export")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="write a PEFT LoRA adapter (rank R) instead of a full model: each linear weight's change "
+        "by its best rank-R approximation",
+    )
+    p.add_argument(
+        "--lora-full-tensors",
+        action="store_true",
+        help="with --lora-rank: store changed biases, norms and embeddings whole (PEFT's modules_to_save)",
+    )
     p.add_argument("--quiet", action="store_true")
     _add_backend_options(p)
     p.set_defaults(func=cmd_export)

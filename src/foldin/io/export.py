@@ -52,6 +52,24 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+def write_folder(out_dir: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Build a folder beside `out_dir` with `fill(tmp)`, list what was written in MANIFEST, and
+    rename it into place; a failure leaves `out_dir` as it was."""
+    check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        written = sorted(p.name for p in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "foldin export", "files": written}, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def write_hf_folder(
     out_dir: Path,
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
@@ -67,21 +85,15 @@ def write_hf_folder(
     """Write the folder. `specs` gives each output tensor's dtype and shape in file order;
     `produce(name)` computes it. torch_dtype, when the weights were cast, is recorded in config.json.
     `write_shards`, if given, writes the planned (path, names) shards instead (e.g. as Ray tasks)."""
-    check_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
-        sizes = {
-            n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()
-        }
-        shards = plan_shards(sizes, max_shard_bytes)
-        filenames = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        )
-        weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
+    sizes = {n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()}
+    shards = plan_shards(sizes, max_shard_bytes)
+    filenames = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+
+    def fill(tmp: Path) -> None:
         if write_shards is not None:
             write_shards([(tmp / filename, names) for filename, names in zip(filenames, shards)])
         else:
@@ -90,6 +102,7 @@ def write_hf_folder(
                     for name in progress(names):
                         writer.write(name, produce(name))
         if len(shards) > 1:
+            weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if config_dir is not None:
@@ -102,13 +115,8 @@ def write_hf_folder(
         if torch_dtype is not None and (tmp / "config.json").is_file():
             _set_config_dtype(tmp / "config.json", torch_dtype)
         (tmp / "README.md").write_text(model_card)
-        written = sorted(p.name for p in tmp.iterdir())
-        (tmp / MANIFEST).write_text(json.dumps({"written_by": "foldin export", "files": written}, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_folder(out_dir, overwrite, fill)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

@@ -33,7 +33,9 @@ from foldin.errors import FoldinError, MismatchError, StateError
 from foldin.io.atomic import fsync_dir
 from foldin.io.checkpoint import Checkpoint, open_checkpoint
 from foldin.io.export import DTYPES, check_target, parse_size, write_hf_folder
+from foldin.io.hub import Located, locate
 from foldin.io.lora import open_model_or_adapter
+from foldin.io.lora_export import write_lora_adapter
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
 from foldin.methods.base import Heads, MergeMethod
@@ -98,7 +100,8 @@ class MergeState:
         params: dict[str, Any] | None = None,
         linear_weights: str | None = None,
     ) -> MergeState:
-        """Start a merge state at step 0 (the merged model is the base)."""
+        """Start a merge state at step 0 (the merged model is the base). `base` is a path or a Hub
+        id (org/name[@revision])."""
         state_dir = Path(state_dir)
         merge_method = get_method(method)(**(params or {}))  # validates the parameters first
         if (state_dir / STATE_FILE).exists():
@@ -107,7 +110,8 @@ class MergeState:
             )
         if state_dir.exists() and any(p.name != ".lock" for p in state_dir.iterdir()):
             raise StateError(f"{state_dir} exists and is not empty; choose a new directory for the state.")
-        with open_checkpoint(base) as ckpt:
+        located = locate(base)
+        with open_checkpoint(located.path) as ckpt:
             specs = {n: ckpt.spec(n)[1] for n in ckpt.names()}
             linear, linear_source = resolve_linear_weights(specs, pattern=linear_weights, config_dir=ckpt.config_dir)
             ModelLayout.from_source(ckpt, linear)  # refuses a base with nothing to merge
@@ -122,10 +126,11 @@ class MergeState:
             "method": merge_method.name,
             "params": merge_method.params.model_dump(),
             "base": {
-                "path": str(Path(base).resolve()),
+                "path": str(located.path.resolve()),
                 "hash": base_hash,
                 "fingerprint": fingerprint,
                 "config_dir": str(config_dir.resolve()) if config_dir else None,
+                **({"hub_id": located.hub_id, "revision": located.revision} if located.hub_id else {}),
             },
             "linear_weights": linear,
             "linear_weights_source": linear_source,
@@ -146,7 +151,10 @@ class MergeState:
     def open_base(self) -> Checkpoint:
         """Open the base and make sure it is still the model this state was created from."""
         base_info = self.meta["base"]
-        ckpt = open_checkpoint(base_info["path"])
+        path = Path(base_info["path"])
+        if not path.exists() and base_info.get("hub_id"):  # a cleared Hugging Face cache: the same commit again
+            path = locate(f"{base_info['hub_id']}@{base_info['revision']}").path
+        ckpt = open_checkpoint(path)
         if ckpt.fingerprint() != base_info["fingerprint"]:
             if hash_source(ckpt) != base_info["hash"]:
                 ckpt.close()
@@ -159,8 +167,9 @@ class MergeState:
 
     def check_base(self, base: str | os.PathLike[str]) -> None:
         """Refuse a base that is not this state's base (compared by content)."""
-        with open_checkpoint(base) as ckpt:
-            if Path(base).resolve() == self.base_path and ckpt.fingerprint() == self.meta["base"]["fingerprint"]:
+        path = locate(base).path
+        with open_checkpoint(path) as ckpt:
+            if path.resolve() == self.base_path and ckpt.fingerprint() == self.meta["base"]["fingerprint"]:
                 return
             if hash_source(ckpt) != self.meta["base"]["hash"]:
                 raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
@@ -183,7 +192,7 @@ class MergeState:
             self.meta = read_meta(self.dir)  # another process may have committed since we opened
             remove_leftovers(self.dir, self.meta["generation"])
             try:
-                return self._add_locked(Path(checkpoint), learning, options, backend or LocalBackend())
+                return self._add_locked(locate(checkpoint), learning, options, backend or LocalBackend())
             except OSError as e:  # disk full, I/O error: the new generation was discarded
                 raise StateError(
                     f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
@@ -191,8 +200,9 @@ class MergeState:
                 ) from e
 
     def _add_locked(
-        self, checkpoint: Path, learning: Learning | None, options: RunOptions, backend: Backend
+        self, located: Located, learning: Learning | None, options: RunOptions, backend: Backend
     ) -> dict[str, Any]:
+        checkpoint = located.path
         started = time.time()
         step = self.step + 1
         method = self.method
@@ -223,6 +233,7 @@ class MergeState:
                 entry = {
                     "step": step,
                     "checkpoint": str(checkpoint.resolve()),
+                    **({"source": located.source} if located.hub_id else {}),
                     **({"task": learning.new.name} if learning is not None and method.needs_data else {}),
                     "hash": ckpt_hash,
                     "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -400,6 +411,51 @@ class MergeState:
                     write_shards=(backend or LocalBackend()).shard_writer(
                         options, self._files(), self.method, self.meta["stats"], specs
                     ),
+                )
+            except OSError as e:
+                raise FoldinError(
+                    f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
+                    f"{out_dir} was left as it was."
+                ) from e
+
+    def export_lora(
+        self,
+        out_dir: str | os.PathLike[str],
+        rank: int,
+        full_tensors: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> dict[str, float]:
+        """Write the merged model as a PEFT LoRA adapter of rank `rank` over the base (each linear
+        weight's change by its best rank-`rank` approximation); returns the share of each weight
+        change's energy kept. Other changed tensors need `full_tensors` (see foldin.io.lora_export)."""
+        check_target(
+            Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path}
+        )
+        linear = set(self.meta["linear_weights"])
+        scale = self.method.scale(self.meta["stats"])
+        with self.reading() as (base, merged):
+            specs, produce = self._merged_tensors(base, merged, None)
+
+            def delta(name: str) -> torch.Tensor:
+                return scale * merged.read(name) if merged is not None else torch.zeros(specs[name][1])
+
+            floating = [n for n in specs if specs[n][0].is_floating_point]
+            changed = {n for n in floating if n not in linear and merged is not None and merged.read(n).any()}
+            try:
+                return write_lora_adapter(
+                    Path(out_dir),
+                    specs,
+                    linear,
+                    changed,
+                    delta,
+                    produce,
+                    rank,
+                    full_tensors,
+                    self.meta["base"]["path"],
+                    model_card(self.meta, "peft"),
+                    overwrite,
+                    progress=lambda names: progress_bar(names, desc="factorising", unit="tensor", enabled=progress),
                 )
             except OSError as e:
                 raise FoldinError(

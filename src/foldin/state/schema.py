@@ -25,6 +25,8 @@ class _BaseInfo(BaseModel):
     hash: str
     fingerprint: list[list[Any]]
     config_dir: str | None
+    hub_id: str | None = None  # org/name, when the base was named by its Hub id
+    revision: str | None = None  # the commit it resolved to
 
 
 class _Checksums(BaseModel):
