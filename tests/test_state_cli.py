@@ -13,7 +13,7 @@ import yaml
 from transformers import AutoModel
 
 from conftest import read_weights, snapshot, write_variant
-from foldin import MergeState, merge
+from foldin import FoldinError, MergeState, merge
 from foldin.cli import main
 
 
@@ -269,3 +269,28 @@ def test_a_resealed_but_invalid_state_json_is_refused(bert_case, tmp_path, capsy
     assert cli("info", state) == 1
     err = capsys.readouterr().err
     assert "is not a valid foldin state" in err and err.count("\n") == 1
+
+
+def test_a_state_made_before_xxh3_keeps_sha256(bert_case, tmp_path, monkeypatch):
+    """States written by earlier versions have sha256 digests and no `checksum` field: they open,
+    verify, take new steps in sha256 and still refuse a duplicate."""
+    import foldin.state as state_module
+    from foldin.state.schema import read_meta, write_meta
+
+    with monkeypatch.context() as m:
+        m.setattr(state_module, "CHECKSUM", "sha256")
+        state = MergeState.create(tmp_path / "old", bert_case / "base", "average")
+        state.add(bert_case / "ckpt_1", progress=False)
+    meta = read_meta(state.dir)
+    del meta["checksum"]
+    write_meta(state.dir, meta)
+    state = MergeState.open(state.dir)
+    assert state.checksum == "sha256" and state.history[0]["hash"].startswith("sha256:")
+    state.add(bert_case / "ckpt_2", progress=False)
+    digest = next(iter(state.meta["checksums"]["merged"].values()))
+    assert state.history[1]["hash"].startswith("sha256:") and len(digest) == 64  # bare sha256 hex
+    assert state.verify() > 0
+    with pytest.raises(FoldinError, match="already folded in at step 1"):
+        state.add(bert_case / "ckpt_1", progress=False)
+    fresh = MergeState.create(tmp_path / "new", bert_case / "base", "average")
+    assert fresh.checksum == "xxh3_128" and fresh.meta["base"]["hash"].startswith("xxh3_128:")

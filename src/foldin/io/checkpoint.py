@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+import xxhash
 
 from foldin.errors import CheckpointError
 from foldin.io.safetensors_file import TensorSpec, read_bytes, read_header, tensor_bytes, tensor_from_bytes
@@ -229,15 +230,31 @@ def _open_file(f: Path, shown_as: Path) -> Checkpoint:
     return SafetensorsCheckpoint(shown_as, [f])
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+# Checksums: xxh3-128 (about 30x faster than sha256 here: hashing every byte read and written no
+# longer shows in a step's time) for states created by this version; sha256 for earlier states,
+# which keep it. A tensor digest names its algorithm unless it is sha256 (the earlier, bare form).
+CHECKSUM = "xxh3_128"
+CHECKSUMS = ("xxh3_128", "sha256")
 
 
-def content_hash(entries: dict[str, tuple[torch.dtype, tuple[int, ...], str]]) -> str:
+def tensor_digest(tensor: torch.Tensor, algorithm: str = CHECKSUM) -> str:
+    data = tensor_bytes(tensor)
+    if algorithm == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    return "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
+
+
+def digest_matches(tensor: torch.Tensor, recorded: str) -> bool:
+    """Whether `tensor` has the digest recorded (in whichever algorithm recorded it)."""
+    algorithm = recorded.partition(":")[0] if ":" in recorded else "sha256"
+    return tensor_digest(tensor, algorithm) == recorded
+
+
+def content_hash(entries: dict[str, tuple[torch.dtype, tuple[int, ...], str]], algorithm: str = CHECKSUM) -> str:
     """A format-independent hash of a checkpoint: the same tensors give the same hash whether
     they are stored as safetensors, shards or a pickle. entries: name -> (dtype, shape, digest)."""
-    h = hashlib.sha256()
+    h = hashlib.sha256() if algorithm == "sha256" else xxhash.xxh3_128()
     for name in sorted(entries):
         dtype, shape, digest = entries[name]
         h.update(f"{name}\0{dtype}\0{list(shape)}\0{digest}\n".encode())
-    return "sha256:" + h.hexdigest()
+    return f"{algorithm}:{h.hexdigest()}"

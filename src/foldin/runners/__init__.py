@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from foldin.engine import ModelLayout, Runner, TensorSource, VerifiedSource
-from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
 from foldin.methods.base import MergeMethod
 
 
@@ -35,6 +35,7 @@ class StateFiles:
     base: str
     generation: str | None  # the current merged task vector (a .safetensors file or a shard index)
     digests: dict[str, str] = field(default_factory=dict)  # its checksums recorded at commit
+    checksum: str = CHECKSUM  # the algorithm of the digests this state records
 
     @contextmanager
     def open(self) -> Iterator[tuple[Checkpoint, VerifiedSource | None]]:

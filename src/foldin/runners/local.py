@@ -125,14 +125,19 @@ class GenerationFileRunner(LocalRunner):
     """A LocalRunner writing the merged task vector to one safetensors file, with each tensor's checksum."""
 
     def __init__(
-        self, writer: SafetensorsWriter, base: TensorSource, previous: TensorSource | None, options: RunOptions
+        self,
+        writer: SafetensorsWriter,
+        base: TensorSource,
+        previous: TensorSource | None,
+        options: RunOptions,
+        checksum: str,
     ):
         super().__init__(base, previous, self._write, options)
-        self.writer = writer
+        self.writer, self.checksum = writer, checksum
         self.digests: dict[str, str] = {}
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
-        self.digests[name] = tensor_digest(tensor)
+        self.digests[name] = tensor_digest(tensor, self.checksum)
         self.writer.write(name, tensor)
 
 
@@ -155,7 +160,7 @@ class LocalBackend:
         with SafetensorsWriter(
             gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}
         ) as writer:
-            yield GenerationFileRunner(writer, base, previous, options)
+            yield GenerationFileRunner(writer, base, previous, options, files.checksum)
 
     def shard_writer(
         self,

@@ -82,7 +82,7 @@ def fold_chunk(
     layout = files.layout
     results, digests, seconds = [], {}, {}
     with files.state.open() as (base, previous), open_model_or_adapter(files.checkpoint, base) as ckpt:
-        new = CheckedReader(ckpt)
+        new = CheckedReader(ckpt, algorithm=files.state.checksum)
         load = tensor_loader(layout, base, new, previous, torch.device(files.device))
         specs = layout.state_specs()
         with ExitStack() as stack:
@@ -95,7 +95,7 @@ def fold_chunk(
                 if writer is not None:
                     tensor, out = out
                     tensor = layout.as_stored(name, tensor).cpu()
-                    digests[name] = tensor_digest(tensor)
+                    digests[name] = tensor_digest(tensor, files.state.checksum)
                     writer.write(name, tensor)
                 results.append(out)
                 seconds[name] = time.perf_counter() - started

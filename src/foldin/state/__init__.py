@@ -31,7 +31,7 @@ from foldin.data import Learning, TaskData
 from foldin.engine import ModelLayout, VerifiedSource, fold_step, hash_source, read_export_tensor
 from foldin.errors import FoldinError, MismatchError, StateError
 from foldin.io.atomic import fsync_dir
-from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
 from foldin.io.export import DTYPES, check_target, parse_size, write_hf_folder
 from foldin.io.hub import Located, locate
 from foldin.io.lora import open_model_or_adapter
@@ -88,6 +88,11 @@ class MergeState:
         return self.meta["history"]
 
     @property
+    def checksum(self) -> str:
+        """The hash of this state's digests (states made before xxh3 keep sha256)."""
+        return self.meta.get("checksum", "sha256")
+
+    @property
     def base_path(self) -> Path:
         return Path(self.meta["base"]["path"])
 
@@ -115,7 +120,7 @@ class MergeState:
             specs = {n: ckpt.spec(n)[1] for n in ckpt.names()}
             linear, linear_source = resolve_linear_weights(specs, pattern=linear_weights, config_dir=ckpt.config_dir)
             ModelLayout.from_source(ckpt, linear)  # refuses a base with nothing to merge
-            base_hash = hash_source(ckpt)
+            base_hash = hash_source(ckpt, CHECKSUM)
             fingerprint = ckpt.fingerprint()
             config_dir = ckpt.config_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +143,7 @@ class MergeState:
             "stats": {},
             "generation": None,
             "history": [],
+            "checksum": CHECKSUM,
         }
         with locked(state_dir, exclusive=True):
             write_meta(state_dir, meta)
@@ -156,7 +162,7 @@ class MergeState:
             path = locate(f"{base_info['hub_id']}@{base_info['revision']}").path
         ckpt = open_checkpoint(path)
         if ckpt.fingerprint() != base_info["fingerprint"]:
-            if hash_source(ckpt) != base_info["hash"]:
+            if hash_source(ckpt, self.checksum) != base_info["hash"]:
                 ckpt.close()
                 raise MismatchError(
                     f"the base model at {base_info['path']} has changed since this state was created; restore "
@@ -171,7 +177,7 @@ class MergeState:
         with open_checkpoint(path) as ckpt:
             if path.resolve() == self.base_path and ckpt.fingerprint() == self.meta["base"]["fingerprint"]:
                 return
-            if hash_source(ckpt) != self.meta["base"]["hash"]:
+            if hash_source(ckpt, self.checksum) != self.meta["base"]["hash"]:
                 raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
 
     def add(
@@ -227,6 +233,7 @@ class MergeState:
                         runner,
                         learning,
                         on_hashed=lambda h: self._refuse_duplicate(checkpoint, h),
+                        algorithm=self.checksum,
                     )
                 files = self._write_learned(gen_dir, result.buffer, result.heads)
                 fsync_dir(gen_dir)
@@ -280,6 +287,7 @@ class MergeState:
             self.meta["base"]["path"],
             str(gen.resolve()) if gen else None,
             dict(self.meta.get("checksums", {}).get("merged", {})),
+            self.checksum,
         )
 
     def _generation_file(self) -> Path | None:

@@ -60,6 +60,7 @@ class StateMeta(BaseModel):
     generation: str | None = Field(pattern=r"^gen-\d{6}-[0-9a-f]{8}$")  # a plain name: never a path elsewhere
     history: list[_HistoryEntry]
     checksums: _Checksums | None = None
+    checksum: Literal["xxh3_128", "sha256"] = "sha256"  # the hash of every digest; states before xxh3: sha256
 
     @model_validator(mode="after")
     def _consistent(self) -> StateMeta:
