@@ -19,5 +19,8 @@ class Average(MergeMethod):
 
     def fold(self, ctx: StepContext) -> FoldResult:
         t = ctx.step
-        ctx.update(lambda s: (((t - 1) * s.merged + s.task_vector) / t, None), desc="averaging")
+        if t == 1:  # the mean of one task vector (reading no merged task vector: there is none yet)
+            ctx.update(lambda s: (s.task_vector, None), desc="averaging")
+        else:
+            ctx.update(lambda s: (((t - 1) * s.merged + s.task_vector) / t, None), desc="averaging")
         return FoldResult()

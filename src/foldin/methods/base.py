@@ -95,6 +95,7 @@ class MergeMethod(ABC):
     Params: ClassVar[type[MethodParams]]
     summary: ClassVar[str]
     needs_data: ClassVar[bool] = False  # True: each step needs the model and the task's data (`Learning`)
+    uses_linear_weights: ClassVar[bool] = False  # True: it treats linear-layer weights apart (TensorSlot.is_linear)
 
     def __init__(self, **params: Any):
         fields = list(self.Params.model_fields)

@@ -157,6 +157,7 @@ class DOPParams(MethodParams):
 class DOP(MergeMethod):
     name = "dop"
     Params = DOPParams
+    uses_linear_weights = True
     summary = (
         "Per linear layer, finds the weight closest to both the merged and the new model in each one's principal "
         "singular subspaces (dual projections); averages the other parameters."

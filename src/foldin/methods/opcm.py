@@ -113,6 +113,7 @@ class OPCMParams(MethodParams):
 class OPCM(MergeMethod):
     name = "opcm"
     Params = OPCMParams
+    uses_linear_weights = True
     summary = (
         "Projects each task vector away from the merged one's dominant singular subspace (linear layers), "
         "then rescales to the mean task-vector norm."

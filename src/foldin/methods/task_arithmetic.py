@@ -20,5 +20,8 @@ class TaskArithmetic(MergeMethod):
 
     def fold(self, ctx: StepContext) -> FoldResult:
         lam = self.params.scaling_factor
-        ctx.update(lambda s: (s.merged + lam * s.task_vector, None), desc="adding")
+        if ctx.step == 1:  # nothing merged yet: no zeros to read and add
+            ctx.update(lambda s: (lam * s.task_vector, None), desc="adding")
+        else:
+            ctx.update(lambda s: (s.merged + lam * s.task_vector, None), desc="adding")
         return FoldResult()

@@ -118,7 +118,12 @@ class MergeState:
         located = locate(base)
         with open_checkpoint(located.path) as ckpt:
             specs = {n: ckpt.spec(n)[1] for n in ckpt.names()}
-            linear, linear_source = resolve_linear_weights(specs, pattern=linear_weights, config_dir=ckpt.config_dir)
+            if merge_method.uses_linear_weights or linear_weights is not None:
+                linear, linear_source = resolve_linear_weights(
+                    specs, pattern=linear_weights, config_dir=ckpt.config_dir
+                )
+            else:  # building the architecture to find them costs seconds: only for methods that need them
+                linear, linear_source = [], f"not used by {merge_method.name}"
             ModelLayout.from_source(ckpt, linear)  # refuses a base with nothing to merge
             base_hash = hash_source(ckpt, CHECKSUM)
             fingerprint = ckpt.fingerprint()
@@ -440,10 +445,13 @@ class MergeState:
         check_target(
             Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path}
         )
-        linear = set(self.meta["linear_weights"])
         scale = self.method.scale(self.meta["stats"])
         with self.reading() as (base, merged):
             specs, produce = self._merged_tensors(base, merged, None)
+            linear = set(self.meta["linear_weights"])
+            if not linear:  # a method that needs no linear weights did not look them up at init
+                config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
+                linear = set(resolve_linear_weights({n: s for n, (_, s) in specs.items()}, config_dir=config_dir)[0])
 
             def delta(name: str) -> torch.Tensor:
                 return scale * merged.read(name) if merged is not None else torch.zeros(specs[name][1])
