@@ -294,3 +294,32 @@ def test_a_state_made_before_xxh3_keeps_sha256(bert_case, tmp_path, monkeypatch)
         state.add(bert_case / "ckpt_1", progress=False)
     fresh = MergeState.create(tmp_path / "new", bert_case / "base", "average")
     assert fresh.checksum == "xxh3_128" and fresh.meta["base"]["hash"].startswith("xxh3_128:")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "average", "ties", "magmax", "dop", "opcm"])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_a_step_exports_in_the_same_pass_bit_for_bit(bert_case, tmp_path, method, dtype):
+    """`foldin run` writes the export during its last step where the method's scale is known
+    beforehand (opcm's is not: it exports after); the folder equals a separate `export`."""
+    fused, apart = (MergeState.create(tmp_path / name, bert_case / "base", method) for name in ("fused", "apart"))
+    for state in (fused, apart):
+        state.add(bert_case / "ckpt_1", progress=False)
+    fused.add_and_export(bert_case / "ckpt_2", tmp_path / "out-fused", dtype, progress=False)
+    apart.add(bert_case / "ckpt_2", progress=False)
+    apart.export(tmp_path / "out-apart", dtype, progress=False)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out-fused" / name).read_bytes() == (tmp_path / "out-apart" / name).read_bytes()
+    assert fused.meta["checksums"] == apart.meta["checksums"]
+
+
+def test_a_failed_step_leaves_no_export_behind(bert_case, tmp_path):
+    state = MergeState.create(tmp_path / "s", bert_case / "base", "task_arithmetic")
+    state.add(bert_case / "ckpt_1", progress=False)
+    bad = write_variant(
+        bert_case / "ckpt_2", tmp_path / "bad", lambda sd: {**sd, next(iter(sd)): sd[next(iter(sd))] * float("nan")}
+    )
+    before = snapshot(state.dir)
+    with pytest.raises(FoldinError, match="NaN"):
+        state.add_and_export(bad, tmp_path / "out", progress=False)
+    assert snapshot(state.dir) == before and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written folder beside it

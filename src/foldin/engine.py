@@ -301,7 +301,8 @@ def export_tensor(
     """The merged model's tensor: base + scale * merged task vector (base itself if not merged)."""
     if merged is None:
         return base
-    out = base.to(merged.dtype) + method.scale(stats) * merged
+    scale = method.scale(stats)
+    out = base.to(merged.dtype) + (merged if scale == 1 else scale * merged)  # 1 * x is x: no pass for it
     return out.to(dtype or base.dtype)
 
 

@@ -175,10 +175,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     if done:
         print(f"resuming {state_dir} at step {len(done)}")
     backend = _backend(args)
-    for ckpt in checkpoints[len(done) :]:
+    todo = checkpoints[len(done) :]
+    for ckpt in todo[:-1]:
         entry = state.add(ckpt, progress=not args.quiet, backend=backend)
         print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
-    state.export(output, cfg.dtype, cfg.max_shard_size, overwrite=True, progress=not args.quiet, backend=backend)
+    export = (cfg.dtype, cfg.max_shard_size, True, not args.quiet, backend)  # overwrite: run owns its output
+    if todo:  # the last step writes the export in the same pass where the method allows it
+        entry, _ = state.add_and_export(todo[-1], output, *export)
+        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s")
+    else:
+        state.export(output, *export)
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
 
 

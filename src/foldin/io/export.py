@@ -52,22 +52,107 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+class FolderWriter:
+    """A folder written beside `out_dir`, listed in MANIFEST and renamed into place by `finish`;
+    `abort` (or a failure in `finish`) leaves `out_dir` as it was."""
+
+    def __init__(self, out_dir: Path, overwrite: bool, protected: dict[str, Path] | None = None):
+        check_target(out_dir, overwrite, protected)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+        self.tmp.mkdir()
+
+    def finish(self) -> Path:
+        try:
+            written = sorted(p.name for p in self.tmp.iterdir())
+            manifest = {"written_by": "foldin export", "files": written}
+            (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            replace_dir(self.tmp, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_folder(out_dir: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Build a folder beside `out_dir` with `fill(tmp)`, list what was written in MANIFEST, and
-    rename it into place; a failure leaves `out_dir` as it was."""
-    check_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
+    """Build a folder with `fill(tmp)` and put it in place (see FolderWriter)."""
+    folder = FolderWriter(out_dir, overwrite)
     try:
-        fill(tmp)
-        written = sorted(p.name for p in tmp.iterdir())
-        (tmp / MANIFEST).write_text(json.dumps({"written_by": "foldin export", "files": written}, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
+        fill(folder.tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.abort()
         raise
-    return out_dir
+    return folder.finish()
+
+
+class ModelFolderWriter(FolderWriter):
+    """A Hugging Face model folder written tensor by tensor, in any order: safetensors shards of at
+    most `max_shard_bytes` (with an index when there are several), then the base's config and
+    tokenizer files and the model card. `torch_dtype`, when the weights were cast, goes into config.json."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int,
+        overwrite: bool = False,
+        protected: dict[str, Path] | None = None,
+        open_shards: bool = True,
+    ):
+        super().__init__(out_dir, overwrite, protected)
+        self.specs = specs
+        self.sizes = {
+            n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()
+        }
+        self.shards = plan_shards(self.sizes, max_shard_bytes)
+        single = len(self.shards) == 1
+        self.files = [
+            self.tmp / ("model.safetensors" if single else f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors")
+            for i in range(len(self.shards))
+        ]
+        self._writers: dict[str, SafetensorsWriter] = {}
+        try:
+            for path, names in zip(self.files, self.shards) if open_shards else []:
+                writer = SafetensorsWriter(path, {n: specs[n] for n in names})
+                self._writers.update(dict.fromkeys(names, writer))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._writers[name].write(name, tensor)
+
+    def finish_model(self, config_dir: Path | None, model_card: str, torch_dtype: torch.dtype | None = None) -> Path:
+        try:
+            for writer in dict.fromkeys(self._writers.values()):
+                writer.close()
+            if len(self.shards) > 1:
+                weight_map = {name: path.name for path, names in zip(self.files, self.shards) for name in names}
+                index = {"metadata": {"total_size": sum(self.sizes.values())}, "weight_map": weight_map}
+                (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            if config_dir is not None:
+                shutil.copytree(
+                    config_dir,
+                    self.tmp,
+                    dirs_exist_ok=True,
+                    ignore=lambda _d, names: [n for n in names if WEIGHT_PATTERNS.search(n)],
+                )
+            if torch_dtype is not None and (self.tmp / "config.json").is_file():
+                _set_config_dtype(self.tmp / "config.json", torch_dtype)
+            (self.tmp / "README.md").write_text(model_card)
+        except BaseException:
+            self.abort()
+            raise
+        return self.finish()
+
+    def abort(self) -> None:
+        for writer in dict.fromkeys(self._writers.values()):
+            writer.abort()
+        super().abort()
 
 
 def write_hf_folder(
@@ -82,41 +167,20 @@ def write_hf_folder(
     torch_dtype: torch.dtype | None = None,
     write_shards: Callable[[list[tuple[Path, list[str]]]], None] | None = None,
 ) -> Path:
-    """Write the folder. `specs` gives each output tensor's dtype and shape in file order;
-    `produce(name)` computes it. torch_dtype, when the weights were cast, is recorded in config.json.
-    `write_shards`, if given, writes the planned (path, names) shards instead (e.g. as Ray tasks)."""
-    sizes = {n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()}
-    shards = plan_shards(sizes, max_shard_bytes)
-    filenames = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-
-    def fill(tmp: Path) -> None:
+    """Write the folder: `specs` gives each output tensor's dtype and shape in file order,
+    `produce(name)` computes it. `write_shards`, if given, writes the planned (path, names) shards
+    instead (e.g. as Ray tasks)."""
+    folder = ModelFolderWriter(out_dir, specs, max_shard_bytes, overwrite, open_shards=write_shards is None)
+    try:
         if write_shards is not None:
-            write_shards([(tmp / filename, names) for filename, names in zip(filenames, shards)])
+            write_shards(list(zip(folder.files, folder.shards)))
         else:
-            for filename, names in zip(filenames, shards):
-                with SafetensorsWriter(tmp / filename, {n: specs[n] for n in names}) as writer:
-                    for name in progress(names):
-                        writer.write(name, produce(name))
-        if len(shards) > 1:
-            weight_map = {name: filename for filename, names in zip(filenames, shards) for name in names}
-            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if config_dir is not None:
-            shutil.copytree(
-                config_dir,
-                tmp,
-                dirs_exist_ok=True,
-                ignore=lambda _d, names: [n for n in names if WEIGHT_PATTERNS.search(n)],
-            )
-        if torch_dtype is not None and (tmp / "config.json").is_file():
-            _set_config_dtype(tmp / "config.json", torch_dtype)
-        (tmp / "README.md").write_text(model_card)
-
-    return write_folder(out_dir, overwrite, fill)
+            for name in progress(list(specs)):
+                folder.write(name, produce(name))
+    except BaseException:
+        folder.abort()
+        raise
+    return folder.finish_model(config_dir, model_card, torch_dtype)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

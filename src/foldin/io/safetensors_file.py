@@ -124,10 +124,11 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     return TensorSpec(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
-def read_bytes(fd: int, begin: int, nbytes: int, path: Path) -> bytearray:
-    """pread exactly nbytes at begin, or fail with a clear error if the file is shorter."""
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+def read_bytes(fd: int, begin: int, nbytes: int, path: Path) -> torch.Tensor:
+    """pread exactly nbytes at begin into a fresh uint8 tensor, or fail with a clear error if the
+    file is shorter. The buffer is not zeroed first (a bytearray would be: a third of a read's time)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], begin + done)
@@ -137,10 +138,10 @@ def read_bytes(fd: int, begin: int, nbytes: int, path: Path) -> bytearray:
     return buf
 
 
-def tensor_from_bytes(buf: bytearray, spec: TensorSpec) -> torch.Tensor:
+def tensor_from_bytes(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     if spec.nbytes == 0:
         return torch.empty(spec.shape, dtype=spec.dtype)
-    return torch.frombuffer(buf, dtype=spec.dtype).reshape(spec.shape)
+    return buf.view(spec.dtype).reshape(spec.shape)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -96,6 +96,7 @@ class MergeMethod(ABC):
     summary: ClassVar[str]
     needs_data: ClassVar[bool] = False  # True: each step needs the model and the task's data (`Learning`)
     uses_linear_weights: ClassVar[bool] = False  # True: it treats linear-layer weights apart (TensorSlot.is_linear)
+    scale_known_before_step: ClassVar[bool] = True  # False: scale() needs the step's own stats (e.g. a norm)
 
     def __init__(self, **params: Any):
         fields = list(self.Params.model_fields)

@@ -114,6 +114,7 @@ class OPCM(MergeMethod):
     name = "opcm"
     Params = OPCMParams
     uses_linear_weights = True
+    scale_known_before_step = False  # the global rescale needs the new merged task vector's norm
     summary = (
         "Projects each task vector away from the merged one's dominant singular subspace (linear layers), "
         "then rescales to the mean task-vector norm."

@@ -36,12 +36,12 @@ class LocalStep(StepPasses):
         sink: Callable[[str, torch.Tensor], None],
         options: RunOptions,
         learning: Learning | None = None,
+        on_merged: Callable[[TensorSlot, torch.Tensor], None] | None = None,
     ):
         super().__init__(step, stats, layout, learning)
-        self._load, self._sink, self._options = load, sink, options
-        self._workers = (
-            1 if learning is not None else options.workers
-        )  # a data-driven method holds the model whole anyway
+        self._load, self._sink, self._options, self._on_merged = load, sink, options, on_merged
+        # a data-driven method holds the model whole anyway: one tensor at a time
+        self._workers = 1 if learning is not None else options.workers
 
     def _slots(self, desc: str) -> Iterator[TensorSlot]:
         names = progress(
@@ -80,7 +80,10 @@ class LocalStep(StepPasses):
         for slot, out in self._map(fn, desc):
             if write:
                 tensor, out = out
-                self._sink(slot.name, self.layout.as_stored(slot.name, tensor).cpu())
+                stored = self.layout.as_stored(slot.name, tensor).cpu()
+                self._sink(slot.name, stored)
+                if self._on_merged is not None:
+                    self._on_merged(slot, stored)
             results.append(out)
         return results
 
@@ -101,6 +104,8 @@ class LocalRunner:
             raise FoldinError(f"--workers must be at least 1, not {options.workers}.")
         self.base, self.previous, self.sink, self.options = base, previous, sink, options
         self.device = resolve_device(options.device)
+        # also called with each tensor of the new merged task vector and its slot (e.g. to export in the same pass)
+        self.on_merged: Callable[[TensorSlot, torch.Tensor], None] | None = None
 
     def context(
         self,
@@ -118,7 +123,7 @@ class LocalRunner:
         for name in [n for n in new.specs if n not in layout.specs or not layout.specs[n][0].is_floating_point]:
             new.read(name)
         load = tensor_loader(layout, self.base, new, self.previous, self.device)
-        return LocalStep(step, stats, layout, load, self.sink, self.options, learning)
+        return LocalStep(step, stats, layout, load, self.sink, self.options, learning, self.on_merged)
 
 
 class GenerationFileRunner(LocalRunner):

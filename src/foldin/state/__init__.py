@@ -21,6 +21,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,11 @@ from typing import Any
 import torch
 
 from foldin.data import Learning, TaskData
-from foldin.engine import ModelLayout, VerifiedSource, fold_step, hash_source, read_export_tensor
+from foldin.engine import ModelLayout, VerifiedSource, export_tensor, fold_step, hash_source, read_export_tensor
 from foldin.errors import FoldinError, MismatchError, StateError
 from foldin.io.atomic import fsync_dir
 from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
-from foldin.io.export import DTYPES, check_target, parse_size, write_hf_folder
+from foldin.io.export import DTYPES, ModelFolderWriter, check_target, parse_size, write_hf_folder
 from foldin.io.hub import Located, locate
 from foldin.io.lora import open_model_or_adapter
 from foldin.io.lora_export import write_lora_adapter
@@ -66,6 +67,22 @@ from foldin.state.schema import (
 )
 
 __all__ = ["MergeState"]
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """An export to write in the same pass as a step (MergeState.add_and_export)."""
+
+    out_dir: Path
+    dtype: torch.dtype | None
+    max_shard_bytes: int
+    overwrite: bool
+
+
+def _export_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is not None and dtype not in DTYPES:
+        raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+    return DTYPES[dtype] if dtype is not None else None
 
 
 class MergeState:
@@ -203,15 +220,51 @@ class MergeState:
             self.meta = read_meta(self.dir)  # another process may have committed since we opened
             remove_leftovers(self.dir, self.meta["generation"])
             try:
-                return self._add_locked(locate(checkpoint), learning, options, backend or LocalBackend())
+                return self._add_locked(locate(checkpoint), learning, options, backend or LocalBackend(), None)
             except OSError as e:  # disk full, I/O error: the new generation was discarded
                 raise StateError(
                     f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
                     f"the state is unchanged at step {self.step}."
                 ) from e
 
+    def add_and_export(
+        self,
+        checkpoint: str | os.PathLike[str],
+        out_dir: str | os.PathLike[str],
+        dtype: str | None = None,
+        max_shard_size: str = "5GB",
+        overwrite: bool = False,
+        progress: bool = True,
+        backend: Backend | None = None,
+    ) -> tuple[dict[str, Any], Path]:
+        """Fold one checkpoint in, then export the merged model. When the method's scale is known
+        before the step (every method but opcm), on the CPU of this process, the export is written
+        in the same pass: the base and the new merged task vector are not read a second time.
+        The export is put in place only after the step has committed."""
+        if backend is not None or not self.method.scale_known_before_step:
+            entry = self.add(checkpoint, progress, backend=backend)
+            return entry, self.export(out_dir, dtype, max_shard_size, overwrite, progress, backend)
+        plan = ExportPlan(Path(out_dir), _export_dtype(dtype), parse_size(max_shard_size), overwrite)
+        check_target(plan.out_dir, overwrite, self._protected())
+        with locked(self.dir, exclusive=True):
+            self.meta = read_meta(self.dir)
+            remove_leftovers(self.dir, self.meta["generation"])
+            try:
+                entry = self._add_locked(locate(checkpoint), None, RunOptions(progress), LocalBackend(), plan)
+            except OSError as e:
+                raise StateError(
+                    f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
+                    f"the state is unchanged at step {self.step}, and {out_dir} as it was."
+                ) from e
+        return entry, plan.out_dir
+
     def _add_locked(
-        self, located: Located, learning: Learning | None, options: RunOptions, backend: Backend
+        self,
+        located: Located,
+        learning: Learning | None,
+        options: RunOptions,
+        backend: Backend,
+        export: ExportPlan | None,
     ) -> dict[str, Any]:
         checkpoint = located.path
         started = time.time()
@@ -224,11 +277,16 @@ class MergeState:
         with self.open_base() as base, open_model_or_adapter(checkpoint, base) as ckpt:
             layout = ModelLayout.from_source(base, self.meta["linear_weights"])
             previous = self._open_generation()
+            folder = self._export_folder(base, export) if export is not None else None
             gen_dir.mkdir()
             try:
                 with backend.generation_runner(
                     options, self._files(), checkpoint, layout, step, gen_dir, base, previous
                 ) as runner:
+                    if folder is not None:  # the merged model's tensor, from what the step holds anyway
+                        runner.on_merged = lambda slot, merged: folder.write(
+                            slot.name, export_tensor(method, {}, slot.base, merged, folder.specs[slot.name][0])
+                        )
                     result, ckpt_hash = fold_step(
                         method,
                         step,
@@ -240,6 +298,8 @@ class MergeState:
                         on_hashed=lambda h: self._refuse_duplicate(checkpoint, h),
                         algorithm=self.checksum,
                     )
+                for name in [n for n in base.names() if n not in layout.merged_names] if folder else []:
+                    folder.write(name, base.read(name))  # integer buffers: the base's
                 files = self._write_learned(gen_dir, result.buffer, result.heads)
                 fsync_dir(gen_dir)
                 entry = {
@@ -263,6 +323,8 @@ class MergeState:
                 }
                 write_meta(self.dir, meta)  # the commit point
             except BaseException:
+                if folder is not None:
+                    folder.abort()
                 if committed_generation(self.dir) != gen:  # a failure after the commit point keeps it
                     shutil.rmtree(gen_dir, ignore_errors=True)
                 raise
@@ -273,7 +335,26 @@ class MergeState:
         self.meta = meta
         if old:
             shutil.rmtree(self.dir / old, ignore_errors=True)
+        if folder is not None:
+            try:
+                folder.finish_model(self._config_dir(), model_card(self.meta), export.dtype)
+            except OSError as e:
+                raise FoldinError(
+                    f"step {step} was committed, but writing {export.out_dir} failed: {e.strerror or e}; "
+                    f"export it again with 'foldin export'."
+                ) from e
         return entry
+
+    def _export_folder(self, base: Checkpoint, plan: ExportPlan) -> ModelFolderWriter:
+        specs = self._export_specs(base, plan.dtype)
+        return ModelFolderWriter(plan.out_dir, specs, plan.max_shard_bytes, plan.overwrite, self._protected())
+
+    def _protected(self) -> dict[str, Path]:
+        """What an export must never replace or write into."""
+        return {"the merge state's folder": self.dir, "the base model": self.base_path}
+
+    def _config_dir(self) -> Path | None:
+        return Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
 
     def _write_learned(self, gen_dir: Path, buffer: TaskData | None, heads: Heads) -> dict[str, str]:
         """A data-driven step's buffer and all heads refit so far, into the new generation; their checksums."""
@@ -368,13 +449,19 @@ class MergeState:
                     if merged is not None:
                         merged.close()
 
-    def _merged_tensors(self, base: Checkpoint, merged: Checkpoint | None, dtype: torch.dtype | None):
-        """(dtype and shape of each output tensor, a function computing it) for the merged model."""
-        method = self.method
+    @staticmethod
+    def _export_specs(base: Checkpoint, dtype: torch.dtype | None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The dtype and shape of each tensor of the merged model (floating ones in `dtype` if given)."""
         specs = {}
         for name in base.names():
             b_dtype, shape = base.spec(name)
             specs[name] = (dtype if dtype is not None and b_dtype.is_floating_point else b_dtype, shape)
+        return specs
+
+    def _merged_tensors(self, base: Checkpoint, merged: Checkpoint | None, dtype: torch.dtype | None):
+        """(dtype and shape of each output tensor, a function computing it) for the merged model."""
+        method = self.method
+        specs = self._export_specs(base, dtype)
 
         def produce(name: str) -> torch.Tensor:
             return read_export_tensor(method, self.meta["stats"], base, merged, name, specs[name][0])
@@ -398,24 +485,17 @@ class MergeState:
     ) -> Path:
         """Write the merged model after the current step as a Hugging Face folder. With `backend`
         (e.g. a RayBackend), each shard is written elsewhere (out_dir's parent must be shared storage)."""
-        out_dtype = None
-        if dtype is not None:
-            if dtype not in DTYPES:
-                raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-            out_dtype = DTYPES[dtype]
+        out_dtype = _export_dtype(dtype)
         options = RunOptions(progress)
-        check_target(
-            Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path}
-        )
+        check_target(Path(out_dir), overwrite, self._protected())
         with self.reading() as (base, merged):
             specs, produce = self._merged_tensors(base, merged, out_dtype)
-            config_dir = Path(self.meta["base"]["config_dir"]) if self.meta["base"]["config_dir"] else None
             try:
                 return write_hf_folder(
                     Path(out_dir),
                     specs,
                     produce,
-                    config_dir,
+                    self._config_dir(),
                     model_card(self.meta),
                     parse_size(max_shard_size),
                     overwrite=overwrite,
@@ -442,9 +522,7 @@ class MergeState:
         """Write the merged model as a PEFT LoRA adapter of rank `rank` over the base (each linear
         weight's change by its best rank-`rank` approximation); returns the share of each weight
         change's energy kept. Other changed tensors need `full_tensors` (see foldin.io.lora_export)."""
-        check_target(
-            Path(out_dir), overwrite, {"the merge state's folder": self.dir, "the base model": self.base_path}
-        )
+        check_target(Path(out_dir), overwrite, self._protected())
         scale = self.method.scale(self.meta["stats"])
         with self.reading() as (base, merged):
             specs, produce = self._merged_tensors(base, merged, None)
