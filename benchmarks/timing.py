@@ -7,10 +7,11 @@ import subprocess
 import time
 
 
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MiB, stdout) of `cmd`; exits with its stderr if it fails."""
+def timed(cmd: list[str], stdout: int = subprocess.PIPE) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MiB, stdout) of `cmd`; exits with its stderr if it fails.
+    `stdout=subprocess.DEVNULL` for a command whose output is not wanted (e.g. cat of a model)."""
     t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=stdout, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")

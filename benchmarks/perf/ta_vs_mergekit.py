@@ -1,14 +1,16 @@
 """A task-arithmetic step, foldin against mergekit 0.1.5: base + one fine-tuned model with weight
-(scaling factor) 0.3, same inputs, same machine, alternating runs; output parity, wall seconds and
-peak RSS (`/usr/bin/time -v`).
+(scaling factor) 0.3, same inputs, same machine, same thread count, alternating runs; output
+parity, wall seconds and peak RSS (`/usr/bin/time -v`), and the I/O floor beside them.
 
-    python benchmarks/perf/ta_vs_mergekit.py                   # a 0.5 GB Llama-shaped model
-    python benchmarks/perf/ta_vs_mergekit.py --layers 16 --repeats 3
+    python benchmarks/perf/ta_vs_mergekit.py                   # a 0.67 GB Llama-shaped model
+    python benchmarks/perf/ta_vs_mergekit.py --layers 72       # 4.1 GB
 
 mergekit runs in its own venv (setup_mergekit.sh, created on first use): `mergekit-yaml` with
 `merge_method: task_arithmetic`, the model at `weight: 0.3`, `dtype: float32`, on the CPU. foldin
-runs `init` (task_arithmetic, scaling_factor 0.3), `add` and `export`, each a process; its wall
-time is their sum and its peak RSS their largest.
+runs `foldin run merge.yaml` (one process: init, the step and the export) and, separately, the
+three commands `init`, `add` and `export` (their wall times summed, their peak RSS the largest).
+The floor is reading both inputs once (`cat > /dev/null`, from the page cache as every side reads
+them) plus writing one output of the model's size and syncing it (`dd conv=fsync`).
 """
 
 from __future__ import annotations
@@ -76,15 +78,23 @@ def run_mergekit(base: Path, ckpt: Path, out: Path) -> dict[str, float]:
 
 
 def run_foldin(base: Path, ckpt: Path, work: Path) -> dict[str, float]:
+    """`foldin run` (one process), then the same merge as init + add + export (three processes)."""
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "merge.yaml").write_text(
+        f"base: {base.resolve()}\nmethod: task_arithmetic\nparams: {{scaling_factor: 0.3}}\n"
+        f"checkpoints: [{ckpt.resolve()}]\noutput: out\n"
+    )
     foldin = [sys.executable, "-m", "foldin.cli"]
-    runs = [
+    run_wall, run_rss, _ = timed([*foldin, "run", str(work / "merge.yaml"), "--quiet"])
+    state = str(work / "state")
+    steps = [
         timed(cmd)[:2]
         for cmd in (
             [
                 *foldin,
                 "init",
-                str(work / "state"),
+                state,
                 "--base",
                 str(base),
                 "--method",
@@ -92,11 +102,26 @@ def run_foldin(base: Path, ckpt: Path, work: Path) -> dict[str, float]:
                 "--set",
                 "scaling_factor=0.3",
             ],
-            [*foldin, "add", str(work / "state"), str(ckpt), "--quiet"],
-            [*foldin, "export", str(work / "state"), str(work / "out"), "--quiet"],
+            [*foldin, "add", state, str(ckpt), "--quiet"],
+            [*foldin, "export", state, str(work / "out3"), "--quiet"],
         )
     ]
-    return {"wall_s": sum(w for w, _ in runs), "peak_rss_mb": max(r for _, r in runs), "add_wall_s": runs[1][0]}
+    return {
+        "wall_s": run_wall,
+        "peak_rss_mb": run_rss,
+        "three_commands_wall_s": sum(w for w, _ in steps),
+        "three_commands_peak_rss_mb": max(r for _, r in steps),
+    }
+
+
+def io_floor(base: Path, ckpt: Path, work: Path) -> dict[str, float]:
+    """Read both inputs once, write and sync one model-sized file: what any merge must do."""
+    files = [str(f) for folder in (base, ckpt) for f in sorted(folder.glob("*.safetensors"))]
+    read, _, _ = timed(["cat", *files], stdout=subprocess.DEVNULL)
+    size_mb = sum(Path(f).stat().st_size for f in files[: len(files) // 2]) // 2**20
+    write, _, _ = timed(["dd", "if=/dev/zero", f"of={work / 'floor.bin'}", "bs=1M", f"count={size_mb}", "conv=fsync"])
+    (work / "floor.bin").unlink()
+    return {"read_s": read, "write_s": write, "wall_s": read + write}
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -115,31 +140,35 @@ def main() -> None:
     a = ap.parse_args()
     base, ckpt = make_models(a.work / f"L{a.layers}", a.layers)
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
-    runs: dict[str, list[dict[str, float]]] = {"mergekit": [], "foldin": []}
+    runs: dict[str, list[dict[str, float]]] = {"mergekit": [], "foldin": [], "floor": []}
     for r in range(a.repeats):
+        runs["floor"].append(io_floor(base, ckpt, a.work))
         runs["mergekit"].append(run_mergekit(base, ckpt, a.work / "mergekit-out"))
         runs["foldin"].append(run_foldin(base, ckpt, a.work / "foldin"))
         print(
-            f"  repeat {r + 1}: mergekit {runs['mergekit'][-1]['wall_s']:.1f} s, foldin "
-            f"{runs['foldin'][-1]['wall_s']:.1f} s",
+            f"  repeat {r + 1}: floor {runs['floor'][-1]['wall_s']:.1f} s, "
+            f"mergekit {runs['mergekit'][-1]['wall_s']:.1f} s, "
+            f"foldin run {runs['foldin'][-1]['wall_s']:.1f} s, init+add+export "
+            f"{runs['foldin'][-1]['three_commands_wall_s']:.1f} s",
             file=sys.stderr,
         )
+    med = {side: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for side, rs in runs.items()}
+    mk, fo, fl = med["mergekit"], med["foldin"], med["floor"]
+    print(
+        f"\ntask arithmetic, base + 1 model at 0.3, Llama-shaped {size_gb:.2f} GB float32, "
+        f"{torch.get_num_threads()} threads each, medians of {a.repeats} alternating runs\n"
+    )
+    print(f"{'':<26}{'wall s':>8}{'/ mergekit':>12}{'peak RSS MiB':>14}{'/ mergekit':>12}")
+    rows = [
+        ("I/O floor (read + write)", fl["wall_s"], None),
+        ("mergekit 0.1.5", mk["wall_s"], mk["peak_rss_mb"]),
+        ("foldin run", fo["wall_s"], fo["peak_rss_mb"]),
+        ("foldin init + add + export", fo["three_commands_wall_s"], fo["three_commands_peak_rss_mb"]),
+    ]
+    for label, wall, rss in rows:
+        rss_cells = f"{rss:>14.0f}{rss / mk['peak_rss_mb']:>11.2f}x" if rss else ""
+        print(f"{label:<26}{wall:>8.1f}{wall / mk['wall_s']:>11.2f}x{rss_cells}")
     errs = relative_errors(load_all(a.work / "foldin" / "out"), load_all(a.work / "mergekit-out"))
-    med = {
-        side: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "peak_rss_mb")} for side, rs in runs.items()
-    }
-    print(
-        f"\ntask arithmetic, base + 1 model at 0.3, Llama-shaped {size_gb:.2f} GB float32, medians of "
-        f"{a.repeats} alternating runs\n"
-    )
-    print(f"{'side':<10}{'wall s':>9}{'peak RSS MiB':>14}")
-    for side, m in med.items():
-        print(f"{side:<10}{m['wall_s']:>9.1f}{m['peak_rss_mb']:>14.0f}")
-    print(
-        f"{'ratio':<10}{med['mergekit']['wall_s'] / med['foldin']['wall_s']:>8.1f}x"
-        f"{med['foldin']['peak_rss_mb'] / med['mergekit']['peak_rss_mb']:>13.2f}x   (speed: mergekit / foldin; "
-        f"RSS: foldin / mergekit)"
-    )
     print(f"parity: {len(errs)} tensors, max relative error {max(errs.values()):.1e} ({max(errs, key=errs.get)})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(
