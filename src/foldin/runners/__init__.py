@@ -49,6 +49,20 @@ class StateFiles:
             yield base, previous
 
 
+@dataclass(frozen=True)
+class GenerationJob:
+    """One step of a merge state, as a backend sees it: where the state's files are, the incoming
+    checkpoint, the model's layout, and the new generation folder the step writes into."""
+
+    files: StateFiles
+    checkpoint: Path
+    layout: ModelLayout
+    step: int
+    gen_dir: Path
+    base: TensorSource
+    previous: TensorSource | None
+
+
 class GenerationRunner(Runner, Protocol):
     """A Runner that writes the step's merged task vector into a new generation folder; after the
     step, `digests` holds each tensor's checksum (what the state records at commit)."""
@@ -64,17 +78,8 @@ ShardWriter = Callable[
 class Backend(Protocol):
     """Runs a state's steps and exports (LocalBackend, RayBackend)."""
 
-    def generation_runner(
-        self,
-        options: RunOptions,
-        files: StateFiles,
-        checkpoint: Path,
-        layout: ModelLayout,
-        step: int,
-        gen_dir: Path,
-        base: TensorSource,
-        previous: TensorSource | None,
-    ) -> AbstractContextManager[GenerationRunner]: ...
+    def generation_runner(self, options: RunOptions, job: GenerationJob) -> AbstractContextManager[GenerationRunner]:
+        """A runner that writes `job`'s merged task vector into its generation folder."""
 
     def shard_writer(
         self,

@@ -7,7 +7,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from foldin.io.checkpoint import tensor_digest
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.methods.base import MergeMethod, TensorSlot
 from foldin.progress import progress
-from foldin.runners import RunOptions, StateFiles
+from foldin.runners import GenerationJob, RunOptions, StateFiles
 
 MERGED_FILE = "merged.safetensors"
 
@@ -150,22 +149,11 @@ class LocalBackend:
     """A merge state's steps and exports in this process."""
 
     @contextmanager
-    def generation_runner(
-        self,
-        options: RunOptions,
-        files: StateFiles,
-        checkpoint: Path,
-        layout: ModelLayout,
-        step: int,
-        gen_dir: Path,
-        base: TensorSource,
-        previous: TensorSource | None,
-    ) -> Iterator[GenerationFileRunner]:
+    def generation_runner(self, options: RunOptions, job: GenerationJob) -> Iterator[GenerationFileRunner]:
         """A runner writing the step's merged task vector to gen_dir/merged.safetensors."""
-        with SafetensorsWriter(
-            gen_dir / MERGED_FILE, layout.state_specs(), {"format": "pt", "foldin_step": str(step)}
-        ) as writer:
-            yield GenerationFileRunner(writer, base, previous, options, files.checksum)
+        metadata = {"format": "pt", "foldin_step": str(job.step)}
+        with SafetensorsWriter(job.gen_dir / MERGED_FILE, job.layout.state_specs(), metadata) as writer:
+            yield GenerationFileRunner(writer, job.base, job.previous, options, job.files.checksum)
 
     def shard_writer(
         self,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from foldin.data import Learning
-from foldin.engine import CheckedReader, ModelLayout, StepPasses, TensorSource, read_export_tensor, tensor_loader
+from foldin.engine import CheckedReader, ModelLayout, StepPasses, read_export_tensor, tensor_loader
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import tensor_digest
 from foldin.io.export import plan_shards
@@ -38,7 +38,7 @@ from foldin.io.lora import open_model_or_adapter
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.methods.base import MergeMethod, R, TensorSlot
 from foldin.progress import progress as progress_bar
-from foldin.runners import RunOptions, ShardWriter, StateFiles
+from foldin.runners import GenerationJob, RunOptions, ShardWriter, StateFiles
 
 
 @dataclass(frozen=True)
@@ -199,30 +199,20 @@ class RayBackend:
                 ) from None
 
     @contextmanager
-    def generation_runner(
-        self,
-        options: RunOptions,
-        files: StateFiles,
-        checkpoint: Path,
-        layout: ModelLayout,
-        step: int,
-        gen_dir: Path,
-        base: TensorSource,
-        previous: TensorSource | None,
-    ) -> Iterator[RayRunner]:
+    def generation_runner(self, options: RunOptions, job: GenerationJob) -> Iterator[RayRunner]:
         """A step as Ray tasks writing the merged task vector in shards into gen_dir, then their index."""
         if options.device not in (None, "cpu"):
             raise FoldinError(
                 "--device with --backend ray is not supported yet; the Ray tasks compute on their nodes' CPUs."
             )
-        step_files = StepFiles(files, str(checkpoint.resolve()), layout, "cpu", self.threads)
-        runner = RayRunner(self, step_files, gen_dir, SHARD_PREFIX, options.progress)
+        step_files = StepFiles(job.files, str(job.checkpoint.resolve()), job.layout, "cpu", self.threads)
+        runner = RayRunner(self, step_files, job.gen_dir, SHARD_PREFIX, options.progress)
         yield runner
         index = {
-            "metadata": {"format": "pt", "foldin_step": str(step)},
-            "weight_map": {n: runner.weight_map[n] for n in layout.merged_names},
+            "metadata": {"format": "pt", "foldin_step": str(job.step)},
+            "weight_map": {n: runner.weight_map[n] for n in job.layout.merged_names},
         }
-        with open(gen_dir / SHARD_INDEX, "w") as f:
+        with open(job.gen_dir / SHARD_INDEX, "w") as f:
             f.write(json.dumps(index, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())

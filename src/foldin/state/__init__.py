@@ -41,7 +41,7 @@ from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
 from foldin.methods.base import Heads, MergeMethod
 from foldin.progress import progress as progress_bar
-from foldin.runners import Backend, RunOptions, StateFiles
+from foldin.runners import Backend, GenerationJob, RunOptions, StateFiles
 from foldin.runners.local import LocalBackend
 from foldin.state.card import model_card
 from foldin.state.generation import (
@@ -280,9 +280,8 @@ class MergeState:
             folder = self._export_folder(base, export) if export is not None else None
             gen_dir.mkdir()
             try:
-                with backend.generation_runner(
-                    options, self._files(), checkpoint, layout, step, gen_dir, base, previous
-                ) as runner:
+                job = GenerationJob(self._files(), checkpoint, layout, step, gen_dir, base, previous)
+                with backend.generation_runner(options, job) as runner:
                     if folder is not None:  # the merged model's tensor, from what the step holds anyway
                         runner.on_merged = lambda slot, merged: folder.write(
                             slot.name, export_tensor(method, {}, slot.base, merged, folder.specs[slot.name][0])
