@@ -13,6 +13,7 @@ from pathlib import Path
 
 from foldin.evaluation.bench import extend_results
 from foldin.evaluation.report import write_report
+from foldin.io.atomic import write_json_atomic
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     results = json.loads((out / "results.json").read_text())
     for other in others:
         results = extend_results(results, json.loads((other / "results.json").read_text()))
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out / "results.json", results)
     write_report(results, out)
 
 

@@ -366,7 +366,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     if extend and previous.exists():
         results = extend_results(json.loads(previous.read_text()), results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out / "results.json", results)
     progress_file.unlink(missing_ok=True)
     from foldin.evaluation.report import write_report
 
