@@ -92,6 +92,20 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_step_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that share)",
+    )
+    p.add_argument(
+        "--device",
+        help="where the arithmetic runs, e.g. cuda or cuda:1 (default: cpu); results are identical up to float "
+        "rounding",
+    )
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     state = MergeState.create(args.state_dir, args.base, args.method, parse_settings(args.set), args.linear_weights)
     print(
@@ -176,12 +190,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"resuming {state_dir} at step {len(done)}")
     backend = _backend(args)
     todo = checkpoints[len(done) :]
+    step = {"device": args.device, "workers": args.workers}
     for ckpt in todo[:-1]:
-        entry = state.add(ckpt, progress=not args.quiet, backend=backend)
+        entry = state.add(ckpt, progress=not args.quiet, backend=backend, **step)
         print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
     export = (cfg.dtype, cfg.max_shard_size, True, not args.quiet, backend)  # overwrite: run owns its output
     if todo:  # the last step writes the export in the same pass where the method allows it
-        entry, _ = state.add_and_export(todo[-1], output, *export)
+        entry, _ = state.add_and_export(todo[-1], output, *export, **step)
         print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s")
     else:
         state.export(output, *export)
@@ -266,17 +281,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="data-driven methods (otmf, adamerging): the checkpoint's task, e.g. text:reuters_r8 or "
         "vision:my_task.yaml; one per checkpoint",
     )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that share)",
-    )
-    p.add_argument(
-        "--device",
-        help="where the arithmetic runs, e.g. cuda or cuda:1 (default: cpu); results are identical up to float "
-        "rounding",
-    )
+    _add_step_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend_options(p)
     p.set_defaults(func=cmd_add)
@@ -305,6 +310,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("run", help="init/resume, add every checkpoint and export, from a YAML file")
     p.add_argument("config")
+    _add_step_options(p)
     p.add_argument("--quiet", action="store_true")
     _add_backend_options(p)
     p.set_defaults(func=cmd_run)

@@ -236,13 +236,15 @@ class MergeState:
         overwrite: bool = False,
         progress: bool = True,
         backend: Backend | None = None,
+        device: str | None = None,
+        workers: int = 1,
     ) -> tuple[dict[str, Any], Path]:
         """Fold one checkpoint in, then export the merged model. When the method's scale is known
         before the step (every method but opcm), on the CPU of this process, the export is written
         in the same pass: the base and the new merged task vector are not read a second time.
         The export is put in place only after the step has committed."""
-        if backend is not None or not self.method.scale_known_before_step:
-            entry = self.add(checkpoint, progress, backend=backend)
+        if backend is not None or device not in (None, "cpu") or not self.method.scale_known_before_step:
+            entry = self.add(checkpoint, progress, device=device, workers=workers, backend=backend)
             return entry, self.export(out_dir, dtype, max_shard_size, overwrite, progress, backend)
         plan = ExportPlan(Path(out_dir), _export_dtype(dtype), parse_size(max_shard_size), overwrite)
         check_target(plan.out_dir, overwrite, self._protected())
@@ -250,7 +252,8 @@ class MergeState:
             self.meta = read_meta(self.dir)
             remove_leftovers(self.dir, self.meta["generation"])
             try:
-                entry = self._add_locked(locate(checkpoint), None, RunOptions(progress), LocalBackend(), plan)
+                options = RunOptions(progress, device, workers)
+                entry = self._add_locked(locate(checkpoint), None, options, LocalBackend(), plan)
             except OSError as e:
                 raise StateError(
                     f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
