@@ -118,11 +118,10 @@ def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 0  # resumable: everything is skipped the second time
     out = tmp_path / "bench"
-    assert (
-        main(["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--out", str(out), "--quiet"])
-        == 0
-    )
+    bench = ["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--matrix-test", "8"]
+    assert main([*bench, "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["matrix_test"] == 8 and "first 8 test examples" in (out / "report.md").read_text()
     assert set(results["methods"]) == {"average", "task_arithmetic", "ties", "opcm"}
     for r in results["methods"].values():
         assert len(r["runs"]) == 2 and {"ACC_mean", "ACC_std", "BWT_mean", "BWT_std", "seconds_per_step"} <= r.keys()

@@ -105,6 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         command="foldin " + " ".join(sys.argv[1:]),
         extend=args.extend,
+        matrix_test=args.matrix_test,
     )
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
@@ -167,6 +168,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cft-orders", type=int, default=1, help="orders for the continual fine-tuning reference")
     p.add_argument(
         "--max-test", type=int, help="score on the first N test examples of each task (default: all the zoo kept)"
+    )
+    p.add_argument(
+        "--matrix-test",
+        type=int,
+        help="in fully evaluated orders, score the cells ACC and BWT do not use on the first N test examples",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

@@ -26,6 +26,14 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
         f"Backbone: `{results['backbone']}`. Machine: {results['machine']}.",
         *(f"Command: `{c}`" for c in results.get("commands", [results["command"]]) if c),
+        *(
+            [
+                f"In the fully evaluated orders (heat maps, ACC-versus-tasks curves), the cells ACC and BWT do not "
+                f"read were scored on the first {results['settings']['matrix_test']} test examples of each task."
+            ]
+            if results["settings"].get("matrix_test")
+            else []
+        ),
         "",
         "## Table 1 form: average accuracy (ACC) and backward transfer (BWT), mean ± std over orders (%)",
         "",
