@@ -94,7 +94,7 @@ def test_dop_exact_solver_is_the_minimiser_and_adam_approaches_it():
 
     adam, weight = adam_merge(start, losses, DOPParams(mgda=False, num_steps=300, lr=1e-3))
     gap = lambda w: objective(w) - objective(exact)  # noqa: E731
-    assert weight == 0.8 and 0 <= gap(adam) < 0.05 * gap(start)
+    assert weight == 0.8 and -1e-6 * gap(start) <= gap(adam) < 0.05 * gap(start)  # no better than exact, to rounding
 
 
 def test_dop_keeps_the_first_model_then_averages_what_is_not_a_linear_weight():

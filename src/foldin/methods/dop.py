@@ -13,9 +13,9 @@ step's min-norm combination of the two loss-normalised gradients (MGDA), smoothe
 starts at (alpha, 1 - alpha); without, they are (alpha, 1 - alpha). Every other parameter (biases,
 norms, embeddings) is the average of the merged model and the new one.
 
-The gradients are computed in closed form, 2 U_i s_i P_i + 2 Q_i s_i V_i^T with P_i and Q_i the
-two projections, rather than by autograd: the same arithmetic, a third fewer products (autograd
-needs a third backward pass for the weighted loss). `solver="exact"` replaces the Adam steps by
+The gradients are computed in closed form, 2 U_i s_i^2 U_i^T D + 2 D V_i s_i^2 V_i^T with D = W - W_i,
+rather than by autograd (which needs a third backward pass for the weighted loss), each through
+the cheaper of two equal products (see ProjectedLoss). `solver="exact"` replaces the Adam steps by
 the exact minimiser of alpha L_pre + (1 - alpha) L_post: the losses are quadratic in W, so it
 solves the Sylvester equation A W + W B = C, A = sum_i c_i U_i s_i^2 U_i^T, B = sum_i c_i V_i s_i^2
 V_i^T, C = sum_i c_i (A_i W_i + W_i B_i), from the eigenbases of A and B (directions neither loss
@@ -48,27 +48,45 @@ def principal_basis(task_vector: torch.Tensor, epsilon: float) -> tuple[torch.Te
 
 
 class ProjectedLoss:
-    """L_i(W) and its gradient for one side (the merged model so far, or the new checkpoint)."""
+    """L_i(W) and its gradient for one side (the merged model so far, or the new checkpoint).
+
+    Each half of the loss is computed through whichever of two equal products is cheaper: the r
+    singular vectors kept (P = diag(s) U^T D, then U diag(s) P: 2 r m n multiply-adds), or the
+    m x m matrix A = U diag(s^2) U^T (A D: m^2 n), likewise for V with n x n. With r near min(m, n),
+    the second is about half the cost on the short side of a rectangular matrix and on both sides
+    of a square one."""
 
     def __init__(self, target: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, space: ProjSpace):
         self.target = target
-        self.su_t = torch.diag(s) @ u.T  # diag(s) U^T, as FusionBench multiplies it
-        self.vs = v @ torch.diag(s)
-        self.us, self.sv_t = self.su_t.T, self.vs.T
         self.space = space
+        m, n = target.shape
+        r = len(s)
+        self.us, self.vs = u * s, v * s  # U diag(s), V diag(s)
+        self.a = self.us @ self.us.T if space != "v" and m < 2 * r else None  # U diag(s^2) U^T
+        self.b = self.vs @ self.vs.T if space != "u" and n < 2 * r else None  # V diag(s^2) V^T
 
     def value_and_gradient(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         delta = w - self.target
         loss = torch.zeros((), dtype=w.dtype, device=w.device)
         grad = torch.zeros_like(w)
         if self.space in ("uv", "u"):
-            p = self.su_t @ delta
-            loss = loss + torch.linalg.matrix_norm(p, ord="fro") ** 2
-            grad.addmm_(self.us, p, alpha=2)
+            if self.a is not None:
+                ad = self.a @ delta
+                loss = loss + (delta * ad).sum()
+                grad.add_(ad, alpha=2)
+            else:
+                p = self.us.T @ delta
+                loss = loss + p.square().sum()
+                grad.addmm_(self.us, p, alpha=2)
         if self.space in ("uv", "v"):
-            q = delta @ self.vs
-            loss = loss + torch.linalg.matrix_norm(q, ord="fro") ** 2
-            grad.addmm_(q, self.sv_t, alpha=2)
+            if self.b is not None:
+                db = delta @ self.b
+                loss = loss + (delta * db).sum()
+                grad.add_(db, alpha=2)
+            else:
+                q = delta @ self.vs
+                loss = loss + q.square().sum()
+                grad.addmm_(q, self.vs.T, alpha=2)
         return loss, grad
 
 
