@@ -323,3 +323,14 @@ def test_a_failed_step_leaves_no_export_behind(bert_case, tmp_path):
         state.add_and_export(bad, tmp_path / "out", progress=False)
     assert snapshot(state.dir) == before and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written folder beside it
+
+
+def test_a_sharded_export_in_the_same_pass_equals_a_separate_one(bert_case, tmp_path):
+    fused, apart = (MergeState.create(tmp_path / name, bert_case / "base", "magmax") for name in ("fused", "apart"))
+    fused.add_and_export(bert_case / "ckpt_1", tmp_path / "out-fused", max_shard_size="40KB", progress=False)
+    apart.add(bert_case / "ckpt_1", progress=False)
+    apart.export(tmp_path / "out-apart", max_shard_size="40KB", progress=False)
+    shards = sorted(p.name for p in (tmp_path / "out-apart").glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "out-fused").glob("model-*.safetensors"))
+    for name in [*shards, "model.safetensors.index.json"]:
+        assert (tmp_path / "out-fused" / name).read_bytes() == (tmp_path / "out-apart" / name).read_bytes()
