@@ -247,8 +247,6 @@ def run_bench(
     base = load_file(Path(zoo.backbone) / "model.safetensors")
     checkpoints = {n: load_file(zoo.checkpoint(n) / "model.safetensors") for n in names}
     pretrained, finetuned = reference_accuracies(scorer, base, checkpoints)
-    steps_total = len(names) * (n_orders * len(specs) + min(cft_orders, n_orders))
-    bar = progress_bar(total=steps_total, desc="bench", unit="step", enabled=progress)
     results: dict[str, Any] = {
         "suite": zoo.meta["suite"],
         "backbone": zoo.suite.backbone_label(),
@@ -285,6 +283,12 @@ def run_bench(
         train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
     progress_file = out / "bench-progress.json"
     done = _load_progress(progress_file, results["settings"], orders)
+    # the bar counts only the steps this run does, so its time left reflects their pace, not a resumed run's
+    steps_left = len(names) * (
+        sum(n_orders - len(done.get(s.label, [])) for s in specs)
+        + max(min(cft_orders, n_orders) - len(done.get("continual_finetuning", [])), 0)
+    )
+    bar = progress_bar(total=steps_left, desc="bench", unit="step", enabled=progress)
 
     def record(**runs: list[dict[str, Any]]) -> None:
         """Save finished orders as they finish: a killed bench resumes where it stopped."""
@@ -296,7 +300,6 @@ def run_bench(
         variants = {True: spec, **({False: ablation} if (ablation := without_head_refit(spec)) else {})}
         runs = {refit: list(done.get(v.label, [])) for refit, v in variants.items()}
         needs_data = get_method(spec.method).needs_data
-        bar.update(len(names) * len(runs[True]))
         for i, order in enumerate(orders):
             if i < len(runs[True]):
                 continue
