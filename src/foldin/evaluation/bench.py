@@ -71,11 +71,11 @@ class Scorer:
         self.tasks = {t.name: t for t in zoo.tasks(names)}
         self.test = {n: self.suite.encode(t.test[0][:max_test], t.test[1][:max_test]) for n, t in self.tasks.items()}
         # the cells of a full accuracy matrix that ACC and BWT do not use, on fewer examples (None: all)
-        limit = min(matrix_test, max_test or matrix_test) if matrix_test else None
+        smaller = bool(matrix_test) and (max_test is None or matrix_test < max_test)
         self.sample = (
-            {n: self.suite.encode(t.test[0][:limit], t.test[1][:limit]) for n, t in self.tasks.items()}
-            if limit
-            else self.test
+            {n: self.suite.encode(t.test[0][:matrix_test], t.test[1][:matrix_test]) for n, t in self.tasks.items()}
+            if smaller
+            else self.test  # not fewer examples than the test sets: the same encodings, not a second copy
         )
         self.zoo_heads = {n: zoo.head(n) for n in names}
         self.refit_heads: dict[str, dict[str, torch.Tensor]] = {}
