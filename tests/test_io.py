@@ -43,6 +43,35 @@ def test_writer_round_trips_every_dtype_through_safetensors_and_our_reader(tmp_p
             assert tensor_digest(reference[n]) == tensor_digest(ck.read(n)) == tensor_digest(t)  # bitwise
 
 
+def test_a_write_that_fails_in_the_background_is_raised_and_the_file_closed(tmp_path, monkeypatch):
+    """Tensors are written on a background thread: a failed pwrite must still reach the caller
+    (at a later write or at close), and the file descriptor must not leak."""
+    import errno
+    import os
+
+    import foldin.io.safetensors_file as stf
+
+    sd = {f"t{i}": torch.full((256,), float(i)) for i in range(6)}
+    real_pwrite, calls = os.pwrite, {"n": 0}
+
+    def pwrite_once_then_full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the header, then one tensor
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(stf.os, "pwrite", pwrite_once_then_full)
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", {n: (t.dtype, tuple(t.shape)) for n, t in sd.items()})
+    fd = writer._fd
+    with pytest.raises(OSError, match="No space left"):
+        for n, t in sd.items():
+            writer.write(n, t)
+        writer.close()
+    writer.abort()  # what the caller's cleanup (the context manager's exit) does after the error
+    with pytest.raises(OSError):  # the descriptor is closed, writes in flight or not
+        os.fstat(fd)
+
+
 def _sd(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {

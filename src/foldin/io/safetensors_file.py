@@ -12,6 +12,8 @@ import json
 import math
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +156,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor. The header is fixed up front from the
-    tensors' names, dtypes and shapes; each tensor is then written at its offset in any order."""
+    tensors' names, dtypes and shapes; each tensor is then written at its offset in any order.
+
+    The bytes go to the file on a background thread, at most `MAX_PENDING` tensors behind the
+    caller: reading and computing the next tensor overlaps writing this one (pwrite releases the
+    GIL), which matters once a model no longer fits the kernel's dirty-page allowance and writes
+    wait for the disk. Memory stays bounded by those few tensors. A tensor handed to `write` must
+    not be modified afterwards; a failed write is raised by a later `write` or by `close`."""
+
+    MAX_PENDING = 2
 
     def __init__(
         self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
@@ -184,31 +194,52 @@ class SafetensorsWriter:
         except BaseException:
             os.close(self._fd)
             raise
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="foldin-write")
+        self._in_flight: deque[Future[None]] = deque()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape = self._specs[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"tensor {name!r} is {tensor.dtype}{tuple(tensor.shape)}, expected {dtype}{shape}")
-        _write_all(self._fd, tensor_bytes(tensor), self._data_start + self._offsets[name][0])
+        while len(self._in_flight) >= self.MAX_PENDING:
+            self._in_flight.popleft().result()  # bounded memory; raises a failed earlier write
+        data = tensor_bytes(tensor)  # keeps the tensor alive until its bytes are written
+        self._in_flight.append(self._io.submit(_write_all, self._fd, data, self._data_start + self._offsets[name][0]))
         self._pending.discard(name)
 
     def close(self, sync: bool = True) -> None:
-        """Finish the file; with sync, make it durable before returning."""
+        """Finish the file (every write done); with sync, make it durable before returning."""
         if self._fd < 0:
             return
         try:
+            self._drain(raise_errors=True)
             if self._pending:
                 raise ValueError(f"{len(self._pending)} tensors were never written, e.g. {sorted(self._pending)[0]!r}")
             if sync:
                 os.fsync(self._fd)
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            self._release()
 
     def abort(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            self._drain(raise_errors=False)
+            self._release()
+
+    def _drain(self, raise_errors: bool) -> None:
+        """Wait for the writes in flight; the first failure is raised once all have ended."""
+        error: BaseException | None = None
+        while self._in_flight:
+            try:
+                self._in_flight.popleft().result()
+            except BaseException as e:  # kept, and raised once the rest have ended
+                error = error or e
+        if error is not None and raise_errors:
+            raise error
+
+    def _release(self) -> None:
+        self._io.shutdown(wait=True)
+        os.close(self._fd)
+        self._fd = -1
 
     def __enter__(self) -> SafetensorsWriter:
         return self
