@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from foldin import MergeState
 from foldin.cli import main
 from foldin.errors import FoldinError
-from foldin.evaluation.bench import parse_method_specs, task_orders
+from foldin.evaluation.bench import extend_results, parse_method_specs, task_orders
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
 from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite, user_task
 
@@ -131,7 +131,20 @@ def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
     for png in ["acc_vs_tasks.png", "acc_matrix_opcm.png"]:
         assert (out / png).stat().st_size > 1000
     assert "| opcm |" in (out / "report.md").read_text()
+    # one bench split in two: order 1, then order 2 alone (--first-order), joined as combine_results.py does
+    part1, part2 = tmp_path / "part1", tmp_path / "part2"
+    split = ["--methods", "opcm", "--cft-orders", "0", "--quiet"]
+    assert main([*bench, *split, "--orders", "1", "--out", str(part1)]) == 0
+    assert main([*bench, *split, "--first-order", "2", "--out", str(part2)]) == 0
+    joined = extend_results(*(json.loads((p / "results.json").read_text()) for p in (part1, part2)))
+    whole = results["methods"]["opcm"]
+    assert [r["acc_matrix"] for r in joined["methods"]["opcm"]["runs"]] == [r["acc_matrix"] for r in whole["runs"]]
+    assert joined["methods"]["opcm"]["ACC_mean"] == pytest.approx(whole["ACC_mean"], abs=1e-12)
+    rerun = extend_results(joined, json.loads((part1 / "results.json").read_text()))  # same order again: replaced
+    assert len(rerun["methods"]["opcm"]["runs"]) == 1
     capsys.readouterr()
+    assert main([*bench, *split, "--first-order", "3", "--out", str(part2)]) == 1
+    assert "--first-order 3: expected a number from 1 to --orders (2)" in capsys.readouterr().err
     assert main(["eval", str(zoo / "tasks" / "reuters_r8"), "--zoo", str(zoo)]) == 0
     assert "reuters_r8" in capsys.readouterr().out
 

@@ -106,6 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         command="foldin " + " ".join(sys.argv[1:]),
         extend=args.extend,
         matrix_test=args.matrix_test,
+        first_order=args.first_order,
     )
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
@@ -175,6 +176,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="in fully evaluated orders, score the cells ACC and BWT do not use on the first N test examples",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--first-order",
+        type=int,
+        default=1,
+        help="run only orders N..--orders of the seeded sequence: one part of a bench split over processes "
+        "(join the parts with benchmarks/combine_results.py)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument(
         "--extend",

@@ -6,6 +6,8 @@ step the merged backbone is scored with the tasks' frozen heads. Orders listed i
 `full_matrix_orders` get the whole accuracy matrix (T(T+1)/2 evaluations); the others only its
 diagonal and final row (2T - 1), which is all ACC and BWT need. Finished orders are saved in
 OUT/bench-progress.json as they finish, so a bench that is stopped resumes where it stopped.
+`first_order` runs only the later orders of the same seeded sequence, so that one bench can be split
+over processes or machines and its parts joined with `extend_results`.
 """
 
 from __future__ import annotations
@@ -198,7 +200,9 @@ def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]
 
 
 def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """`new`'s methods added to an earlier run's results; refuses runs that are not comparable."""
+    """`new`'s methods added to an earlier run's results; refuses runs that are not comparable.
+    A method in both is replaced by `new`'s runs (a rerun), or, where the two ran disjoint task
+    orders with the same parameters (two parts of one bench, see `first_order`), gets both."""
     same = lambda key: old["settings"].get(key) == new["settings"].get(key)  # noqa: E731
     if (
         old["suite"] != new["suite"]
@@ -213,13 +217,29 @@ def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         raise FoldinError(
             "--extend: the fine-tuned accuracies differ from the earlier run's: not the same checkpoints."
         )
-    merged = {**old, "methods": {**old["methods"], **new["methods"]}}
+    merged = {**old, "methods": {**old["methods"], **_joined_methods(old["methods"], new["methods"], new["tasks"])}}
     merged["references"] = {
         **old["references"],
         **{k: v for k, v in new["references"].items() if k == "continual_finetuning"},
     }
     merged["commands"] = [*old.get("commands", [old.get("command", "")]), new["command"]]
     return merged
+
+
+def _joined_methods(old: dict[str, Any], new: dict[str, Any], tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    finetuned = {n: t["finetuned_acc"] for n, t in tasks.items()}
+    joined = {}
+    for label, entry in new.items():
+        before = old.get(label)
+        orders = lambda e: [r["order"] for r in e["runs"]]  # noqa: E731
+        if (
+            before
+            and before["params"] == entry["params"]
+            and not set(map(tuple, orders(before))) & set(map(tuple, orders(entry)))
+        ):
+            entry = {**before, **_summarize(before["runs"] + entry["runs"], finetuned)}
+        joined[label] = entry
+    return joined
 
 
 def run_bench(
@@ -236,13 +256,19 @@ def run_bench(
     command: str = "",
     extend: bool = False,
     matrix_test: int | None = None,
+    first_order: int = 1,
 ) -> dict[str, Any]:
     """Run the benchmark and write results.json, report.md and plots to `out`. With `extend`, the
     methods are added to the results already in `out` (same suite, tasks, seed and test sets).
     `matrix_test`: in fully evaluated orders, the cells ACC and BWT do not read are scored on the
-    first `matrix_test` test examples of each task (a 20-task matrix has 210 cells, 39 of them read)."""
+    first `matrix_test` test examples of each task (a 20-task matrix has 210 cells, 39 of them read).
+    `first_order`: run orders first_order..n_orders (1-based) of the seeded sequence, one part of a
+    bench split over processes; the full-matrix and continual fine-tuning orders keep their numbers."""
+    if not 1 <= first_order <= n_orders:
+        raise FoldinError(f"--first-order {first_order}: expected a number from 1 to --orders ({n_orders}).")
     names = tasks or zoo.task_names
     orders = task_orders(names, n_orders, seed)
+    skipped = first_order - 1
     scorer = Scorer(zoo, names, max_test, matrix_test)
     base = load_file(Path(zoo.backbone) / "model.safetensors")
     checkpoints = {n: load_file(zoo.checkpoint(n) / "model.safetensors") for n in names}
@@ -259,6 +285,7 @@ def run_bench(
             "cft_orders": cft_orders,
             "max_test": max_test,
             **({"matrix_test": matrix_test} if matrix_test else {}),
+            **({"first_order": first_order} if first_order > 1 else {}),
             "zoo": zoo.meta["settings"],
         },
         "tasks": {
@@ -285,8 +312,8 @@ def run_bench(
     done = _load_progress(progress_file, results["settings"], orders)
     # the bar counts only the steps this run does, so its time left reflects their pace, not a resumed run's
     steps_left = len(names) * (
-        sum(n_orders - len(done.get(s.label, [])) for s in specs)
-        + max(min(cft_orders, n_orders) - len(done.get("continual_finetuning", [])), 0)
+        sum(n_orders - skipped - len(done.get(s.label, [])) for s in specs)
+        + max(min(cft_orders, n_orders) - skipped - len(done.get("continual_finetuning", [])), 0)
     )
     bar = progress_bar(total=steps_left, desc="bench", unit="step", enabled=progress)
 
@@ -301,7 +328,7 @@ def run_bench(
         runs = {refit: list(done.get(v.label, [])) for refit, v in variants.items()}
         needs_data = get_method(spec.method).needs_data
         for i, order in enumerate(orders):
-            if i < len(runs[True]):
+            if i < skipped + len(runs[True]):
                 continue
             merger = ContinualMerger(
                 base,
@@ -349,11 +376,11 @@ def run_bench(
     results["references"]["finetuned"] = {"final_acc": finetuned}
     for ref in ("pretrained", "finetuned"):
         results["references"][ref]["ACC_mean"] = sum(results["references"][ref]["final_acc"].values()) / len(names)
-    if cft_orders:
+    if cft_orders > skipped:
         runs = list(done.get("continual_finetuning", []))
         settings = zoo.meta["settings"]
         for i, order in enumerate(orders[:cft_orders]):
-            if i < len(runs):
+            if i < skipped + len(runs):
                 continue
             scorer.load(base)
             scorer.use_heads({})
