@@ -148,6 +148,25 @@ def test_run_config_is_resumable_and_refuses_another_base(bert_case, tmp_path, c
     assert "is not the base model" in capsys.readouterr().err
 
 
+def test_run_hashes_the_base_in_its_first_step_as_init_does(bert_case, tmp_path, capsys):
+    """`run` takes the base's hash while the first step reads it (one read of the base, not two);
+    the state must record the hash init records, and still refuse the base as a checkpoint."""
+    cli("init", tmp_path / "by-init", "--base", bert_case / "base", "--method", "task_arithmetic")
+    cfg = {"base": str(bert_case / "base"), "method": "task_arithmetic", "output": str(tmp_path / "out")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "checkpoints": [str(bert_case / "base")]}))
+    capsys.readouterr()
+    assert cli("run", path, "--quiet") == 1
+    assert "is the base model itself" in capsys.readouterr().err
+    state_dir = tmp_path / "out.foldin-state"
+    assert MergeState.open(state_dir).step == 0 and MergeState.open(state_dir).meta["base"]["hash"] is None
+    path.write_text(yaml.safe_dump({**cfg, "checkpoints": [str(bert_case / "ckpt_1")]}))
+    assert cli("run", path, "--quiet") == 0
+    assert (
+        MergeState.open(state_dir).meta["base"]["hash"] == MergeState.open(tmp_path / "by-init").meta["base"]["hash"]
+    )
+
+
 def test_bad_parameters_and_states(bert_case, tmp_path, capsys):
     assert cli("init", tmp_path / "s", "--base", bert_case / "base", "--method", "opcm", "--set", "alpha=2") == 1
     assert "alpha" in capsys.readouterr().err

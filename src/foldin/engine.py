@@ -120,6 +120,13 @@ class CheckedReader:
         self.specs = {n: source.spec(n) for n in source.names()}
         self.digests: dict[str, str] = {}
         self._on_hashed = on_hashed
+        self.path = source.path
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def spec(self, name: str) -> Spec:
+        return self.specs[name]
 
     def read(self, name: str) -> torch.Tensor:
         t = self.source.read(name)

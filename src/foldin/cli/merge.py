@@ -49,8 +49,8 @@ def ensure_state(
     state_dir: Path, base: str, method: str, params: dict[str, Any], linear_weights: str | None
 ) -> MergeState:
     """Open the state at state_dir if it exists and matches (base, method, params), else create it."""
-    if not (state_dir / STATE_FILE).exists():
-        return MergeState.create(state_dir, base, method, params, linear_weights)
+    if not (state_dir / STATE_FILE).exists():  # the first step hashes the base as it reads it
+        return MergeState.create(state_dir, base, method, params, linear_weights, hash_base=False)
     state = MergeState.open(state_dir)
     wanted = get_method(method)(**params).params.model_dump()
     if state.meta["method"] != method or state.meta["params"] != wanted:

@@ -29,7 +29,15 @@ from typing import Any
 import torch
 
 from foldin.data import Learning, TaskData
-from foldin.engine import ModelLayout, VerifiedSource, export_tensor, fold_step, hash_source, read_export_tensor
+from foldin.engine import (
+    CheckedReader,
+    ModelLayout,
+    VerifiedSource,
+    export_tensor,
+    fold_step,
+    hash_source,
+    read_export_tensor,
+)
 from foldin.errors import FoldinError, MismatchError, StateError
 from foldin.io.atomic import fsync_dir
 from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
@@ -121,9 +129,12 @@ class MergeState:
         method: str,
         params: dict[str, Any] | None = None,
         linear_weights: str | None = None,
+        hash_base: bool = True,
     ) -> MergeState:
         """Start a merge state at step 0 (the merged model is the base). `base` is a path or a Hub
-        id (org/name[@revision])."""
+        id (org/name[@revision]). With `hash_base=False` the base's content hash is taken by the
+        first step, which reads every base tensor anyway: `foldin run` then reads the base once
+        instead of twice. Until that step commits, only the base's file fingerprint guards it."""
         state_dir = Path(state_dir)
         merge_method = get_method(method)(**(params or {}))  # validates the parameters first
         if (state_dir / STATE_FILE).exists():
@@ -142,7 +153,7 @@ class MergeState:
             else:  # building the architecture to find them costs seconds: only for methods that need them
                 linear, linear_source = [], f"not used by {merge_method.name}"
             ModelLayout.from_source(ckpt, linear)  # refuses a base with nothing to merge
-            base_hash = hash_source(ckpt, CHECKSUM)
+            base_hash = hash_source(ckpt, CHECKSUM) if hash_base else None
             fingerprint = ckpt.fingerprint()
             config_dir = ckpt.config_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +195,7 @@ class MergeState:
             path = locate(f"{base_info['hub_id']}@{base_info['revision']}").path
         ckpt = open_checkpoint(path)
         if ckpt.fingerprint() != base_info["fingerprint"]:
-            if hash_source(ckpt, self.checksum) != base_info["hash"]:
+            if base_info["hash"] is None or hash_source(ckpt, self.checksum) != base_info["hash"]:
                 ckpt.close()
                 raise MismatchError(
                     f"the base model at {base_info['path']} has changed since this state was created; restore "
@@ -199,7 +210,7 @@ class MergeState:
         with open_checkpoint(path) as ckpt:
             if path.resolve() == self.base_path and ckpt.fingerprint() == self.meta["base"]["fingerprint"]:
                 return
-            if hash_source(ckpt, self.checksum) != self.meta["base"]["hash"]:
+            if self.meta["base"]["hash"] is None or hash_source(ckpt, self.checksum) != self.meta["base"]["hash"]:
                 raise MismatchError(f"{base} is not the base model of the state in {self.dir} (its content differs).")
 
     def add(
@@ -277,7 +288,8 @@ class MergeState:
         gen_dir = self.dir / gen
         if learning is not None and method.needs_data:
             learning = Learning(learning.module, learning.features, learning.new, self.buffer())
-        with self.open_base() as base, open_model_or_adapter(checkpoint, base) as ckpt:
+        with self.open_base() as opened, open_model_or_adapter(checkpoint, opened) as ckpt:
+            base = opened if self.meta["base"]["hash"] is not None else CheckedReader(opened, algorithm=self.checksum)
             layout = ModelLayout.from_source(base, self.meta["linear_weights"])
             previous = self._open_generation()
             folder = self._export_folder(base, export) if export is not None else None
@@ -302,6 +314,10 @@ class MergeState:
                     )
                 for name in [n for n in base.names() if n not in layout.merged_names] if folder else []:
                     folder.write(name, base.read(name))  # integer buffers: the base's
+                base_info = self.meta["base"]
+                if isinstance(base, CheckedReader):  # a state made without hashing its base: hashed now
+                    base_info = {**base_info, "hash": base.content_hash()}
+                    self._refuse_duplicate(checkpoint, ckpt_hash, base_info["hash"])
                 files = self._write_learned(gen_dir, result.buffer, result.heads)
                 fsync_dir(gen_dir)
                 entry = {
@@ -316,6 +332,7 @@ class MergeState:
                 }
                 meta = {
                     **self.meta,
+                    "base": base_info,
                     "step": step,
                     "stats": result.stats,
                     "generation": gen,
@@ -427,8 +444,8 @@ class MergeState:
         """Classification heads refit by a data-driven method (OTMF's head refit), by task."""
         return read_heads(self._generation_path(HEADS_FILE))
 
-    def _refuse_duplicate(self, checkpoint: Path, ckpt_hash: str) -> None:
-        if ckpt_hash == self.meta["base"]["hash"]:
+    def _refuse_duplicate(self, checkpoint: Path, ckpt_hash: str, base_hash: str | None = None) -> None:
+        if ckpt_hash == (base_hash or self.meta["base"]["hash"]):
             raise MismatchError(f"{checkpoint} is the base model itself; there is nothing to fold in.")
         for entry in self.history:
             if entry["hash"] == ckpt_hash:
