@@ -148,10 +148,13 @@ def test_run_config_is_resumable_and_refuses_another_base(bert_case, tmp_path, c
     assert "is not the base model" in capsys.readouterr().err
 
 
-def test_run_hashes_the_base_in_its_first_step_as_init_does(bert_case, tmp_path, capsys):
-    """`run` takes the base's hash while the first step reads it (one read of the base, not two);
-    the state must record the hash init records, and still refuse the base as a checkpoint."""
+def test_the_first_step_hashes_the_base_as_a_full_read_would(bert_case, tmp_path, capsys):
+    """`init` and `run` leave the base's hash to the first step, which reads the base anyway (one
+    read of the base, not two): the state must record the hash a separate full read gives, and still
+    refuse the base as a checkpoint."""
     cli("init", tmp_path / "by-init", "--base", bert_case / "base", "--method", "task_arithmetic")
+    assert MergeState.open(tmp_path / "by-init").meta["base"]["hash"] is None
+    hashed = MergeState.create(tmp_path / "hashed", bert_case / "base", "task_arithmetic", hash_base=True)
     cfg = {"base": str(bert_case / "base"), "method": "task_arithmetic", "output": str(tmp_path / "out")}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**cfg, "checkpoints": [str(bert_case / "base")]}))
@@ -162,9 +165,9 @@ def test_run_hashes_the_base_in_its_first_step_as_init_does(bert_case, tmp_path,
     assert MergeState.open(state_dir).step == 0 and MergeState.open(state_dir).meta["base"]["hash"] is None
     path.write_text(yaml.safe_dump({**cfg, "checkpoints": [str(bert_case / "ckpt_1")]}))
     assert cli("run", path, "--quiet") == 0
-    assert (
-        MergeState.open(state_dir).meta["base"]["hash"] == MergeState.open(tmp_path / "by-init").meta["base"]["hash"]
-    )
+    assert MergeState.open(state_dir).meta["base"]["hash"] == hashed.meta["base"]["hash"]
+    assert cli("add", tmp_path / "by-init", bert_case / "ckpt_1", "--quiet") == 0
+    assert MergeState.open(tmp_path / "by-init").meta["base"]["hash"] == hashed.meta["base"]["hash"]
 
 
 def test_bad_parameters_and_states(bert_case, tmp_path, capsys):
@@ -312,6 +315,7 @@ def test_a_state_made_before_xxh3_keeps_sha256(bert_case, tmp_path, monkeypatch)
     with pytest.raises(FoldinError, match="already folded in at step 1"):
         state.add(bert_case / "ckpt_1", progress=False)
     fresh = MergeState.create(tmp_path / "new", bert_case / "base", "average")
+    fresh.add(bert_case / "ckpt_1", progress=False)
     assert fresh.checksum == "xxh3_128" and fresh.meta["base"]["hash"].startswith("xxh3_128:")
 
 

@@ -49,8 +49,8 @@ def ensure_state(
     state_dir: Path, base: str, method: str, params: dict[str, Any], linear_weights: str | None
 ) -> MergeState:
     """Open the state at state_dir if it exists and matches (base, method, params), else create it."""
-    if not (state_dir / STATE_FILE).exists():  # the first step hashes the base as it reads it
-        return MergeState.create(state_dir, base, method, params, linear_weights, hash_base=False)
+    if not (state_dir / STATE_FILE).exists():
+        return MergeState.create(state_dir, base, method, params, linear_weights)
     state = MergeState.open(state_dir)
     wanted = get_method(method)(**params).params.model_dump()
     if state.meta["method"] != method or state.meta["params"] != wanted:
@@ -109,7 +109,7 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
 def cmd_init(args: argparse.Namespace) -> None:
     state = MergeState.create(args.state_dir, args.base, args.method, parse_settings(args.set), args.linear_weights)
     print(
-        f"created {args.method} state in {state.dir} (base {state.meta['base']['hash'][:19]}, "
+        f"created {args.method} state in {state.dir} (base {state.meta['base']['path']}, hashed by the first step; "
         f"{len(state.meta['linear_weights'])} linear-layer weights from {state.meta['linear_weights_source']})"
     )
 
@@ -224,7 +224,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "-"
     print(f"state:   {info['state_dir']}\nmethod:  {info['method']} ({params})\nstep:    {info['step']}")
-    print(f"base:    {info['base']['path']}\n         {info['base']['hash']}")
+    print(f"base:    {info['base']['path']}\n         {info['base']['hash'] or 'content hash taken by the first step'}")
     print(f"linear:  {info['linear_weights']} weights ({info['linear_weights_source']})")
     for e in info["history"]:
         print(f"  {e['step']:>4}  {e['added_at']}  {e['hash'][:19]}  {e['checkpoint']}")

@@ -129,12 +129,13 @@ class MergeState:
         method: str,
         params: dict[str, Any] | None = None,
         linear_weights: str | None = None,
-        hash_base: bool = True,
+        hash_base: bool = False,
     ) -> MergeState:
         """Start a merge state at step 0 (the merged model is the base). `base` is a path or a Hub
-        id (org/name[@revision]). With `hash_base=False` the base's content hash is taken by the
-        first step, which reads every base tensor anyway: `foldin run` then reads the base once
-        instead of twice. Until that step commits, only the base's file fingerprint guards it."""
+        id (org/name[@revision]). The base's content hash (and its NaN/Inf check) is taken by the
+        first step, which reads every base tensor anyway, so creating a state reads only the
+        headers and the base is read once, not twice; until that step commits, the base's file
+        fingerprint guards it. `hash_base=True` hashes it now instead (a full read)."""
         state_dir = Path(state_dir)
         merge_method = get_method(method)(**(params or {}))  # validates the parameters first
         if (state_dir / STATE_FILE).exists():
