@@ -224,7 +224,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "-"
     print(f"state:   {info['state_dir']}\nmethod:  {info['method']} ({params})\nstep:    {info['step']}")
-    print(f"base:    {info['base']['path']}\n         {info['base']['hash'] or 'content hash taken by the first step'}")
+    base_hash = info["base"]["hash"] or "content hash taken by the first step"
+    print(f"base:    {info['base']['path']}\n         {base_hash}")
     print(f"linear:  {info['linear_weights']} weights ({info['linear_weights_source']})")
     for e in info["history"]:
         print(f"  {e['step']:>4}  {e['added_at']}  {e['hash'][:19]}  {e['checkpoint']}")
