@@ -140,6 +140,7 @@ def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
     whole = results["methods"]["opcm"]
     assert [r["acc_matrix"] for r in joined["methods"]["opcm"]["runs"]] == [r["acc_matrix"] for r in whole["runs"]]
     assert joined["methods"]["opcm"]["ACC_mean"] == pytest.approx(whole["ACC_mean"], abs=1e-12)
+    assert joined["settings"]["orders"] == 2 and "first_order" not in joined["settings"]
     rerun = extend_results(joined, json.loads((part1 / "results.json").read_text()))  # same order again: replaced
     assert len(rerun["methods"]["opcm"]["runs"]) == 1
     capsys.readouterr()

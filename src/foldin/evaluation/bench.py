@@ -217,7 +217,11 @@ def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         raise FoldinError(
             "--extend: the fine-tuned accuracies differ from the earlier run's: not the same checkpoints."
         )
-    merged = {**old, "methods": {**old["methods"], **_joined_methods(old["methods"], new["methods"], new["tasks"])}}
+    methods = {**old["methods"], **_joined_methods(old["methods"], new["methods"], new["tasks"])}
+    # the joined parts hold orders 1..N between them: the settings say N, not the first part's count
+    settings = {k: v for k, v in old["settings"].items() if k != "first_order"}
+    settings["orders"] = max(old["settings"]["orders"], new["settings"]["orders"])
+    merged = {**old, "settings": settings, "methods": methods}
     merged["references"] = {
         **old["references"],
         **{k: v for k, v in new["references"].items() if k == "continual_finetuning"},
