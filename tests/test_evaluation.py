@@ -13,6 +13,7 @@ from foldin.cli import main
 from foldin.errors import FoldinError
 from foldin.evaluation.bench import extend_results, parse_method_specs, task_orders
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
+from foldin.evaluation.report import _sweep_points
 from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite, user_task
 
 MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.4]]
@@ -414,3 +415,21 @@ def test_bench_progress_resumes_with_more_or_fewer_orders(tmp_path):
     assert _load_progress(path, {**settings, "orders": 2}, orders[:2]) == {"m": [1, 2]}
     assert _load_progress(path, {**settings, "seed": 1}, orders) == {}
     assert _load_progress(path, settings, [["b", "a"], *orders[1:]]) == {}
+
+
+def test_a_sweep_plot_holds_only_runs_that_differ_in_its_parameter():
+    """Variants that differ in another parameter (OTMF's mask learning rate) are not an alpha sweep."""
+
+    def run(acc, **params):
+        return {
+            "method": "otmf",
+            "params": {"alpha": 0.8, "lr": 0.01, "masks": True, **params},
+            "ACC_mean": acc,
+            "ACC_std": 0.0,
+        }
+
+    results = {"methods": {"a": run(0.6), "b": run(0.7, lr=0.001), "c": run(0.65, lr=0.003)}}
+    assert len(_sweep_points(results, "otmf", "alpha")) == 1  # three learning rates, one alpha: no sweep
+    results["methods"]["d"] = run(0.9, alpha=0.9)
+    results["methods"]["e"] = run(0.5, alpha=0.5, head_refit=True)
+    assert [x for x, _, _ in _sweep_points(results, "otmf", "alpha")] == [0.8, 0.9]

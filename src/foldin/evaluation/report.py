@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +169,21 @@ def plot_all(results: dict[str, Any], out: Path) -> None:
     plot_sweeps(results, out, plt)
 
 
+def _sweep_points(results: dict[str, Any], method: str, param: str) -> list[tuple[float, float, float]]:
+    """(value, ACC mean, ACC std) of the runs of `method` that differ only in `param` (the largest such
+    group): variants that differ in anything else (another parameter, the head refit) are not a sweep."""
+    groups: dict[str, dict[float, tuple[float, float, float]]] = {}
+    for r in results["methods"].values():
+        if r["method"] == method and r["params"].get("masks", True) and not r["params"].get("head_refit"):
+            rest = json.dumps({k: v for k, v in r["params"].items() if k != param}, sort_keys=True)
+            groups.setdefault(rest, {})[r["params"][param]] = (r["params"][param], r["ACC_mean"], r["ACC_std"])
+    return sorted(max(groups.values(), key=len, default={}).values())
+
+
 def plot_sweeps(results: dict[str, Any], out: Path, plt) -> None:
     """ACC versus OPCM's alpha and task arithmetic's scaling factor, when several values were run."""
     for method, param in (("opcm", "alpha"), ("task_arithmetic", "scaling_factor"), ("otmf", "alpha")):
-        points = sorted(
-            (r["params"][param], r["ACC_mean"], r["ACC_std"])
-            for r in results["methods"].values()
-            if r["method"] == method and r["params"].get("masks", True) and not r["params"].get("head_refit")
-        )
+        points = _sweep_points(results, method, param)
         if len(points) < 2:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
