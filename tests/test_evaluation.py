@@ -433,3 +433,7 @@ def test_a_sweep_plot_holds_only_runs_that_differ_in_its_parameter():
     results["methods"]["d"] = run(0.9, alpha=0.9)
     results["methods"]["e"] = run(0.5, alpha=0.5, head_refit=True)
     assert [x for x, _, _ in _sweep_points(results, "otmf", "alpha")] == [0.8, 0.9]
+    # OPCM on other tensors (a bench `linear_weights` pattern, kept beside the params) is not an alpha point
+    opcm = {"method": "opcm", "params": {"alpha": 0.5}, "ACC_mean": 0.6, "ACC_std": 0.0}
+    conv = {**opcm, "params": {"alpha": 0.7}, "linear_weights": ".*conv.*weight"}
+    assert len(_sweep_points({"methods": {"opcm": opcm, "conv": conv}}, "opcm", "alpha")) == 1

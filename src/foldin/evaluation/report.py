@@ -171,11 +171,13 @@ def plot_all(results: dict[str, Any], out: Path) -> None:
 
 def _sweep_points(results: dict[str, Any], method: str, param: str) -> list[tuple[float, float, float]]:
     """(value, ACC mean, ACC std) of the runs of `method` that differ only in `param` (the largest such
-    group): variants that differ in anything else (another parameter, the head refit) are not a sweep."""
+    group): variants that differ in anything else (another parameter, the head refit, the tensors
+    `linear_weights` picks) are not a sweep."""
     groups: dict[str, dict[float, tuple[float, float, float]]] = {}
     for r in results["methods"].values():
         if r["method"] == method and r["params"].get("masks", True) and not r["params"].get("head_refit"):
-            rest = json.dumps({k: v for k, v in r["params"].items() if k != param}, sort_keys=True)
+            rest = {k: v for k, v in r["params"].items() if k != param} | {"linear_weights": r.get("linear_weights")}
+            rest = json.dumps(rest, sort_keys=True)
             groups.setdefault(rest, {})[r["params"][param]] = (r["params"][param], r["ACC_mean"], r["ACC_std"])
     return sorted(max(groups.values(), key=len, default={}).values())
 
