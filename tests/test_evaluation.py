@@ -14,6 +14,7 @@ from foldin.errors import FoldinError
 from foldin.evaluation.bench import extend_results, parse_method_specs, task_orders
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
 from foldin.evaluation.report import _sweep_points
+from foldin.evaluation.text.suite import TextSuite
 from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite, user_task
 
 MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.4]]
@@ -98,26 +99,23 @@ def test_user_task_from_csv(tmp_path):
         user_task(tmp_path / "bad.yaml")
 
 
-def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
+def _smoke_zoo_args(zoo) -> list[str]:
+    sizes = ["--tasks", "3", "--steps", "3", "--max-train", "32", "--max-test", "32"]
+    return ["zoo", "build", *sizes, "--out", str(zoo), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def smoke_zoo(tmp_path_factory):
+    """The CI form of the zoo: 3 real text tasks, a few fine-tuning steps."""
+    zoo = tmp_path_factory.mktemp("smoke") / "zoo"
+    assert main(_smoke_zoo_args(zoo)) == 0
+    return zoo
+
+
+def test_smoke_zoo_and_bench_on_real_data(smoke_zoo, tmp_path, capsys):
     """The CI form of the benchmark: 3 real tasks, a few fine-tuning steps, 2 orders."""
-    zoo = tmp_path / "zoo"
-    args = [
-        "zoo",
-        "build",
-        "--tasks",
-        "3",
-        "--steps",
-        "3",
-        "--max-train",
-        "32",
-        "--max-test",
-        "32",
-        "--out",
-        str(zoo),
-        "--quiet",
-    ]
-    assert main(args) == 0
-    assert main(args) == 0  # resumable: everything is skipped the second time
+    zoo = smoke_zoo
+    assert main(_smoke_zoo_args(zoo)) == 0  # resumable: everything is skipped the second time
     out = tmp_path / "bench"
     bench = ["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--matrix-test", "8"]
     assert main([*bench, "--out", str(out), "--quiet"]) == 0
@@ -143,12 +141,43 @@ def test_smoke_zoo_and_bench_on_real_data(tmp_path, capsys):
     assert joined["methods"]["opcm"]["ACC_mean"] == pytest.approx(whole["ACC_mean"], abs=1e-12)
     assert joined["settings"]["orders"] == 2 and "first_order" not in joined["settings"]
     rerun = extend_results(joined, json.loads((part1 / "results.json").read_text()))  # same order again: replaced
+    with_reference = extend_results(joined, results)  # a run with the continual fine-tuning reference adds it
+    assert joined["settings"]["cft_orders"] == 0 and with_reference["settings"]["cft_orders"] == 1
+    assert with_reference["references"]["continual_finetuning"] == results["references"]["continual_finetuning"]
     assert len(rerun["methods"]["opcm"]["runs"]) == 1
     capsys.readouterr()
     assert main([*bench, *split, "--first-order", "3", "--out", str(part2)]) == 1
     assert "--first-order 3: expected a number from 1 to --orders (2)" in capsys.readouterr().err
     assert main(["eval", str(zoo / "tasks" / "reuters_r8"), "--zoo", str(zoo)]) == 0
     assert "reuters_r8" in capsys.readouterr().out
+
+
+def test_continual_finetuning_resumes_from_its_last_finished_task(smoke_zoo, tmp_path, monkeypatch):
+    """The continual fine-tuning order runs for hours in one sequence: stopped during its third task,
+    the bench resumes at that task and ends with the matrix of a run that was never stopped."""
+    bench = ["bench", "--zoo", str(smoke_zoo), "--methods", "", "--orders", "1", "--full-matrix-orders", "1"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main([*bench, "--out", str(whole), "--quiet"]) == 0
+    expected = json.loads((whole / "results.json").read_text())["references"]["continual_finetuning"]
+    fine_tune, tuned, stop = TextSuite.fine_tune, [], [True]
+
+    def stop_at_third_task(self, *args, **kwargs):
+        if stop[0] and len(tuned) == 2:
+            raise KeyboardInterrupt
+        tuned.append(args[1])  # the head of the task being fine-tuned
+        return fine_tune(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextSuite, "fine_tune", stop_at_third_task)
+    assert main([*bench, "--out", str(stopped), "--quiet"]) == 130
+    partial = json.loads((stopped / "cft-partial.json").read_text())
+    assert len(partial["seconds"]) == 2 and (stopped / "cft-partial-2.safetensors").exists()
+    stop[0] = False
+    assert main([*bench, "--out", str(stopped), "--quiet"]) == 0
+    assert len(tuned) == 3  # the resumed run fine-tuned only the third task
+    resumed = json.loads((stopped / "results.json").read_text())["references"]["continual_finetuning"]
+    assert resumed["runs"][0]["acc_matrix"] == expected["runs"][0]["acc_matrix"]
+    assert len(resumed["runs"][0]["seconds_per_step"]) == 3
+    assert not list(stopped.glob("cft-partial*"))
 
 
 def test_vision_tasks_from_real_packaged_images():

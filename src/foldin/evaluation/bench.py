@@ -5,7 +5,8 @@ Merging runs in memory through `foldin.ContinualMerger` (the same engine as the 
 step the merged backbone is scored with the tasks' frozen heads. Orders listed in
 `full_matrix_orders` get the whole accuracy matrix (T(T+1)/2 evaluations); the others only its
 diagonal and final row (2T - 1), which is all ACC and BWT need. Finished orders are saved in
-OUT/bench-progress.json as they finish, so a bench that is stopped resumes where it stopped.
+OUT/bench-progress.json as they finish, so a bench that is stopped resumes where it stopped; the
+continual fine-tuning reference, hours in one sequence, is saved after every task as well.
 `first_order` runs only the later orders of the same seeded sequence, so that one bench can be split
 over processes or machines and its parts joined with `extend_results`.
 """
@@ -23,13 +24,13 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
 from foldin.evaluation.zoo import Zoo
-from foldin.io.atomic import write_json_atomic
+from foldin.io.atomic import write_atomic, write_json_atomic
 from foldin.methods import get_method
 from foldin.progress import progress as progress_bar
 
@@ -109,20 +110,29 @@ def run_order(
     scorer: Scorer,
     full: bool,
     refit_variants: tuple[bool, ...] = (True,),
+    resume: tuple[dict[bool, Matrix], list[float]] | None = None,
+    after_step: Callable[[dict[bool, Matrix], list[float]], None] | None = None,
 ) -> tuple[dict[bool, Matrix], list[float]]:
     """Fold the tasks in, in order; `advance(name)` does one step, loads the result into the
     scorer and returns its merge seconds. Returns (an accuracy matrix per variant: scored with the
     refit heads or with the zoo's heads, seconds per step). In a full matrix, the cells ACC and BWT
-    do not read (earlier tasks before the last step) are scored on the scorer's sample."""
+    do not read (earlier tasks before the last step) are scored on the scorer's sample.
+    `resume`: the matrices and seconds of the steps already done (the scorer holds their model);
+    `after_step(matrices, seconds)` is called after each step is scored, to save it."""
     n = len(order)
-    accs: dict[bool, Matrix] = {v: [[None] * n for _ in range(n)] for v in refit_variants}
-    seconds = []
-    for t, name in enumerate(order):
-        seconds.append(advance(name))
+    if resume is None:
+        accs: dict[bool, Matrix] = {v: [[None] * n for _ in range(n)] for v in refit_variants}
+        seconds: list[float] = []
+    else:
+        accs, seconds = {v: [row[:] for row in m] for v, m in resume[0].items()}, list(resume[1])
+    for t in range(len(seconds), n):
+        seconds.append(advance(order[t]))
         columns = range(t + 1) if full else ([*range(n)] if t == n - 1 else [t])
         for k in columns:
             for refit, acc in accs.items():
                 acc[t][k] = scorer.score(order[k], refit, sample=k < t < n - 1)
+        if after_step is not None:
+            after_step(accs, seconds)
     return accs, seconds
 
 
@@ -183,6 +193,92 @@ def reference_accuracies(
     return pretrained, finetuned
 
 
+CFT_PARTIAL = "cft-partial.json"
+
+
+def _continual_finetuning_order(
+    scorer: Scorer,
+    base: dict[str, torch.Tensor],
+    order: list[str],
+    full: bool,
+    partial: tuple[Matrix, list[float], dict[str, torch.Tensor]] | None,
+    out: Path,
+    settings: dict[str, Any],
+    on_step: Callable[[int], Any],
+) -> dict[str, Any]:
+    """One order of the continual fine-tuning reference: the backbone fine-tuned on each task in
+    turn, with the zoo's recipe and the task's head frozen. It is the one part of the bench that runs
+    for hours in a single sequence (20 tasks x 400 steps), so the model is saved after every task
+    (OUT/cft-partial.json and the weights beside it) and a stopped run resumes from its last
+    finished task, bit for bit: each task's fine-tuning is seeded and starts a fresh optimizer."""
+    scorer.load(partial[2] if partial else base)
+    scorer.use_heads({})
+    zoo_settings = settings["zoo"]
+
+    def advance(name: str) -> float:
+        task = scorer.tasks[name]
+        t0 = time.perf_counter()
+        scorer.suite.fine_tune(
+            scorer.model,
+            scorer.zoo_heads[name],
+            *task.train,
+            steps=zoo_settings["steps"],
+            lr=zoo_settings["lr"],
+            seed=zoo_settings["seed"],
+        )
+        on_step(1)
+        return time.perf_counter() - t0
+
+    def save(accs: dict[bool, Matrix], seconds: list[float]) -> None:
+        _save_cft_partial(out, settings, order, accs[True], seconds, scorer.model.state_dict())
+
+    resume = ({True: partial[0]}, partial[1]) if partial else None
+    accs, seconds = run_order(order, advance, scorer, full, resume=resume, after_step=save)
+    return _run_record(order, accs[True], seconds)
+
+
+def _save_cft_partial(
+    out: Path,
+    settings: dict[str, Any],
+    order: list[str],
+    acc: Matrix,
+    seconds: list[float],
+    state_dict: dict[str, torch.Tensor],
+) -> None:
+    """Save a continual fine-tuning order after a step: the weights first, under a name of their
+    own, then the record that points to them, so that a kill at any moment leaves a matching pair
+    (at worst the previous step's)."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = f"cft-partial-{len(seconds)}.safetensors"
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    write_atomic(out / weights, lambda tmp: save_file(tensors, tmp))
+    record = {"settings": settings, "order": order, "acc_matrix": acc, "seconds": seconds, "weights": weights}
+    write_json_atomic(out / CFT_PARTIAL, record)
+    for old in out.glob("cft-partial-*.safetensors"):
+        if old.name != weights:
+            old.unlink()
+
+
+def _load_cft_partial(
+    out: Path, settings: dict[str, Any], order: list[str] | None = None
+) -> tuple[Matrix, list[float], dict[str, torch.Tensor]] | None:
+    """The finished steps of a stopped continual fine-tuning order with the same settings (and
+    `order`, if given): (its matrix so far, seconds per step, the weights after its last step)."""
+    path = out / CFT_PARTIAL
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    ignoring_orders = lambda d: {k: v for k, v in d.items() if k != "orders"}  # noqa: E731
+    if ignoring_orders(saved["settings"]) != ignoring_orders(settings) or order not in (None, saved["order"]):
+        return None
+    return saved["acc_matrix"], saved["seconds"], load_file(out / saved["weights"])
+
+
+def _clear_cft_partial(out: Path) -> None:
+    for path in [out / CFT_PARTIAL, *out.glob("cft-partial-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
 def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
     """Finished orders of an interrupted run with the same settings (by method label), else none.
     A run asked for more orders counts too (its first orders are these): a stopped 5-order bench
@@ -221,6 +317,8 @@ def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     # the joined parts hold orders 1..N between them: the settings say N, not the first part's count
     settings = {k: v for k, v in old["settings"].items() if k != "first_order"}
     settings["orders"] = max(old["settings"]["orders"], new["settings"]["orders"])
+    if "continual_finetuning" in new["references"]:  # the reference comes from the new run, as its count does
+        settings["cft_orders"] = min(new["settings"]["cft_orders"], new["settings"]["orders"])
     merged = {**old, "settings": settings, "methods": methods}
     merged["references"] = {
         **old["references"],
@@ -319,7 +417,10 @@ def run_bench(
         sum(n_orders - skipped - len(done.get(s.label, [])) for s in specs)
         + max(min(cft_orders, n_orders) - skipped - len(done.get("continual_finetuning", [])), 0)
     )
-    bar = progress_bar(total=steps_left, desc="bench", unit="step", enabled=progress)
+    partial = _load_cft_partial(out, results["settings"]) if cft_orders > skipped else None
+    bar = progress_bar(
+        total=steps_left - len(partial[1] if partial else []), desc="bench", unit="step", enabled=progress
+    )
 
     def record(**runs: list[dict[str, Any]]) -> None:
         """Save finished orders as they finish: a killed bench resumes where it stopped."""
@@ -382,30 +483,16 @@ def run_bench(
         results["references"][ref]["ACC_mean"] = sum(results["references"][ref]["final_acc"].values()) / len(names)
     if cft_orders > skipped:
         runs = list(done.get("continual_finetuning", []))
-        settings = zoo.meta["settings"]
         for i, order in enumerate(orders[:cft_orders]):
             if i < skipped + len(runs):
                 continue
-            scorer.load(base)
-            scorer.use_heads({})
-
-            def advance(name: str) -> float:
-                task = scorer.tasks[name]
-                t0 = time.perf_counter()
-                scorer.suite.fine_tune(
-                    scorer.model,
-                    scorer.zoo_heads[name],
-                    *task.train,
-                    steps=settings["steps"],
-                    lr=settings["lr"],
-                    seed=settings["seed"],
-                )
-                bar.update(1)
-                return time.perf_counter() - t0
-
             bar.set_postfix_str(f"continual fine-tuning order {i + 1}")
-            accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders)
-            runs.append(_run_record(order, accs[True], seconds))
+            partial = _load_cft_partial(out, results["settings"], order)
+            runs.append(
+                _continual_finetuning_order(
+                    scorer, base, order, i < full_matrix_orders, partial, out, results["settings"], bar.update
+                )
+            )
             record(continual_finetuning=runs)
         results["references"]["continual_finetuning"] = {
             "method": "continual fine-tuning",
@@ -417,6 +504,7 @@ def run_bench(
         results = extend_results(json.loads(previous.read_text()), results)
     write_json_atomic(out / "results.json", results)
     progress_file.unlink(missing_ok=True)
+    _clear_cft_partial(out)
     from foldin.evaluation.report import write_report
 
     write_report(results, out)

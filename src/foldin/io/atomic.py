@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,23 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace `path` with `data` so that readers see either the old or the new file, whole."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace `path` with the file `write(tmp)` writes, so that readers see either the old or the
+    new file, whole: written beside it under a temporary name, flushed, then renamed over it."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace `path` with `data` as JSON, atomically (see `write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
