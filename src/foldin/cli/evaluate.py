@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         tasks=zoo.task_names[: args.tasks] if args.tasks else None,
         max_test=args.max_test,
         progress=not args.quiet,
-        command="foldin " + " ".join(sys.argv[1:]),
+        command=shlex.join(["foldin", *sys.argv[1:]]),  # quoted: an empty --methods "" stays visible
         extend=args.extend,
         matrix_test=args.matrix_test,
         first_order=args.first_order,
