@@ -201,7 +201,7 @@ def _continual_finetuning_order(
     base: dict[str, torch.Tensor],
     order: list[str],
     full: bool,
-    partial: tuple[Matrix, list[float], dict[str, torch.Tensor]] | None,
+    partial: dict[str, Any] | None,
     out: Path,
     settings: dict[str, Any],
     on_step: Callable[[int], Any],
@@ -210,8 +210,9 @@ def _continual_finetuning_order(
     turn, with the zoo's recipe and the task's head frozen. It is the one part of the bench that runs
     for hours in a single sequence (20 tasks x 400 steps), so the model is saved after every task
     (OUT/cft-partial.json and the weights beside it) and a stopped run resumes from its last
-    finished task, bit for bit: each task's fine-tuning is seeded and starts a fresh optimizer."""
-    scorer.load(partial[2] if partial else base)
+    finished task, bit for bit: each task's fine-tuning is seeded and starts a fresh optimizer.
+    `partial`: the saved record of this order's finished tasks (see `_load_cft_partial`), or None."""
+    scorer.load(load_file(out / partial["weights"]) if partial else base)
     scorer.use_heads({})
     zoo_settings = settings["zoo"]
 
@@ -232,7 +233,7 @@ def _continual_finetuning_order(
     def save(accs: dict[bool, Matrix], seconds: list[float]) -> None:
         _save_cft_partial(out, settings, order, accs[True], seconds, scorer.model.state_dict())
 
-    resume = ({True: partial[0]}, partial[1]) if partial else None
+    resume = ({True: partial["acc_matrix"]}, partial["seconds"]) if partial else None
     accs, seconds = run_order(order, advance, scorer, full, resume=resume, after_step=save)
     return _run_record(order, accs[True], seconds)
 
@@ -259,24 +260,26 @@ def _save_cft_partial(
             old.unlink()
 
 
-def _load_cft_partial(
-    out: Path, settings: dict[str, Any], order: list[str] | None = None
-) -> tuple[Matrix, list[float], dict[str, torch.Tensor]] | None:
-    """The finished steps of a stopped continual fine-tuning order with the same settings (and
-    `order`, if given): (its matrix so far, seconds per step, the weights after its last step)."""
+def _load_cft_partial(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a stopped continual fine-tuning order run with the same settings: its `order`,
+    `acc_matrix` so far, `seconds` per finished task and the file of its `weights` after the last."""
     path = out / CFT_PARTIAL
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    ignoring_orders = lambda d: {k: v for k, v in d.items() if k != "orders"}  # noqa: E731
-    if ignoring_orders(saved["settings"]) != ignoring_orders(settings) or order not in (None, saved["order"]):
-        return None
-    return saved["acc_matrix"], saved["seconds"], load_file(out / saved["weights"])
+    return saved if _same_settings(saved["settings"], settings) else None
 
 
 def _clear_cft_partial(out: Path) -> None:
     for path in [out / CFT_PARTIAL, *out.glob("cft-partial-*.safetensors")]:
         path.unlink(missing_ok=True)
+
+
+def _same_settings(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether saved progress belongs to this bench: the same settings but for the number of
+    orders, since a bench asked for more or fewer orders starts with the same ones."""
+    ignoring_orders = lambda d: {k: v for k, v in d.items() if k != "orders"}  # noqa: E731
+    return ignoring_orders(saved) == ignoring_orders(settings)
 
 
 def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
@@ -286,9 +289,8 @@ def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    ignoring_orders = lambda d: {k: v for k, v in (d or {}).items() if k != "orders"}  # noqa: E731
     if (
-        ignoring_orders(saved.get("settings")) != ignoring_orders(settings)
+        not _same_settings(saved.get("settings") or {}, settings)
         or saved.get("orders", [])[: len(orders)] != orders[: len(saved.get("orders", []))]
     ):
         return {}
@@ -419,7 +421,7 @@ def run_bench(
     )
     partial = _load_cft_partial(out, results["settings"]) if cft_orders > skipped else None
     bar = progress_bar(
-        total=steps_left - len(partial[1] if partial else []), desc="bench", unit="step", enabled=progress
+        total=steps_left - len(partial["seconds"] if partial else []), desc="bench", unit="step", enabled=progress
     )
 
     def record(**runs: list[dict[str, Any]]) -> None:
@@ -487,10 +489,10 @@ def run_bench(
             if i < skipped + len(runs):
                 continue
             bar.set_postfix_str(f"continual fine-tuning order {i + 1}")
-            partial = _load_cft_partial(out, results["settings"], order)
+            resume = partial if partial and partial["order"] == order else None
             runs.append(
                 _continual_finetuning_order(
-                    scorer, base, order, i < full_matrix_orders, partial, out, results["settings"], bar.update
+                    scorer, base, order, i < full_matrix_orders, resume, out, results["settings"], bar.update
                 )
             )
             record(continual_finetuning=runs)
