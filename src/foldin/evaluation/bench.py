@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
+from foldin.evaluation.peak_memory import peak_mb, reset_peak
 from foldin.evaluation.zoo import Zoo
 from foldin.io.atomic import write_atomic, write_json_atomic
 from foldin.methods import get_method
@@ -153,6 +154,7 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
     norm = [normalized_accuracy([r["final_acc"][n] for n in finetuned], list(finetuned.values())) for r in runs]
     (acc_m, acc_s), (bwt_m, bwt_s), (norm_m, _) = mean_std(accs), mean_std(bwts), mean_std(norm)
     steps = [s for r in runs for s in r["seconds_per_step"]]
+    peaks = [p for r in runs for p in r.get("peak_rss_mb_per_step", [])]
     return {
         "ACC_mean": acc_m,
         "ACC_std": acc_s,
@@ -160,15 +162,21 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
         "BWT_std": bwt_s,
         "normalized_acc_mean": norm_m,
         "seconds_per_step": sum(steps) / len(steps),
+        **({"peak_rss_mb": max(peaks)} if peaks else {}),
         "runs": runs,
     }
 
 
 def _run_record(
-    order: list[str], acc: Matrix, seconds: list[float], step_stats: list[dict[str, float]] | None = None
+    order: list[str],
+    acc: Matrix,
+    seconds: list[float],
+    step_stats: list[dict[str, float]] | None = None,
+    peaks: list[float] | None = None,
 ) -> dict[str, Any]:
     """One order's results; `step_stats`: the method's scalars after each step (e.g. AdaMerging's
-    learned coefficients, OPCM's scale), kept so a run says what was learned, not only how well."""
+    learned coefficients, OPCM's scale), kept so a run says what was learned, not only how well;
+    `peaks`: the bench process's peak resident memory during each step (MB, see `peak_memory`)."""
     return {
         "order": order,
         "acc_matrix": acc,
@@ -176,6 +184,7 @@ def _run_record(
         "ACC": final_accuracy(acc),
         "BWT": backward_transfer(acc),
         "seconds_per_step": seconds,
+        **({"peak_rss_mb_per_step": peaks} if peaks else {}),
         **({"step_stats": step_stats} if step_stats is not None else {}),
     }
 
@@ -215,9 +224,11 @@ def _continual_finetuning_order(
     scorer.load(load_file(out / partial["weights"]) if partial else base)
     scorer.use_heads({})
     zoo_settings = settings["zoo"]
+    peaks = list(partial.get("peak_rss_mb_per_step", [])) if partial else []
 
     def advance(name: str) -> float:
         task = scorer.tasks[name]
+        reset_peak()
         t0 = time.perf_counter()
         scorer.suite.fine_tune(
             scorer.model,
@@ -227,15 +238,17 @@ def _continual_finetuning_order(
             lr=zoo_settings["lr"],
             seed=zoo_settings["seed"],
         )
+        seconds = time.perf_counter() - t0
+        peaks.append(round(peak_mb(), 1))
         on_step(1)
-        return time.perf_counter() - t0
+        return seconds
 
     def save(accs: dict[bool, Matrix], seconds: list[float]) -> None:
-        _save_cft_partial(out, settings, order, accs[True], seconds, scorer.model.state_dict())
+        _save_cft_partial(out, settings, order, accs[True], seconds, peaks, scorer.model.state_dict())
 
     resume = ({True: partial["acc_matrix"]}, partial["seconds"]) if partial else None
     accs, seconds = run_order(order, advance, scorer, full, resume=resume, after_step=save)
-    return _run_record(order, accs[True], seconds)
+    return _run_record(order, accs[True], seconds, peaks=peaks)
 
 
 def _save_cft_partial(
@@ -244,6 +257,7 @@ def _save_cft_partial(
     order: list[str],
     acc: Matrix,
     seconds: list[float],
+    peaks: list[float],
     state_dict: dict[str, torch.Tensor],
 ) -> None:
     """Save a continual fine-tuning order after a step: the weights first, under a name of their
@@ -253,7 +267,14 @@ def _save_cft_partial(
     weights = f"cft-partial-{len(seconds)}.safetensors"
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     write_atomic(out / weights, lambda tmp: save_file(tensors, tmp))
-    record = {"settings": settings, "order": order, "acc_matrix": acc, "seconds": seconds, "weights": weights}
+    record = {
+        "settings": settings,
+        "order": order,
+        "acc_matrix": acc,
+        "seconds": seconds,
+        "peak_rss_mb_per_step": peaks,
+        "weights": weights,
+    }
     write_json_atomic(out / CFT_PARTIAL, record)
     for old in out.glob("cft-partial-*.safetensors"):
         if old.name != weights:
@@ -447,11 +468,14 @@ def run_bench(
             )
             scorer.use_heads({})
             step_stats: list[dict[str, float]] = []
+            peaks: list[float] = []
 
             def advance(name: str) -> float:
+                reset_peak()
                 t0 = time.perf_counter()
                 merger.partial_fit(checkpoints[name], data=train_data[name] if needs_data else None)
                 seconds = time.perf_counter() - t0
+                peaks.append(round(peak_mb(), 1))
                 step_stats.append(dict(merger.stats_))
                 scorer.load(merger.merged_state_dict())
                 scorer.use_heads(getattr(merger, "heads_", {}))
@@ -461,7 +485,7 @@ def run_bench(
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
             accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders, tuple(variants))
             for refit in variants:
-                runs[refit].append(_run_record(order, accs[refit], seconds, step_stats))
+                runs[refit].append(_run_record(order, accs[refit], seconds, step_stats, peaks))
             record(**{v.label: runs[refit] for refit, v in variants.items()})
         for refit, v in variants.items():
             method = get_method(v.method)(**v.params)

@@ -9,8 +9,9 @@ from foldin.errors import FoldinError
 from foldin.evaluation.suite import Suite
 from foldin.evaluation.text.suite import TextSuite
 from foldin.evaluation.vision.suite import VisionSuite
+from foldin.evaluation.vit.suite import ViTSuite
 
-SUITES: dict[str, type[Suite]] = {"text": TextSuite, "vision": VisionSuite}
+SUITES: dict[str, type[Suite]] = {"text": TextSuite, "vision": VisionSuite, "vit": ViTSuite}
 
 
 def get_suite(name: str, backbone: Path | str | None = None, heads: str | None = None) -> Suite:

