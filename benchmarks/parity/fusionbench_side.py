@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -59,6 +60,48 @@ def algorithms(params: dict) -> dict:
             **COMMON,
         ),
     }
+
+
+def nufilt(params: dict, base: torch.nn.Module):
+    """The authors' NUFILT (installed by setup_nufilt_reference.sh), with each layer's LoRA factor A
+    drawn as foldin draws it, from a generator seeded by (seed, step, tensor name); the reference
+    draws it from the global torch stream, which no streaming implementation can follow. The
+    layers are created in named_modules order at every step, so the k-th FilterLoRA built is layer
+    k mod L of step k // L + 1."""
+    from fusion_bench.method.nufilt.nufilt import NUFILT
+    from fusion_bench.models import filter_lora
+
+    layers = params["lora_layer"]
+    names = [
+        n
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and not list(m.children()) and any(k in n for k in layers)
+    ]
+    seed, built = params.get("seed", 42), [0]
+    original = filter_lora.FilterLoRA.__init__
+
+    def pinned(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        step, name = built[0] // len(names) + 1, names[built[0] % len(names)] + ".weight"
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{step}:{name}".encode()) + (seed << 32))
+        a = torch.zeros_like(self.gate.A.data)
+        torch.nn.init.normal_(a, std=0.02, generator=g)
+        self.gate.A.data = a
+        built[0] += 1
+
+    filter_lora.FilterLoRA.__init__ = pinned
+    algo = NUFILT(
+        lora_r=params.get("lora_r", 64),
+        null_r=params.get("null_r", 128),
+        grad_r=params.get("grad_r", 8),
+        null_space=True,
+        seed=seed,
+        lora_layer=layers,
+        lr=params.get("lr", 1e-3),
+        max_steps=params.get("max_steps", 50),
+        **COMMON,
+    )
+    return algo
 
 
 def load(folder: Path) -> torch.nn.Module:
@@ -113,8 +156,10 @@ def main() -> None:
         get = lazy_config if a.lazy else load
         used = ckpts[: int(count)] if count else ckpts
         pool = BaseModelPool(models={"_pretrained_": get(a.case / "base"), **{p.name: get(p) for p in used}})
-        algo = algorithms(json.loads(a.params))[method]()
+        params = json.loads(a.params)
+        algo = nufilt(params, load(a.case / "base")) if method == "nufilt" else algorithms(params)[method]()
         algo._program = _Program()
+        algo._program.taskpool._test_datasets = {p.name: None for p in used}  # NUFILT reads one per model
         t0 = time.perf_counter()
         merged = algo.run(pool)
         timings[label] = time.perf_counter() - t0
