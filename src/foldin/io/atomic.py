@@ -3,6 +3,8 @@ one, whole, never a mix. Used by the merge state, the export, the zoo and the be
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import secrets
@@ -10,6 +12,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,6 +25,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """Create `path` and any missing parents, durably: each new directory's entry is flushed in its
+    parent, so that a crash cannot keep a file inside it while losing the directory itself."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        fsync_dir(folder.parent)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE): no moment,
+    and no crash, sees either name missing. False where the kernel, the C library or the file
+    system does not support it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def fsync_tree(path: Path) -> None:
@@ -50,14 +84,23 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Make the complete folder `tmp` become `target` (replacing a previous one), durably. Between
-    the two renames `target` is briefly absent; it is never half-written."""
+    """Make the complete folder `tmp` become `target` (replacing a previous one), durably: `target`
+    is the old complete folder or the new one at every moment, never half-written or missing.
+    A previous folder is swapped out in one atomic exchange; where the system cannot exchange
+    (not Linux, or a file system without RENAME_EXCHANGE), it is renamed aside first, and a crash
+    between the two renames leaves `target` missing, with the old folder complete at
+    `.NAME.*.old` beside it."""
     fsync_tree(tmp)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
-        os.rename(target, old)
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return
+    if exchange(tmp, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return
+    old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+    os.rename(target, old)
     os.rename(tmp, target)
     fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from foldin.errors import FoldinError
-from foldin.io.atomic import replace_dir
+from foldin.io.atomic import make_dirs, replace_dir
 from foldin.io.safetensors_file import SafetensorsWriter
 
 MANIFEST = ".foldin-export.json"
@@ -58,7 +58,7 @@ class FolderWriter:
 
     def __init__(self, out_dir: Path, overwrite: bool, protected: dict[str, Path] | None = None):
         check_target(out_dir, overwrite, protected)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(out_dir.parent)
         self.out_dir = out_dir
         self.tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
         self.tmp.mkdir()

@@ -39,7 +39,7 @@ from foldin.engine import (
     read_export_tensor,
 )
 from foldin.errors import FoldinError, MismatchError, StateError
-from foldin.io.atomic import fsync_dir
+from foldin.io.atomic import fsync_dir, make_dirs
 from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
 from foldin.io.export import DTYPES, ModelFolderWriter, check_target, parse_size, write_hf_folder
 from foldin.io.hub import Located, locate
@@ -157,7 +157,7 @@ class MergeState:
             base_hash = hash_source(ckpt, CHECKSUM) if hash_base else None
             fingerprint = ckpt.fingerprint()
             config_dir = ckpt.config_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(state_dir)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -321,6 +321,7 @@ class MergeState:
                     self._refuse_duplicate(checkpoint, ckpt_hash, base_info["hash"])
                 files = self._write_learned(gen_dir, result.buffer, result.heads)
                 fsync_dir(gen_dir)
+                fsync_dir(self.dir)  # the generation's own entry, before state.json may name it
                 entry = {
                     "step": step,
                     "checkpoint": str(checkpoint.resolve()),
