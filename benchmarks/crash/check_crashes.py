@@ -1,0 +1,290 @@
+"""Every crash state a power loss allows during foldin's writing commands, checked.
+
+    python benchmarks/crash/check_crashes.py                       # long form: all scenarios, sampled reorderings
+    python benchmarks/crash/check_crashes.py --scenarios add,export --samples 0   # the short form CI runs
+
+Each scenario prepares a work folder from the tiny BERT parity case (base and three checkpoints),
+runs one real `foldin` command under strace (`crashsim.record`), and checks every crash state
+(`crashsim.crash_states`) materialized in a scratch folder:
+- the state opens, or refuses in one `FoldinError` sentence (never another exception);
+- it is at the old step or the new one (any step the command passed through, for `run`), and
+  `verify` passes;
+- the next command ends bitwise equal to an uninterrupted run: `add` of what is left, then the
+  merged model compared with the reference run's;
+- an export folder at OUT is absent (a first export), the previous complete export or the new one,
+  file for file; both reference folders load in `transformers`;
+- the traced command changed nothing under the work folder outside the state and OUT.
+States whose committed content (state.json and the generation it names) is the same share the
+result of the "next command" check, which is the slow one.
+Writes a JSON summary per scenario with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from foldin import MergeState
+from foldin.errors import FoldinError
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from crashsim import Trace, crash_states, final_content, materialize, record  # noqa: E402
+
+CASE = HERE.parents[1] / "tests" / "fixtures" / "parity" / "bert-tiny"
+FOLDIN = [sys.executable, "-m", "foldin.cli"]
+
+
+@dataclass
+class Scenario:
+    """prepare(work) sets the folder up; argv runs the traced command in it; `steps` are the state
+    steps a crash may leave; `finish(state_dir)` completes the work after a crash (returns the
+    merged model, compared with the uninterrupted run's)."""
+
+    name: str
+    method: str
+    prepare: Callable[[Path], None]
+    argv: list[str]
+    steps: tuple[int, ...]
+    out: str | None = None  # the export folder, if the command writes one
+    first_export: bool = True  # no export at OUT before the command
+    state: str = "state"  # the state folder (foldin run keeps it beside its output)
+
+
+def _ckpt(i: int) -> str:
+    return f"case/ckpt_{i}"
+
+
+def _setup(method: str, adds: int, export_after: int | None = None) -> Callable[[Path], None]:
+    def prepare(work: Path) -> None:
+        shutil.copytree(CASE, work / "case", ignore=shutil.ignore_patterns("fusionbench"))
+        if adds < 0:
+            return
+        state = MergeState.create(work / "state", base=work / "case" / "base", method=method)
+        for i in range(1, adds + 1):
+            state.add(work / _ckpt(i), progress=False)
+            if export_after == i:
+                state.export(work / "out", progress=False)
+
+    return prepare
+
+
+def scenarios() -> dict[str, Scenario]:
+    run_yaml = "base: case/base\nmethod: opcm\ncheckpoints: [case/ckpt_1, case/ckpt_2]\noutput: out\n"
+
+    def prepare_run(work: Path) -> None:
+        _setup("opcm", -1)(work)
+        (work / "merge.yaml").write_text(run_yaml)
+
+    return {
+        "init": Scenario(
+            "init", "opcm", _setup("opcm", -1), ["init", "state", "--base", "case/base", "--method", "opcm"], (0,)
+        ),
+        "add": Scenario("add", "task_arithmetic", _setup("task_arithmetic", 1), ["add", "state", _ckpt(2)], (1, 2)),
+        "add-opcm": Scenario("add-opcm", "opcm", _setup("opcm", 1), ["add", "state", _ckpt(2)], (1, 2)),
+        "export": Scenario("export", "opcm", _setup("opcm", 2), ["export", "state", "out"], (2,), out="out"),
+        "export-overwrite": Scenario(
+            "export-overwrite",
+            "opcm",
+            _setup("opcm", 2, export_after=1),
+            ["export", "state", "out", "--overwrite"],
+            (2,),
+            out="out",
+            first_export=False,
+        ),
+        "export-lora": Scenario(
+            "export-lora",
+            "opcm",
+            _setup("opcm", 2),
+            ["export", "state", "out", "--lora-rank", "4", "--lora-full-tensors"],
+            (2,),
+            out="out",
+        ),
+        "run": Scenario(
+            "run", "opcm", prepare_run, ["run", "merge.yaml"], (0, 1, 2), out="out", state="out.foldin-state"
+        ),
+    }
+
+
+def _within(path: str, folder: Path) -> bool:
+    """Whether `path` is `folder`, inside it, or one of foldin's temporary siblings of it."""
+    name = Path(path).relative_to(folder.parent).parts[0] if path.startswith(str(folder.parent) + "/") else ""
+    return path == str(folder) or path.startswith(f"{folder}/") or name.startswith(f".{folder.name}.")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _committed_key(state_dir: Path) -> str:
+    """A digest of what a state has committed: state.json and the files of the generation it names."""
+    h = hashlib.sha256((state_dir / "state.json").read_bytes())
+    gen = json.loads((state_dir / "state.json").read_text()).get("generation")
+    if gen:
+        for name, data in sorted(_tree(state_dir / gen).items()):
+            h.update(name.encode() + data)
+    return h.hexdigest()
+
+
+def _finish(state_dir: Path, work: Path, method: str, total: int = 3) -> dict[str, torch.Tensor]:
+    """Fold in what is left of checkpoints 1..total; the merged model."""
+    state = MergeState.open(state_dir)
+    for i in range(state.step + 1, total + 1):
+        state.add(work / _ckpt(i), progress=False)
+    return state.merged_state_dict()
+
+
+def _reference(sc: Scenario, root: Path) -> tuple[dict[str, torch.Tensor], Trace, Path, dict[str, bytes] | None]:
+    """The uninterrupted run: its trace, its finished model, the work folder, the previous export."""
+    work = root / "reference"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sc.prepare(work)
+    previous = _tree(work / sc.out) if sc.out and (work / sc.out).exists() else None
+    trace = record([*FOLDIN, *sc.argv], [work], cwd=work)
+    return _finish(work / sc.state, work, sc.method), trace, work, previous
+
+
+def check(sc: Scenario, root: Path, samples: int, seed: int, single_drops: bool = True) -> dict:
+    started = time.perf_counter()
+    expected, trace, work, previous = _reference(sc, root)
+    new_export = _tree(work / sc.out) if sc.out and (work / sc.out).exists() else None
+    if sc.out:
+        from transformers import AutoConfig
+
+        if "--lora-rank" not in sc.argv:
+            from transformers import AutoModel
+
+            AutoModel.from_pretrained(work / sc.out)  # the complete exports load
+        else:
+            AutoConfig.from_pretrained(work / "case" / "base")
+    allowed = (work / sc.state, work / (sc.out or sc.state))
+    touched = sorted(
+        {o.path for o in trace.ops if o.kind != "fsync" and not any(_within(o.path, a) for a in allowed)} - {str(work)}
+    )
+    states = crash_states(trace.ops, samples, seed, single_drops)
+    source = final_content(trace)
+    scratch = root / "crash"
+    results: dict[str, bool] = {}
+    failures: list[str] = []
+    counts = {"states": len(states), "refused": 0, **{f"step {s}": 0 for s in sc.steps}}
+    for state in states:
+        shutil.rmtree(scratch, ignore_errors=True)
+        materialize(trace, state, scratch, source, work)
+        what = f"{sc.name}: crash after op {state.point} ({state.label})"
+        try:
+            done = state.point == len(trace.ops)
+            failure = _check_state(sc, scratch, expected, previous, new_export, results, done)
+        except Exception as e:  # noqa: BLE001 - anything but a FoldinError is a failure to report
+            failure = f"{type(e).__name__}: {e}"
+        if failure == "refused":
+            counts["refused"] += 1
+        elif failure is None or failure.startswith("step "):
+            counts[failure or f"step {sc.steps[-1]}"] = counts.get(failure or f"step {sc.steps[-1]}", 0) + 1
+        else:
+            failures.append(f"{what}: {failure}")
+    return {
+        "scenario": sc.name,
+        "command": "foldin " + " ".join(sc.argv),
+        "operations": len(trace.ops),
+        "crash_points": len(trace.ops) + 1,
+        **counts,
+        "lost": len(failures),
+        "failures": failures[:20],
+        "touched_outside": touched,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _check_state(
+    sc: Scenario,
+    work: Path,
+    expected: dict[str, torch.Tensor],
+    previous: dict[str, bytes] | None,
+    new_export: dict[str, bytes] | None,
+    memo: dict[str, bool],
+    done: bool,
+) -> str | None:
+    """None or 'step N' when the crash state is sound, 'refused' for a clean refusal, else what is
+    wrong. `done`: the crash came after the command returned, so everything it did must be there."""
+    if sc.out:
+        out = work / sc.out
+        found = _tree(out) if out.exists() else None
+        if found not in (previous, new_export) and not (found is None and sc.first_export):
+            return f"OUT holds neither export ({sorted(found or {})})"
+        if done and found != new_export:
+            return "the export had returned, and OUT is not the new export"
+    state_dir = work / sc.state
+    try:
+        state = MergeState.open(state_dir)
+    except FoldinError as e:
+        if "\n" in str(e):
+            return f"a refusal of more than one line: {e}"
+        if done:
+            return f"the command had returned, and the state does not open: {e}"
+        if sc.name in ("init", "run"):  # the state was being created: the same command again must work
+            return _rerun(sc, work, expected) or "refused"
+        return f"the state does not open: {e}"
+    if state.step not in sc.steps or (done and state.step != sc.steps[-1]):
+        return f"the state is at step {state.step}, expected {sc.steps[-1] if done else sc.steps}"
+    state.verify()
+    key = _committed_key(state_dir)
+    if key not in memo:
+        memo[key] = _rerun(sc, work, expected) is None
+    return f"step {state.step}" if memo[key] else "the finished merge differs from the uninterrupted run's"
+
+
+def _rerun(sc: Scenario, work: Path, expected: dict[str, torch.Tensor]) -> str | None:
+    from foldin.cli import main
+
+    if sc.name == "run":
+        with contextlib.redirect_stdout(io.StringIO()):
+            finished = main(["run", str(work / "merge.yaml"), "--quiet"]) == 0
+        if not finished:
+            return "foldin run did not finish after the crash"
+        merged = _finish(work / sc.state, work, sc.method)
+    else:
+        if sc.name == "init" and not (work / "state" / "state.json").exists():
+            try:
+                MergeState.create(work / "state", base=work / "case" / "base", method=sc.method)
+            except FoldinError as e:
+                return f"init again after the crash refuses: {e}"
+        merged = _finish(work / "state", work, sc.method)
+    same = merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+    return None if same else "the finished merge differs from the uninterrupted run's"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default=",".join(scenarios()))
+    ap.add_argument("--samples", type=int, default=20, help="random subsets with torn writes per crash point")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "crash")
+    ap.add_argument("--out", type=Path, help="write the summary as JSON here")
+    a = ap.parse_args()
+    summary = [check(scenarios()[n], a.work / n, a.samples, a.seed) for n in a.scenarios.split(",")]
+    for s in summary:
+        print(
+            f"{s['scenario']:<18}{s['operations']:>5} ops {s['states']:>6} states  lost {s['lost']}  "
+            f"refused {s['refused']}  {s['seconds']:>6.1f} s"
+        )
+        for f in s["failures"]:
+            print("   ", f)
+    if a.out:
+        a.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 1 if any(s["lost"] or s["touched_outside"] for s in summary) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
