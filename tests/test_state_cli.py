@@ -136,10 +136,12 @@ def test_run_config_is_resumable_and_refuses_another_base(bert_case, tmp_path, c
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert cli("run", path, "--quiet") == 0
+    first = capsys.readouterr().out.splitlines()[0]  # where the state lives, before any work
+    assert first == f"keeping the state in {(tmp_path / 'merged.foldin-state').resolve()}"
     cfg["checkpoints"].append(str(bert_case / "ckpt_2"))
     path.write_text(yaml.safe_dump(cfg))
     assert cli("run", path, "--quiet") == 0
-    assert "resuming" in capsys.readouterr().out
+    assert "resuming the state in" in capsys.readouterr().out
     assert MergeState.open(tmp_path / "merged.foldin-state").step == 2
     AutoModel.from_pretrained(tmp_path / "merged")
     cfg["base"] = str(bert_case / "ckpt_3")
@@ -357,3 +359,13 @@ def test_a_sharded_export_in_the_same_pass_equals_a_separate_one(bert_case, tmp_
     assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "out-fused").glob("model-*.safetensors"))
     for name in [*shards, "model.safetensors.index.json"]:
         assert (tmp_path / "out-fused" / name).read_bytes() == (tmp_path / "out-apart" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [("average", "average treats every tensor alike)"), ("opcm", "13 linear-layer weights, found by nn.Linear")],
+)
+def test_init_line_reads_well_for_every_method(bert_case, tmp_path, capsys, method, expected):
+    assert cli("init", tmp_path / "s", "--base", bert_case / "base", "--method", method) == 0
+    line = capsys.readouterr().out
+    assert expected in line and "from not used" not in line

@@ -275,9 +275,10 @@ def main() -> int:
     a = ap.parse_args()
     summary = [check(scenarios()[n], a.work / n, a.samples, a.seed) for n in a.scenarios.split(",")]
     for s in summary:
+        steps = "  ".join(f"{k} {v}" for k, v in s.items() if k.startswith("step "))
         print(
-            f"{s['scenario']:<18}{s['operations']:>5} ops {s['states']:>6} states  lost {s['lost']}  "
-            f"refused {s['refused']}  {s['seconds']:>6.1f} s"
+            f"{s['scenario']:<18}{s['operations']:>5} ops {s['states']:>6} states  {steps}  refused {s['refused']}  "
+            f"lost {s['lost']}  {s['seconds']:>6.1f} s"
         )
         for f in s["failures"]:
             print("   ", f)

@@ -108,10 +108,14 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_init(args: argparse.Namespace) -> None:
     state = MergeState.create(args.state_dir, args.base, args.method, parse_settings(args.set), args.linear_weights)
-    print(
-        f"created {args.method} state in {state.dir} (base {state.meta['base']['path']}, hashed by the first step; "
-        f"{len(state.meta['linear_weights'])} linear-layer weights from {state.meta['linear_weights_source']})"
+    linear = state.meta["linear_weights"]
+    layers = (
+        f"{len(linear)} linear-layer weights, found by {state.meta['linear_weights_source']}"
+        if state.method.uses_linear_weights or linear
+        else f"{args.method} treats every tensor alike"
     )
+    base = state.meta["base"]["path"]
+    print(f"created {args.method} state in {state.dir} (base {base}, hashed by the first step; {layers})")
 
 
 def cmd_add(args: argparse.Namespace) -> None:
@@ -186,8 +190,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             f"{state_dir} already holds a different sequence of checkpoints than {path} lists; use another "
             f"state directory."
         )
-    if done:
-        print(f"resuming {state_dir} at step {len(done)}")
+    print(f"resuming the state in {state_dir} at step {len(done)}" if done else f"keeping the state in {state_dir}")
     backend = _backend(args)
     todo = checkpoints[len(done) :]
     step = {"device": args.device, "workers": args.workers}
