@@ -5,7 +5,8 @@
 
 Each scenario prepares a work folder from the tiny BERT parity case (base and three checkpoints),
 runs one real `foldin` command under strace (`crashsim.record`), and checks every crash state
-(`crashsim.crash_states`) materialized in a scratch folder:
+(`crashsim.crash_states`), rebuilt in the folder where the command ran (once the uninterrupted run's
+results are in memory), so that the absolute paths a state records still hold:
 - the state opens, or refuses in one `FoldinError` sentence (never another exception);
 - it is at the old step or the new one (any step the command passed through, for `run`), and
   `verify` passes;
@@ -40,7 +41,7 @@ from foldin.errors import FoldinError
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from crashsim import Trace, crash_states, final_content, materialize, record  # noqa: E402
+from crashsim import Trace, crash_states, materialize, record  # noqa: E402
 
 CASE = HERE.parents[1] / "tests" / "fixtures" / "parity" / "bert-tiny"
 FOLDIN = [sys.executable, "-m", "foldin.cli"]
@@ -174,14 +175,13 @@ def check(sc: Scenario, root: Path, samples: int, seed: int, single_drops: bool 
         {o.path for o in trace.ops if o.kind != "fsync" and not any(_within(o.path, a) for a in allowed)} - {str(work)}
     )
     states = crash_states(trace.ops, samples, seed, single_drops)
-    source = final_content(trace)
-    scratch = root / "crash"
+    scratch = work  # each crash state is rebuilt where the command ran: the state's recorded paths hold
     results: dict[str, bool] = {}
     failures: list[str] = []
     counts = {"states": len(states), "refused": 0, **{f"step {s}": 0 for s in sc.steps}}
     for state in states:
         shutil.rmtree(scratch, ignore_errors=True)
-        materialize(trace, state, scratch, source, work)
+        materialize(trace, state, scratch, work)
         what = f"{sc.name}: crash after op {state.point} ({state.label})"
         try:
             done = state.point == len(trace.ops)

@@ -3,10 +3,9 @@
 1. `record(argv, roots)` runs the command under strace (following every thread and child process,
    Ray workers included) and keeps, in order, each file-system operation on a path under `roots`:
    creations, writes (write, pwrite, writev, sendfile, copy_file_range, with their byte ranges),
-   truncations, fsyncs of files and directories, mkdir, rename, RENAME_EXCHANGE, unlink, rmdir.
-   It snapshots `roots` before and after; the bytes of a write are read back from the file's final
-   content (every file foldin writes is written once, then only renamed), or a filler pattern for
-   a file that no longer exists at the end.
+   truncations, fsyncs of files and directories, mkdir, rename, RENAME_EXCHANGE, unlink, rmdir,
+   each write with its bytes (strace prints every buffer in full; the files of the crash tests are
+   small), and snapshots `roots` before the command.
 2. `crash_states(ops, seed)` enumerates, at every point of that sequence, the on-disk states the
    weakest common model allows: data not yet fsynced may be lost, or kept only in part at 4 KiB
    pages; a directory operation not yet made durable by an fsync of its directory (of both, for a
@@ -31,15 +30,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PAGE = 4096
-FILLER = b"\xa5"  # bytes of a file whose final content is unknown (it was removed by the end)
+MAX_BUFFER = 1 << 24  # bytes strace prints of one write: the whole buffer, for the small models tested
 SYSCALLS = (
     "open,openat,creat,write,pwrite64,writev,pwritev,pwritev2,sendfile,copy_file_range,ftruncate,truncate,"
     "fsync,fdatasync,rename,renameat,renameat2,mkdir,mkdirat,unlink,unlinkat,rmdir,lseek,link,linkat,"
     "symlink,symlinkat,fallocate,mmap"
 )
-_LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<([^>]*)>)?")
-_FD = re.compile(r"^(-?\d+|AT_FDCWD)<([^>]*)>")
-_STR = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_HEX = r"((?:\\x[0-9a-f]{2})*)"  # strace -xx prints every byte of a path or a buffer as \xNN
+_LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<" + _HEX + ">)?")
+_FD = re.compile(r"^(-?\d+|AT_FDCWD)<" + _HEX + ">")
+_STR = re.compile(r'"' + _HEX + r'"(\.\.\.)?')
+
+
+def _bytes(hexed: str) -> bytes:
+    return bytes.fromhex(hexed.replace("\\x", ""))
+
+
+def _text(hexed: str) -> str:
+    return os.fsdecode(_bytes(hexed))
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Op:
     dest: str = ""
     start: int = 0
     size: int = 0
+    data: bytes = b""  # what a write wrote
 
     @property
     def dirs(self) -> tuple[str, ...]:
@@ -65,7 +74,7 @@ class Op:
 class Trace:
     ops: list[Op]
     before: dict[str, bytes | None]  # path -> file bytes, None for a directory (under the roots)
-    after: dict[str, bytes | None]
+    mtimes: dict[str, int]  # path -> modification time (ns) of each file before: untouched files keep it
     outside: list[str] = field(default_factory=list)  # mutated paths outside the roots (reported)
 
 
@@ -91,8 +100,10 @@ def record(argv: Sequence[str], roots: Sequence[Path], cwd: Path, env: dict[str,
     """Run `argv` under strace in `cwd`; the operations under `roots` (absolute, resolved)."""
     roots = [Path(r).resolve() for r in roots]
     before = snapshot(roots)
+    mtimes = {path: os.stat(path).st_mtime_ns for path, content in before.items() if content is not None}
     log = cwd / f".strace-{os.getpid()}.txt"
-    cmd = ["strace", "-f", "-qq", "-y", "-s", "0", "-e", "signal=none", "-e", f"trace={SYSCALLS}", "-o", str(log)]
+    cmd = ["strace", "-f", "-qq", "-y", "-xx", "-s", str(MAX_BUFFER), "-e", "signal=none", "-e", f"trace={SYSCALLS}"]
+    cmd += ["-o", str(log)]
     done = subprocess.run([*cmd, *argv], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed under strace: {done.stderr.strip()[-2000:]}")
@@ -100,8 +111,8 @@ def record(argv: Sequence[str], roots: Sequence[Path], cwd: Path, env: dict[str,
         lines = log.read_text().splitlines()
     finally:
         log.unlink(missing_ok=True)
-    ops, outside = parse(lines, roots, cwd.resolve(), set(before))
-    return Trace(ops, before, snapshot(roots), outside)
+    ops, outside = parse(lines, roots, cwd.resolve(), before)
+    return Trace(ops, before, mtimes, outside)
 
 
 def _under(path: str, roots: Sequence[Path]) -> bool:
@@ -109,28 +120,38 @@ def _under(path: str, roots: Sequence[Path]) -> bool:
 
 
 def _args(text: str) -> list[str]:
-    """Split a syscall's argument list at top-level commas."""
-    out, depth, cur, quoted = [], 0, "", False
-    for i, ch in enumerate(text):
-        if ch == '"' and (i == 0 or text[i - 1] != "\\"):
-            quoted = not quoted
-        if not quoted:
-            if ch in "[{(":
-                depth += 1
-            elif ch in "]})":
-                depth -= 1
-            elif ch == "," and depth == 0:
-                out.append(cur.strip())
-                cur = ""
-                continue
+    """Split a syscall's argument list at top-level commas (strings hold only \\xNN escapes)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
         cur += ch
     return [*out, cur.strip()] if cur.strip() else out
 
 
 def _path(arg: str, base: str) -> str:
     found = _STR.search(arg)
-    name = found.group(1) if found else arg
+    name = _text(found.group(1)) if found else arg
     return os.path.normpath(os.path.join(base, name))
+
+
+def _buffer(arg: str) -> bytes | None:
+    """The bytes of a write's buffer argument (a string, or writev's iovec list); None if strace cut it."""
+    found = _STR.findall(arg)
+    if not found or any(cut for _, cut in found):
+        return None
+    return b"".join(_bytes(h) for h, _ in found)
+
+
+def _offset(arg: str) -> int | None:
+    found = re.match(r"\[(\d+)\]", arg)
+    return int(found.group(1)) if found else None
 
 
 def _merge_unfinished(lines: list[str]) -> Iterator[str]:
@@ -146,13 +167,21 @@ def _merge_unfinished(lines: list[str]) -> Iterator[str]:
             yield line
 
 
-def parse(lines: list[str], roots: Sequence[Path], cwd: Path, dirs: set[str]) -> tuple[list[Op], list[str]]:
-    """The operations on paths under `roots`, in order; `dirs`: the paths that are directories at the start."""
-    known_dirs = {p for p in dirs}
+def parse(
+    lines: list[str], roots: Sequence[Path], cwd: Path, before: dict[str, bytes | None]
+) -> tuple[list[Op], list[str]]:
+    """The operations on paths under `roots`, in order; `before`: the files and folders there at the start."""
     positions: dict[tuple[str, str], int] = {}  # (fd, path) -> file offset, for write / writev / sendfile
     ops: list[Op] = []
     outside: list[str] = []
-    existing = set(dirs)
+    existing = set(before)
+
+    def read(path: str, start: int, size: int) -> bytes:
+        """Bytes sendfile / copy_file_range copied from an input file (unchanged by the command)."""
+        content = before.get(path)
+        if content is None:
+            content = Path(path).read_bytes() if Path(path).is_file() else b""
+        return content[start : start + size]
 
     def add(kind: str, path: str, **kw) -> None:
         if not _under(path, roots) and not _under(kw.get("dest", ""), roots):
@@ -165,8 +194,10 @@ def parse(lines: list[str], roots: Sequence[Path], cwd: Path, dirs: set[str]) ->
         m = _LINE.match(line)
         if not m or int(m.group(4)) < 0:
             continue
-        name, args, ret, ret_path = m.group(2), _args(m.group(3)), int(m.group(4)), m.group(5)
-        fd = _FD.match(args[0]) if args else None
+        name, args, ret = m.group(2), _args(m.group(3)), int(m.group(4))
+        ret_path = _text(m.group(5)) if m.group(5) else None
+        fd_match = _FD.match(args[0]) if args else None
+        fd = (fd_match.group(1), _text(fd_match.group(2))) if fd_match else None
         if name in ("open", "openat", "creat"):
             flags = args[2 if name == "openat" else 1] if name != "creat" else "O_CREAT|O_WRONLY|O_TRUNC"
             if not ret_path or not re.search(r"O_CREAT|O_WRONLY|O_RDWR|O_TRUNC", flags):
@@ -177,40 +208,49 @@ def parse(lines: list[str], roots: Sequence[Path], cwd: Path, dirs: set[str]) ->
                 add("create", ret_path)
             elif "O_TRUNC" in flags:
                 add("truncate", ret_path, size=0)
-        elif name in ("write", "writev", "sendfile", "pwrite64", "pwritev", "pwritev2") and fd:
-            key = (fd.group(1), fd.group(2))
+        elif name in ("write", "writev", "pwrite64", "pwritev", "pwritev2") and fd:
             if name.startswith("pwrite"):
-                start = int(args[3 if name == "pwrite64" else 3])
+                start = int(args[3])
             else:
-                start = positions.get(key, 0)
-                positions[key] = start + ret
+                start = positions.get(fd, 0)
+                positions[fd] = start + ret
+            data = _buffer(args[1])
+            if data is None and _under(fd[1], roots):
+                raise UnsupportedOperation(f"strace cut a buffer of more than {MAX_BUFFER} bytes: {line[:200]}")
             if ret:
-                add("write", fd.group(2), start=start, size=ret)
-        elif name == "copy_file_range":
-            out = _FD.match(args[2])
-            if out and ret:
-                key = (out.group(1), out.group(2))
+                add("write", fd[1], start=start, size=ret, data=(data or b"")[:ret])
+        elif name in ("sendfile", "copy_file_range"):
+            out_arg, in_arg, in_offset = (
+                (args[0], args[1], args[2]) if name == "sendfile" else (args[2], args[0], args[1])
+            )
+            out_fd, in_fd = _FD.match(out_arg), _FD.match(in_arg)
+            if out_fd and in_fd and ret:
+                key = (out_fd.group(1), _text(out_fd.group(2)))
                 start = positions.get(key, 0)
                 positions[key] = start + ret
-                add("write", out.group(2), start=start, size=ret)
+                source = (in_fd.group(1), _text(in_fd.group(2)))
+                origin = _offset(in_offset)
+                if origin is None:
+                    origin = positions.get(source, 0)
+                    positions[source] = origin + ret
+                add("write", key[1], start=start, size=ret, data=read(source[1], origin, ret))
         elif name == "lseek" and fd:
-            positions[(fd.group(1), fd.group(2))] = ret
+            positions[fd] = ret
         elif name == "ftruncate" and fd:
-            add("truncate", fd.group(2), size=int(args[1]))
+            add("truncate", fd[1], size=int(args[1]))
         elif name in ("fsync", "fdatasync") and fd:
-            add("fsync", fd.group(2))
+            add("fsync", fd[1])
         elif name in ("mkdir", "mkdirat"):
-            base = _FD.match(args[0]).group(2) if name == "mkdirat" else str(cwd)
+            base = _text(_FD.match(args[0]).group(2)) if name == "mkdirat" else str(cwd)
             path = _path(args[1] if name == "mkdirat" else args[0], base)
-            known_dirs.add(path)
             existing.add(path)
             add("mkdir", path)
         elif name in ("rename", "renameat", "renameat2"):
             if name == "rename":
                 src, dst = _path(args[0], str(cwd)), _path(args[1], str(cwd))
             else:
-                src = _path(args[1], _FD.match(args[0]).group(2))
-                dst = _path(args[3], _FD.match(args[2]).group(2))
+                src = _path(args[1], _text(_FD.match(args[0]).group(2)))
+                dst = _path(args[3], _text(_FD.match(args[2]).group(2)))
             exchange = name == "renameat2" and "RENAME_EXCHANGE" in args[4]
             add("exchange" if exchange else "rename", src, dest=dst)
             existing.add(dst)
@@ -218,7 +258,7 @@ def parse(lines: list[str], roots: Sequence[Path], cwd: Path, dirs: set[str]) ->
                 existing.discard(src)
         elif name in ("unlink", "unlinkat", "rmdir"):
             if name == "unlinkat":
-                path = _path(args[1], _FD.match(args[0]).group(2))
+                path = _path(args[1], _text(_FD.match(args[0]).group(2)))
                 kind = "rmdir" if "AT_REMOVEDIR" in args[2] else "unlink"
             else:
                 path, kind = _path(args[0], str(cwd)), name
@@ -230,9 +270,9 @@ def parse(lines: list[str], roots: Sequence[Path], cwd: Path, dirs: set[str]) ->
                 raise UnsupportedOperation(line)
         elif name == "mmap" and "PROT_WRITE" in line and "MAP_SHARED" in line:
             mapped = _FD.match(args[4]) if len(args) > 4 else None
-            if mapped and _under(mapped.group(2), roots):
-                raise UnsupportedOperation(line)
-    return [Op(i, o.kind, o.path, o.dest, o.start, o.size) for i, o in enumerate(ops)], outside
+            if mapped and _under(_text(mapped.group(2)), roots):
+                raise UnsupportedOperation(line[:200])
+    return ops, outside
 
 
 # ---- the crash states ------------------------------------------------------------------------
@@ -302,6 +342,7 @@ class _Model:
         self.paths: dict[str, int] = {}
         self.kind: dict[int, str] = {}
         self.data: dict[int, bytearray] = {}
+        self.touched: set[int] = set()  # inodes a replayed write or truncation changed
         for path, content in sorted(before.items()):
             self._new(path, "dir" if content is None else "file", content or b"")
 
@@ -312,20 +353,22 @@ class _Model:
         self.data[self.next] = bytearray(content)
         return self.next
 
-    def apply(self, op: Op, source, pages: frozenset[int] | None = None) -> None:
+    def apply(self, op: Op, pages: frozenset[int] | None = None) -> None:
         node = self.paths.get(op.path)
         if op.kind in ("create", "mkdir"):
             if os.path.dirname(op.path) in self.paths and op.path not in self.paths:
                 self._new(op.path, "dir" if op.kind == "mkdir" else "file")
         elif op.kind == "write" and node is not None:
+            self.touched.add(node)
             data = self.data[node]
-            content = source(op)
+            content = op.data
             for page in _pages(op) if pages is None else sorted(pages):
                 lo, hi = max(op.start, page * PAGE), min(op.start + op.size, (page + 1) * PAGE)
                 if len(data) < hi:
                     data.extend(b"\0" * (hi - len(data)))
                 data[lo:hi] = content[lo - op.start : hi - op.start]
         elif op.kind == "truncate" and node is not None:
+            self.touched.add(node)
             data = self.data[node]
             del data[op.size :]
             data.extend(b"\0" * (op.size - len(data)))
@@ -347,33 +390,14 @@ class _Model:
                 del self.paths[op.path]
 
 
-def final_content(trace: Trace):
-    """Each write's bytes, read back from the file's content at the end of the command (followed
-    through renames by replaying every operation), or FILLER where the file is gone."""
-    model = _Model(trace.before)
-    owner: dict[int, int] = {}  # op index -> inode
-    for op in trace.ops:
-        if op.kind == "write":
-            owner[op.index] = model.paths.get(op.path, -1)
-        model.apply(op, lambda o: FILLER * o.size)
-    where = {n: p for p, n in model.paths.items()}
-
-    def source(op: Op) -> bytes:
-        path = where.get(owner.get(op.index, -1))
-        final = trace.after.get(path) if path else None
-        chunk = final[op.start : op.start + op.size] if final else b""
-        return chunk + FILLER * (op.size - len(chunk))
-
-    return source
-
-
-def materialize(trace: Trace, state: CrashState, out: Path, source, root: Path) -> None:
+def materialize(trace: Trace, state: CrashState, out: Path, root: Path) -> None:
     """Write the crash state of the traced folder `root` (a root given to `record`) as `out`."""
     model = _Model(trace.before)
     torn = dict(state.torn)
     for op in trace.ops[: state.point]:
         if op.index in state.kept:
-            model.apply(op, source, torn.get(op.index))
+            model.apply(op, torn.get(op.index))
+    initial = {n: p for p, n in _Model(trace.before).paths.items()}
     root_text = str(Path(root).resolve())
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -386,3 +410,6 @@ def materialize(trace: Trace, state: CrashState, out: Path, source, root: Path) 
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(bytes(model.data[node]))
+            original = initial.get(node)  # inodes are numbered in the snapshot's order, the same each time
+            if original in trace.mtimes and node not in model.touched:
+                os.utime(target, ns=(trace.mtimes[original], trace.mtimes[original]))
