@@ -88,7 +88,12 @@ def _bad_inputs(case: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
         "truncated": (truncated, "truncated"),
         "duplicate": (case / "ckpt_1", "already folded in at step 1"),
         "base itself": (case / "base", "base model itself"),
-        "other architecture": (PARITY_CLIP, "does not have the base model's tensors"),
+        "other architecture": (
+            PARITY_CLIP,
+            "does not have the base model's tensors: 39 of the base's tensors are missing (e.g. "
+            "'embeddings.LayerNorm.bias'); 39 are not in the base (e.g. 'vision_model.embeddings.class_embedding'); "
+            "it looks like a different model than the base (CLIPVisionModel; the base is BertModel).",
+        ),
         "not a checkpoint": (tmp / "nowhere", "does not exist"),
     }
 

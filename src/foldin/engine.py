@@ -8,10 +8,12 @@ directories, atomic commits or clusters.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -32,6 +34,19 @@ class TensorSource(Protocol):
     def names(self) -> list[str]: ...
     def spec(self, name: str) -> Spec: ...
     def read(self, name: str) -> torch.Tensor: ...
+
+
+def architecture(source: TensorSource) -> str | None:
+    """The model class a checkpoint folder's config.json names (else its model_type), if it has one."""
+    folder = getattr(source, "config_dir", None)
+    if folder is None:
+        return None
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    names = config.get("architectures") or [] if isinstance(config, dict) else []
+    return names[0] if names else (config.get("model_type") if isinstance(config, dict) else None)
 
 
 class DictSource(TensorSource):
@@ -59,6 +74,7 @@ class ModelLayout:
     merged_names: list[str]
     linear: frozenset[str]
     compute_dtype: torch.dtype
+    architecture: str | None = None  # what the base's config.json names, for a clearer mismatch message
     numel: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +87,7 @@ class ModelLayout:
         if not merged:
             raise CheckpointError(f"{base.path} has no floating-point tensors to merge.")
         wide = any(specs[n][0] == torch.float64 for n in merged)
-        return cls(specs, merged, frozenset(linear), torch.float64 if wide else torch.float32)
+        return cls(specs, merged, frozenset(linear), torch.float64 if wide else torch.float32, architecture(base))
 
     def state_specs(self) -> dict[str, Spec]:
         """Dtype and shape of each tensor of the merged task vector."""
@@ -96,7 +112,12 @@ class ModelLayout:
                 parts.append(f"{len(missing)} of the base's tensors are missing (e.g. {sorted(missing)[0]!r})")
             if extra:
                 parts.append(f"{len(extra)} are not in the base (e.g. {sorted(extra)[0]!r})")
-            raise MismatchError(f"{ckpt.path} does not have the base model's tensors: {'; '.join(parts)}.")
+            theirs = architecture(ckpt)
+            named = f" ({theirs}; the base is {self.architecture})" if theirs and self.architecture else ""
+            raise MismatchError(
+                f"{ckpt.path} does not have the base model's tensors: {'; '.join(parts)}; it looks like a "
+                f"different model than the base{named if theirs != self.architecture else ''}."
+            )
         for name in names:
             (dtype, shape), (c_dtype, c_shape) = self.specs[name], ckpt.spec(name)
             if c_shape != shape:
@@ -127,6 +148,10 @@ class CheckedReader:
 
     def spec(self, name: str) -> Spec:
         return self.specs[name]
+
+    @property
+    def config_dir(self) -> Path | None:
+        return getattr(self.source, "config_dir", None)
 
     def read(self, name: str) -> torch.Tensor:
         t = self.source.read(name)
