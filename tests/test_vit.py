@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from foldin.cli import main
 from foldin.evaluation.vit.convert import dinov2_from_onnx, onnx_path
 from foldin.evaluation.vit.suite import PROTOTYPE_SCALE, PROTOTYPE_SHOTS, ViTSuite, preprocess
-from foldin.evaluation.vit.tasks import vit_suite
 
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # the Dinov2Model's last_hidden_state in the graph
 
@@ -37,7 +36,7 @@ def test_converted_backbone_matches_the_onnx_graph():
 
 
 def test_vit_tasks_are_real_packaged_images_in_a_fixed_order():
-    tasks = vit_suite(["digits", "inverted_mnist", "elpv_defect"], max_train=40, max_test=20)
+    tasks = ViTSuite().builtin_tasks(["digits", "inverted_mnist", "elpv_defect"], max_train=40, max_test=20, seed=0)
     assert [t.name for t in tasks] == ["digits", "inverted_mnist", "elpv_defect"]
     digits, inverted, elpv = tasks
     assert digits.train[0].dtype == torch.uint8 and digits.train[0].shape[1:] == (8, 8)
@@ -50,7 +49,7 @@ def test_vit_tasks_are_real_packaged_images_in_a_fixed_order():
 def test_prototype_head_is_the_scaled_mean_of_normalised_features_per_class():
     suite = ViTSuite()
     model = suite.load_backbone()
-    (task,) = vit_suite(["digits"], max_train=200, max_test=10)
+    (task,) = suite.builtin_tasks(["digits"], max_train=200, max_test=10, seed=0)
     head = suite.head(model, task, seed=3)
     assert head["weight"].shape == (10, 384) and not head["bias"].any()
     assert torch.allclose(head["weight"].norm(dim=1), torch.full((10,), PROTOTYPE_SCALE), atol=1e-4)

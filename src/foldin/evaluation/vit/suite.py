@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Encoded, Suite, Task
-from foldin.evaluation.vision.tasks import user_task
+from foldin.evaluation.suite import Task
+from foldin.evaluation.vision.image_suite import ImageSuite
+from foldin.evaluation.vision.tasks import Source
 from foldin.evaluation.vit.convert import dinov2_from_onnx, onnx_path
-from foldin.evaluation.vit.tasks import vit_sources, vit_suite
+from foldin.evaluation.vit.tasks import vit_sources
 
 IMAGE_SIZE = 56
-EVAL_BATCH = 128
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 PROTOTYPE_SHOTS = 16  # labelled images per class behind a head row: a few-shot prototype, as in ProtoNets
@@ -46,7 +46,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return ((x.expand(-1, 3, -1, -1) - MEAN) / STD).contiguous()
 
 
-class ViTSuite(Suite):
+class ViTSuite(ImageSuite):
     name = "vit"
     defaults = {"steps": 500, "lr": 5e-5, "max_train": 3000, "max_test": 1000, "seed": 0, "heads": "prototype"}
     fine_tune_batch = 32
@@ -56,22 +56,11 @@ class ViTSuite(Suite):
     def default_backbone(self) -> Path:
         return onnx_path()
 
-    def builtin_task_names(self) -> list[str]:
-        return list(vit_sources(seed=0))
+    def sources(self, seed: int) -> dict[str, Source]:
+        return vit_sources(seed)
 
-    def builtin_tasks(self, names: list[str] | None, max_train: int, max_test: int, seed: int) -> list[Task]:
-        return vit_suite(names, max_train, max_test, seed)
-
-    def user_task(self, spec_path: Path, max_train: int, max_test: int, seed: int) -> Task:
-        return user_task(spec_path, max_train, max_test, seed)
-
-    def base_checkpoint(self, zoo_dir: Path) -> Path:
-        """The converted backbone, written once as a Hugging Face folder (Dinov2Model loads it)."""
-        folder = zoo_dir / "base"
-        if not (folder / "model.safetensors").exists():
-            self.save_backbone(self.load_backbone(), folder)
-        self.backbone = folder
-        return folder
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return preprocess(images)
 
     def backbone_label(self) -> str:
         """A zoo's base/ folder holds the package's converted backbone, written by `base_checkpoint`."""
@@ -87,14 +76,6 @@ class ViTSuite(Suite):
 
     def save_backbone(self, model: nn.Module, folder: Path) -> None:
         model.save_pretrained(folder)
-
-    def encode(self, inputs: torch.Tensor, labels: list[int]) -> Encoded:
-        return Encoded(
-            [preprocess(inputs[i : i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)], torch.tensor(labels)
-        )
-
-    def train_batch(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return preprocess(inputs[index])
 
     def features(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         pooled = model(pixel_values=batch).pooler_output
@@ -118,9 +99,3 @@ class ViTSuite(Suite):
             chosen = members[torch.randperm(len(members), generator=g)[:PROTOTYPE_SHOTS]]
             rows.append(self.features(model.eval(), preprocess(images[chosen])).mean(0))
         return {"weight": PROTOTYPE_SCALE * F.normalize(torch.stack(rows), dim=-1), "bias": torch.zeros(len(rows))}
-
-    def tensorize(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"images": inputs}
-
-    def batch_features(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.features(model, preprocess(batch["images"]))

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task
 from foldin.evaluation.vision.tasks import (
     DIGITS,
     FASHION_LABELS,
@@ -31,7 +30,6 @@ from foldin.evaluation.vision.tasks import (
     _permuted,
     _rotated,
     _split,
-    tasks_from_sources,
     vision_sources,
 )
 
@@ -96,9 +94,3 @@ def vit_sources(seed: int) -> dict[str, Source]:
         ),
     }
     return {**vision_sources(seed), **extra}
-
-
-def vit_suite(
-    names: list[str] | None = None, max_train: int = 3000, max_test: int = 1000, seed: int = 0
-) -> list[Task]:
-    return tasks_from_sources("vit", vit_sources(seed), names, max_train, max_test, seed)
