@@ -49,6 +49,12 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"| {label} | {_pct(r['ACC_mean'])} ± {_pct(r['ACC_std'])} | {_pct(r['BWT_mean'])} ± {_pct(r['BWT_std'])} "
             f"| {_pct(r['normalized_acc_mean'])} | {len(r['runs'])} | {r['seconds_per_step']:.2f} | {peak} |"
         )
+    if any("peak_rss_mb" in r for r in rows.values()):
+        lines += [
+            "",
+            "Peak RSS / step: the largest resident high-water mark of the bench process during one merge step "
+            "(reset before each step; the process also holds the checkpoints and test sets it scores with).",
+        ]
     lines += [
         "",
         "## Table 3 form: final accuracy per task, mean over orders (%)",
