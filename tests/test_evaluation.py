@@ -97,6 +97,9 @@ def test_user_task_from_csv(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: bad\ntrain: train.csv\ntest: test.csv\nlabel: stars\n")
     with pytest.raises(FoldinError, match="no column 'stars'"):
         user_task(tmp_path / "bad.yaml")
+    (tmp_path / "no-test.yaml").write_text("name: mine\ntrain: train.csv\n")
+    with pytest.raises(FoldinError, match="no-test.yaml has no 'test': a task file names its name, train and test"):
+        user_task(tmp_path / "no-test.yaml")
 
 
 def _smoke_zoo_args(zoo) -> list[str]:

@@ -209,9 +209,17 @@ def read_task_spec(spec_path: Path) -> tuple[str, Path, Path, dict[str, Any]]:
         raise FoldinError(f"task file {spec_path} does not exist.")
     try:
         spec = yaml.safe_load(spec_path.read_text())
-        name, train, test = str(spec["name"]), spec["train"], spec["test"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+    except (OSError, yaml.YAMLError) as e:
         raise FoldinError(f"{spec_path} is not a task file (YAML with name, train, test).") from e
+    if not isinstance(spec, dict):
+        raise FoldinError(f"{spec_path} is not a task file (YAML with name, train, test).")
+    missing = [key for key in ("name", "train", "test") if key not in spec]
+    if missing:
+        raise FoldinError(
+            f"{spec_path} has no {' and no '.join(repr(k) for k in missing)}: a task file names its "
+            "name, train and test (files relative to it)."
+        )
+    name, train, test = str(spec["name"]), spec["train"], spec["test"]
     for f in (train, test):
         if not (spec_path.parent / f).is_file():
             raise FoldinError(f"task data file {spec_path.parent / f} does not exist.")
