@@ -45,8 +45,10 @@ def architecture(source: TensorSource) -> str | None:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    names = config.get("architectures") or [] if isinstance(config, dict) else []
-    return names[0] if names else (config.get("model_type") if isinstance(config, dict) else None)
+    if not isinstance(config, dict):
+        return None
+    names = config.get("architectures") or []
+    return names[0] if names else config.get("model_type")
 
 
 class DictSource(TensorSource):
