@@ -82,6 +82,7 @@ class Scorer:
             else self.test  # not fewer examples than the test sets: the same encodings, not a second copy
         )
         self.zoo_heads = {n: zoo.head(n) for n in names}
+        self.tied = tied_parameters(self.model)
         self.refit_heads: dict[str, dict[str, torch.Tensor]] = {}
 
     def use_heads(self, refit: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -89,8 +90,10 @@ class Scorer:
         self.refit_heads = {n: h for n, h in refit.items() if n in self.zoo_heads}
 
     def load(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored."""
-        missing = self.model.load_state_dict(state_dict, strict=False).missing_keys
+        """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored,
+        and so is a tied parameter whose twin is loaded (an LM head tied to the input embeddings)."""
+        loaded = set(self.model.load_state_dict(state_dict, strict=False).missing_keys)
+        missing = [n for n in loaded if not self.tied.get(n, set()) - loaded]
         if missing:
             raise FoldinError(
                 f"the model to score lacks {len(missing)} of the backbone's weights (e.g. {missing[0]!r})."
@@ -103,6 +106,14 @@ class Scorer:
         return self.suite.accuracy(
             self.model, head or self.zoo_heads[name], (self.sample if sample else self.test)[name]
         )
+
+
+def tied_parameters(model: torch.nn.Module) -> dict[str, set[str]]:
+    """Each parameter name that shares its tensor with others -> the names of those others."""
+    by_tensor: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), set()).add(name)
+    return {n: names - {n} for names in by_tensor.values() if len(names) > 1 for n in names}
 
 
 def run_order(
@@ -190,14 +201,14 @@ def _run_record(
 
 
 def reference_accuracies(
-    scorer: Scorer, base: dict[str, torch.Tensor], checkpoints: dict[str, dict[str, torch.Tensor]]
+    scorer: Scorer, base: dict[str, torch.Tensor], task_state: Callable[[str], dict[str, torch.Tensor]]
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(pretrained, individually fine-tuned) accuracy of each task, on the bench's own test sets."""
     scorer.load(base)
-    pretrained = {n: scorer.score(n) for n in checkpoints}
+    pretrained = {n: scorer.score(n) for n in scorer.tasks}
     finetuned = {}
-    for n, sd in checkpoints.items():
-        scorer.load(sd)
+    for n in scorer.tasks:
+        scorer.load(task_state(n))
         finetuned[n] = scorer.score(n)
     return pretrained, finetuned
 
@@ -395,9 +406,8 @@ def run_bench(
     orders = task_orders(names, n_orders, seed)
     skipped = first_order - 1
     scorer = Scorer(zoo, names, max_test, matrix_test)
-    base = load_file(Path(zoo.backbone) / "model.safetensors")
-    checkpoints = {n: load_file(zoo.checkpoint(n) / "model.safetensors") for n in names}
-    pretrained, finetuned = reference_accuracies(scorer, base, checkpoints)
+    base = zoo.base_state()
+    pretrained, finetuned = reference_accuracies(scorer, base, zoo.task_state)
     results: dict[str, Any] = {
         "suite": zoo.meta["suite"],
         "backbone": zoo.suite.backbone_label(),
@@ -473,7 +483,7 @@ def run_bench(
             def advance(name: str) -> float:
                 reset_peak()
                 t0 = time.perf_counter()
-                merger.partial_fit(checkpoints[name], data=train_data[name] if needs_data else None)
+                merger.partial_fit(zoo.task_state(name), data=train_data[name] if needs_data else None)
                 seconds = time.perf_counter() - t0
                 peaks.append(round(peak_mb(), 1))
                 step_stats.append(dict(merger.stats_))

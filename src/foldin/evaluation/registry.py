@@ -6,12 +6,13 @@ from pathlib import Path
 
 from foldin.data import Learning
 from foldin.errors import FoldinError
+from foldin.evaluation.llm.suite import LlmSuite
 from foldin.evaluation.suite import Suite
 from foldin.evaluation.text.suite import TextSuite
 from foldin.evaluation.vision.suite import VisionSuite
 from foldin.evaluation.vit.suite import ViTSuite
 
-SUITES: dict[str, type[Suite]] = {"text": TextSuite, "vision": VisionSuite, "vit": ViTSuite}
+SUITES: dict[str, type[Suite]] = {"text": TextSuite, "vision": VisionSuite, "vit": ViTSuite, "llm": LlmSuite}
 
 
 def get_suite(name: str, backbone: Path | str | None = None, heads: str | None = None) -> Suite:

@@ -5,10 +5,10 @@ copied into the zoo when it is built, so the zoo can be scored after the origina
 ZOO_DIR/
   zoo.json               suite, backbone, settings (including the head protocol), the user tasks
                          and per task: source, labels, sizes, pretrained_acc, finetuned_acc
-  base/                  (vision) the pretrained backbone as a checkpoint folder
+  base/                  (vision, vit, llm) the pretrained backbone as a checkpoint folder
   user-tasks/<name>/     a user task's YAML and data files, as they were when the task was built
   tasks/<name>/          model.safetensors (+ config and tokenizer for text: loadable by
-                         AutoModel), head.safetensors, task.json
+                         AutoModel), or (llm) a PEFT LoRA adapter of base/; head.safetensors, task.json
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from foldin.errors import FoldinError
 from foldin.evaluation.registry import get_suite
 from foldin.evaluation.suite import Suite, Task, read_task_spec
 from foldin.io.atomic import replace_dir, write_json_atomic
+from foldin.io.checkpoint import open_checkpoint
+from foldin.io.lora import open_model_or_adapter
 from foldin.progress import progress as progress_bar
 
 USER_TASKS = "user-tasks"
@@ -68,6 +70,16 @@ class Zoo:
 
     def checkpoint(self, name: str) -> Path:
         return self.dir / "tasks" / name
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        with open_checkpoint(self.backbone) as base:
+            return {n: base.read(n) for n in base.names()}
+
+    def task_state(self, name: str) -> dict[str, torch.Tensor]:
+        """A task's fine-tuned weights as a state dict: its model folder's tensors, or the base with
+        its LoRA adapter applied (what foldin folds in when given the adapter folder)."""
+        with open_checkpoint(self.backbone) as base, open_model_or_adapter(self.checkpoint(name), base) as ckpt:
+            return {n: ckpt.read(n) for n in ckpt.names()}
 
     def head(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(self.checkpoint(name) / "head.safetensors")
@@ -211,7 +223,9 @@ def _build_task(suite: Suite, task: Task, folder: Path, settings: dict[str, Any]
     test = suite.encode(*task.test)
     head = suite.head(model, task, seed)
     pretrained = suite.accuracy(model, head, test)
-    suite.fine_tune(model, head, *task.train, steps=settings["steps"], lr=settings["lr"], seed=seed, progress=bar)
+    model = suite.fine_tune(
+        model, head, *task.train, steps=settings["steps"], lr=settings["lr"], seed=seed, progress=bar
+    )
     finetuned = suite.accuracy(model, head, test)
     info = {
         "name": task.name,

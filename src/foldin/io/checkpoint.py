@@ -136,6 +136,11 @@ class TorchCheckpoint(Checkpoint):
         return self._tensors[name].clone()
 
 
+def _is_gguf(f: Path) -> bool:
+    with open(f, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
 def _is_zip(f: Path) -> bool:
     try:
         return zipfile.is_zipfile(f)
@@ -200,6 +205,13 @@ def _check_config(config: Path) -> None:
         ok = False
     if not ok:
         raise CheckpointError(f"{config} is not valid JSON (a JSON object was expected); fix or remove it.")
+    quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+        raise CheckpointError(
+            f"{config.parent} holds {method} weights (config.json has a quantization_config); foldin merges float "
+            "weights: load the model dequantized and save_pretrained it first."
+        )
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -217,6 +229,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _open_file(f: Path, shown_as: Path) -> Checkpoint:
+    if _is_gguf(f):
+        raise CheckpointError(
+            f"{shown_as} is a GGUF file (llama.cpp's quantized format), not float weights; convert it first "
+            "(transformers: from_pretrained(folder, gguf_file=...) then save_pretrained)."
+        )
     if f.name.endswith(".safetensors.index.json"):
         files, weight_map = _index_files(f)
         return SafetensorsCheckpoint(shown_as, files, weight_map)

