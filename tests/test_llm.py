@@ -207,10 +207,21 @@ def test_llm_zoo_of_adapters_and_the_bench_folding_them_in(tiny_base, tmp_path):
     assert changed and all(n.endswith("proj.weight") for n in changed)  # the adapted projections only
     out = tmp_path / "bench"
     bench = ["bench", "--zoo", str(zoo_dir), "--methods", "task_arithmetic,opcm:diagonal=nonzero", "--orders", "2"]
-    assert main([*bench, "--full-matrix-orders", "1", "--cft-orders", "0", "--out", str(out), "--quiet"]) == 0
+    bench += ["--full-matrix-orders", "1", "--cft-orders", "0", "--adapter-ranks", "2,64"]
+    assert main([*bench, "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["suite"] == "llm" and set(results["methods"]) == {"task_arithmetic", "opcm:diagonal=nonzero"}
     assert results["tasks"]["rotten_tomatoes"]["n_test"] == 16
+    ta = results["methods"]["task_arithmetic"]
+    small, large = ta["final_model"]["adapters"]
+    # two rank-8 adapters summed: rank 64 covers every change (the full model's scores), rank 2 does not
+    assert large["rank"] == 64 and large["energy_kept_mean"] == pytest.approx(1.0)
+    assert large["final_acc"] == pytest.approx(ta["runs"][0]["final_acc"], abs=1e-9)
+    assert small["energy_kept_mean"] < 1.0
+    base_talk, merged_talk = results["references"]["pretrained"]["talk"], ta["final_model"]["talk"]
+    assert len(base_talk["chat"]) == 3 and base_talk["perplexity"] > 1
+    assert merged_talk["perplexity"] != base_talk["perplexity"] and "talk" in large
+    assert "## Does it still talk?" in (out / "report.md").read_text()
 
 
 def _adapter(base_folder, out, targets: list[str], rank: int, seed: int):

@@ -108,6 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         extend=args.extend,
         matrix_test=args.matrix_test,
         first_order=args.first_order,
+        adapter_ranks=tuple(args.adapter_ranks),
     )
     print((Path(args.out) / "report.md").read_text().split("## Table 3")[0])
     print(f"results, report and plots in {args.out}")
@@ -186,6 +187,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="run only orders N..--orders of the seeded sequence: one part of a bench split over processes "
         "(join the parts with benchmarks/combine_results.py)",
+    )
+    p.add_argument(
+        "--adapter-ranks",
+        type=lambda text: [int(r) for r in text.split(",") if r],
+        default=[],
+        metavar="R[,R]",
+        help="also score the first order's final merge exported as a rank-R LoRA adapter (e.g. 16,64)",
     )
     p.add_argument("--out", required=True)
     p.add_argument(

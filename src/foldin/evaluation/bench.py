@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
+from foldin.evaluation.adapter_out import score_as_adapter
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
 from foldin.evaluation.peak_memory import peak_mb, reset_peak
 from foldin.evaluation.zoo import Zoo
@@ -174,8 +175,36 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
         "normalized_acc_mean": norm_m,
         "seconds_per_step": sum(steps) / len(steps),
         **({"peak_rss_mb": max(peaks)} if peaks else {}),
+        **({"final_model": runs[0]["final_model"]} if runs and "final_model" in runs[0] else {}),
         "runs": runs,
     }
+
+
+def final_model_checks(
+    scorer: Scorer,
+    zoo: Zoo,
+    base: dict[str, torch.Tensor],
+    merger: ContinualMerger,
+    adapter_ranks: tuple[int, ...],
+) -> dict[str, Any] | None:
+    """The suite's talk check of the final merged model (the scorer holds it), and its scores as a
+    rank-R adapter for each of `adapter_ranks`; None when there is neither."""
+    talk = scorer.suite.talk(scorer.model)
+    if talk is None and not adapter_ranks:
+        return None
+    merged = merger.merged_state_dict()
+    adapters = [
+        score_as_adapter(
+            scorer.suite, zoo.backbone, base, merged, set(merger.layout_.linear), r, scorer.zoo_heads, scorer.test
+        )
+        for r in adapter_ranks
+    ]
+    return {**({"talk": talk} if talk is not None else {}), **({"adapters": adapters} if adapters else {})}
+
+
+def _base_talk(scorer: Scorer, base: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    scorer.load(base)
+    return scorer.suite.talk(scorer.model)
 
 
 def _run_record(
@@ -184,6 +213,7 @@ def _run_record(
     seconds: list[float],
     step_stats: list[dict[str, float]] | None = None,
     peaks: list[float] | None = None,
+    final_model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One order's results; `step_stats`: the method's scalars after each step (e.g. AdaMerging's
     learned coefficients, OPCM's scale), kept so a run says what was learned, not only how well;
@@ -197,6 +227,7 @@ def _run_record(
         "seconds_per_step": seconds,
         **({"peak_rss_mb_per_step": peaks} if peaks else {}),
         **({"step_stats": step_stats} if step_stats is not None else {}),
+        **({"final_model": final_model} if final_model is not None else {}),
     }
 
 
@@ -393,13 +424,17 @@ def run_bench(
     extend: bool = False,
     matrix_test: int | None = None,
     first_order: int = 1,
+    adapter_ranks: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Run the benchmark and write results.json, report.md and plots to `out`. With `extend`, the
     methods are added to the results already in `out` (same suite, tasks, seed and test sets).
     `matrix_test`: in fully evaluated orders, the cells ACC and BWT do not read are scored on the
     first `matrix_test` test examples of each task (a 20-task matrix has 210 cells, 39 of them read).
     `first_order`: run orders first_order..n_orders (1-based) of the seeded sequence, one part of a
-    bench split over processes; the full-matrix and continual fine-tuning orders keep their numbers."""
+    bench split over processes; the full-matrix and continual fine-tuning orders keep their numbers.
+    `adapter_ranks`: the first order's final merge of each method is also exported as an adapter of
+    each rank and scored as PEFT loads it (see `adapter_out`); with the suite's talk check (LLMs),
+    that model's, the adapters' and the base's generation are checked too."""
     if not 1 <= first_order <= n_orders:
         raise FoldinError(f"--first-order {first_order}: expected a number from 1 to --orders ({n_orders}).")
     names = tasks or zoo.task_names
@@ -420,6 +455,7 @@ def run_bench(
             "cft_orders": cft_orders,
             "max_test": max_test,
             **({"matrix_test": matrix_test} if matrix_test else {}),
+            **({"adapter_ranks": list(adapter_ranks)} if adapter_ranks else {}),
             **({"first_order": first_order} if first_order > 1 else {}),
             "zoo": zoo.meta["settings"],
         },
@@ -494,8 +530,9 @@ def run_bench(
 
             bar.set_postfix_str(f"{spec.label} order {i + 1}")
             accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders, tuple(variants))
+            final = final_model_checks(scorer, zoo, base, merger, adapter_ranks) if i == 0 else None
             for refit in variants:
-                runs[refit].append(_run_record(order, accs[refit], seconds, step_stats, peaks))
+                runs[refit].append(_run_record(order, accs[refit], seconds, step_stats, peaks, final))
             record(**{v.label: runs[refit] for refit, v in variants.items()})
         for refit, v in variants.items():
             method = get_method(v.method)(**v.params)
@@ -514,6 +551,8 @@ def run_bench(
                 **_summarize(runs[refit], finetuned),
             }
     results["references"]["pretrained"] = {"final_acc": pretrained}
+    if skipped == 0 and (talk := _base_talk(scorer, base)) is not None:
+        results["references"]["pretrained"]["talk"] = talk
     results["references"]["finetuned"] = {"final_acc": finetuned}
     for ref in ("pretrained", "finetuned"):
         results["references"][ref]["ACC_mean"] = sum(results["references"][ref]["final_acc"].values()) / len(names)

@@ -74,6 +74,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     ]
     lines += ["", "Data-driven methods read training splits only; every accuracy is on the test splits."]
     lines += _learned_scalars(results["methods"])
+    lines += _final_model_checks(results)
     lines += [
         "",
         "## Tasks",
@@ -93,6 +94,52 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
 def _scored_from(r: dict[str, Any]) -> str:
     return f" (scored from {r['scored_from']})" if "scored_from" in r else ""
+
+
+def _final_model_checks(results: dict[str, Any]) -> list[str]:
+    """The first order's final merge as rank-R adapters, and the talk checks (perplexity on held-out
+    prose, greedy chat answers) of the base, each merged model and its adapters."""
+    checked = {label: r["final_model"] for label, r in results["methods"].items() if "final_model" in r}
+    base_talk = results["references"]["pretrained"].get("talk")
+    if not checked and base_talk is None:
+        return []
+    lines: list[str] = []
+    ranks = sorted({a["rank"] for f in checked.values() for a in f.get("adapters", [])})
+    if ranks:
+        lines += [
+            "",
+            "## The merge as a rank-R LoRA adapter (first order's final model, loaded by PEFT on the base)",
+            "",
+            "| method | full model ACC | " + " | ".join(f"rank {r}: ACC (energy kept)" for r in ranks) + " |",
+            "|---|---:|" + "---:|" * len(ranks),
+        ]
+        for label, f in checked.items():
+            full = results["methods"][label]["runs"][0]["ACC"]
+            by_rank = {a["rank"]: a for a in f.get("adapters", [])}
+            cells = [
+                f"{_pct(by_rank[r]['ACC'])} ({_pct(by_rank[r]['energy_kept_mean'])}%)" if r in by_rank else "-"
+                for r in ranks
+            ]
+            lines.append(f"| {label} | {_pct(full)} | " + " | ".join(cells) + " |")
+    talks = {"pretrained (base)": base_talk} if base_talk else {}
+    for label, f in checked.items():
+        if "talk" in f:
+            talks[label] = f["talk"]
+        talks.update({f"{label}, rank-{a['rank']} adapter": a["talk"] for a in f.get("adapters", []) if "talk" in a})
+    if talks:
+        lines += [
+            "",
+            "## Does it still talk? (first order's final model)",
+            "",
+            "Perplexity on held-out English prose, and greedy answers to general chat prompts.",
+            "",
+            "| model | perplexity | " + " | ".join(c["prompt"] for c in next(iter(talks.values()))["chat"]) + " |",
+            "|---|---:|" + "---|" * len(next(iter(talks.values()))["chat"]),
+        ]
+        for label, t in talks.items():
+            answers = " | ".join(c["answer"].replace("|", "/").replace("\n", " ") for c in t["chat"])
+            lines.append(f"| {label} | {t['perplexity']:.2f} | {answers} |")
+    return lines
 
 
 def _learned_scalars(methods: dict[str, Any]) -> list[str]:

@@ -144,6 +144,11 @@ class Suite(ABC):
         logits = F.linear(self.embed(model, data), head["weight"], head["bias"])
         return float((logits.argmax(1) == data.labels).float().mean())
 
+    def talk(self, model: nn.Module) -> dict[str, Any] | None:
+        """Checks of what a merged model can still do beyond its tasks (generation, for an LLM);
+        None where the suite's backbone only classifies."""
+        return None
+
     def train_mode(self, model: nn.Module) -> None:
         """The module state during fine-tuning (dropout on, by default)."""
         model.train()

@@ -28,6 +28,7 @@ from torch import nn
 
 from foldin.errors import FoldinError
 from foldin.evaluation.llm.convert import convert_gguf, gguf_path, load_gguf, write_model_folder
+from foldin.evaluation.llm.talk import talk_check
 from foldin.evaluation.llm.tasks import LLM_TASKS, user_message
 from foldin.evaluation.suite import Encoded, Suite, Task
 from foldin.evaluation.text.tasks import text_suite
@@ -144,6 +145,10 @@ class LlmSuite(Suite):
         else:
             model.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
+
+    def talk(self, model: nn.Module) -> dict[str, Any]:
+        """Perplexity on held-out prose and greedy answers to general chat prompts (see `talk`)."""
+        return talk_check(model, self.tokenizer)
 
     def prompt_ids(self, message: str) -> list[int]:
         """The chat template's tokens for one user turn, ending where the assistant's answer starts."""

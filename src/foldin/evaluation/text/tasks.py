@@ -281,6 +281,13 @@ def _fairy_tale_type(seed: int) -> tuple[Rows, Rows]:
     return _group_split(_keep_grouped(rows, FAIRY_TALES), seed)
 
 
+def grimm_passages(n: int) -> list[str]:
+    """The first `n` passages of the Grimm tales, in file order: plain English prose none of the
+    text suite's first fourteen tasks reads (a held-out text for perplexity)."""
+    passages = (p for _, text in _tab("grimm-tales.tab", "Title", "Content") for p in _passages(text))
+    return [p for _, p in zip(range(n), passages)]
+
+
 def _keep_grouped(rows: Grouped, labels: Iterable[str]) -> Grouped:
     wanted = set(labels)
     return [r for r in rows if r[1] in wanted]
