@@ -207,7 +207,7 @@ def test_llm_zoo_of_adapters_and_the_bench_folding_them_in(tiny_base, tmp_path):
     assert changed and all(n.endswith("proj.weight") for n in changed)  # the adapted projections only
     out = tmp_path / "bench"
     bench = ["bench", "--zoo", str(zoo_dir), "--methods", "task_arithmetic,opcm:diagonal=nonzero", "--orders", "2"]
-    bench += ["--full-matrix-orders", "1", "--cft-orders", "0", "--adapter-ranks", "2,64"]
+    bench += ["--full-matrix-orders", "1", "--cft-orders", "1", "--adapter-ranks", "2,64"]
     assert main([*bench, "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["suite"] == "llm" and set(results["methods"]) == {"task_arithmetic", "opcm:diagonal=nonzero"}
@@ -222,6 +222,8 @@ def test_llm_zoo_of_adapters_and_the_bench_folding_them_in(tiny_base, tmp_path):
     assert len(base_talk["chat"]) == 3 and base_talk["perplexity"] > 1
     assert merged_talk["perplexity"] != base_talk["perplexity"] and "talk" in large
     assert "## Does it still talk?" in (out / "report.md").read_text()
+    cft = results["references"]["continual_finetuning"]["runs"][0]
+    assert len(cft["seconds_per_step"]) == 2 and all(v is not None for v in cft["final_acc"].values())
 
 
 def _adapter(base_folder, out, targets: list[str], rank: int, seed: int):
@@ -310,3 +312,20 @@ def test_bad_adapters_and_gguf_get_one_sentence_and_the_state_keeps_its_step(tin
         capsys.readouterr()
         assert main(["init", str(tmp_path / "s2"), "--base", str(bad), "--method", "average"]) != 0
         assert words in capsys.readouterr().err and not (tmp_path / "s2").exists()
+
+
+def test_a_saved_fine_tuning_state_resumes_as_the_same_adapter(tiny_base):
+    """Continual fine-tuning saves only the adapter; a fresh base given it computes what the run's model did."""
+    suite = LlmSuite(tiny_base)
+    (task,) = suite.builtin_tasks(["rotten_tomatoes"], max_train=16, max_test=4, seed=0)
+    model = suite.load_backbone()
+    head = suite.head(model, task, seed=0)
+    tuned = suite.fine_tune(model, head, *task.train, steps=2, lr=1e-2, seed=0)
+    tuned = suite.fine_tune(tuned, head, *task.train, steps=2, lr=1e-2, seed=1)  # the same adapter, further
+    state = suite.training_state(tuned)
+    assert state and all("lora_" in n for n in state)
+    resumed = suite.continued(suite.load_backbone(), state)
+    batch = suite.encode(*task.test).batches[0]
+    with torch.no_grad():
+        assert torch.equal(suite.features(resumed, batch), suite.features(tuned, batch))
+        assert not torch.equal(suite.features(resumed, batch), suite.features(suite.load_backbone(), batch))

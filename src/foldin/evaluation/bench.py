@@ -263,7 +263,10 @@ def _continual_finetuning_order(
     (OUT/cft-partial.json and the weights beside it) and a stopped run resumes from its last
     finished task, bit for bit: each task's fine-tuning is seeded and starts a fresh optimizer.
     `partial`: the saved record of this order's finished tasks (see `_load_cft_partial`), or None."""
-    scorer.load(load_file(out / partial["weights"]) if partial else base)
+    if partial:
+        scorer.model = scorer.suite.continued(scorer.model, load_file(out / partial["weights"]))
+    else:
+        scorer.load(base)
     scorer.use_heads({})
     zoo_settings = settings["zoo"]
     peaks = list(partial.get("peak_rss_mb_per_step", [])) if partial else []
@@ -272,7 +275,7 @@ def _continual_finetuning_order(
         task = scorer.tasks[name]
         reset_peak()
         t0 = time.perf_counter()
-        scorer.suite.fine_tune(
+        scorer.model = scorer.suite.fine_tune(
             scorer.model,
             scorer.zoo_heads[name],
             *task.train,
@@ -286,7 +289,7 @@ def _continual_finetuning_order(
         return seconds
 
     def save(accs: dict[bool, Matrix], seconds: list[float]) -> None:
-        _save_cft_partial(out, settings, order, accs[True], seconds, peaks, scorer.model.state_dict())
+        _save_cft_partial(out, settings, order, accs[True], seconds, peaks, scorer.suite.training_state(scorer.model))
 
     resume = ({True: partial["acc_matrix"]}, partial["seconds"]) if partial else None
     accs, seconds = run_order(order, advance, scorer, full, resume=resume, after_step=save)

@@ -144,6 +144,15 @@ class Suite(ABC):
         logits = F.linear(self.embed(model, data), head["weight"], head["bias"])
         return float((logits.argmax(1) == data.labels).float().mean())
 
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What `continued` needs to resume fine-tuning `model` (what `fine_tune` returned)."""
+        return model.state_dict()
+
+    def continued(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """`model` holding a saved `training_state` of a continual fine-tuning run, to be fine-tuned further."""
+        model.load_state_dict(state)
+        return model
+
     def talk(self, model: nn.Module) -> dict[str, Any] | None:
         """Checks of what a merged model can still do beyond its tasks (generation, for an LLM);
         None where the suite's backbone only classifies."""
@@ -164,7 +173,7 @@ class Suite(ABC):
         seed: int = 0,
         progress=None,
     ) -> nn.Module:
-        """Fine-tune the backbone with the head frozen (AdamW, linear decay), in place."""
+        """Fine-tune the backbone with the head frozen (AdamW, linear decay), in place; returns it."""
         batch = self.fine_tune_batch
         torch.manual_seed(seed)
         self.train_mode(model)

@@ -192,6 +192,29 @@ class LlmSuite(Suite):
         weight = model.get_output_embeddings().weight[first].detach().clone()
         return {"weight": weight, "bias": torch.zeros(len(first)), "answers": padded}
 
+    @staticmethod
+    def _with_adapter(model: nn.Module, seed: int) -> nn.Module:
+        """`model` wrapped as a PEFT model with a fresh LoRA adapter (B = 0: it computes what `model` did)."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none"
+        )
+        with torch.random.fork_rng():  # PEFT draws A's initial values from the global generator
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
+
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter's tensors: the base under it is the zoo's, unchanged."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def continued(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        peft_model = model if hasattr(model, "peft_config") else self._with_adapter(model, 0)
+        unexpected = peft_model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise FoldinError(f"the saved fine-tuning state has tensors the adapter lacks (e.g. {unexpected[0]!r}).")
+        return peft_model
+
     def fine_tune(
         self,
         model: nn.Module,
@@ -203,15 +226,9 @@ class LlmSuite(Suite):
         seed: int = 0,
         progress=None,
     ) -> nn.Module:
-        """Train a LoRA adapter on `model` (AdamW, linear decay) and return the PEFT model."""
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none"
-        )
-        with torch.random.fork_rng():  # PEFT draws A's initial values from the global generator
-            torch.manual_seed(seed)
-            peft_model = get_peft_model(model, config)
+        """Train a LoRA adapter on `model` (AdamW, linear decay) and return the PEFT model; a PEFT
+        model's own adapter is trained further (continual fine-tuning: one adapter, task after task)."""
+        peft_model = model if hasattr(model, "peft_config") else self._with_adapter(model, seed)
         generator = torch.Generator().manual_seed(seed)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
