@@ -329,3 +329,25 @@ def test_a_saved_fine_tuning_state_resumes_as_the_same_adapter(tiny_base):
     with torch.no_grad():
         assert torch.equal(suite.features(resumed, batch), suite.features(tuned, batch))
         assert not torch.equal(suite.features(resumed, batch), suite.features(suite.load_backbone(), batch))
+
+
+def test_run_folds_a_folder_of_adapters_as_they_arrive_and_exports_an_adapter(tiny_base, tmp_path, capsys):
+    arrivals = tmp_path / "adapters"
+    _adapter(tiny_base, arrivals / "2026-01-a", ["q_proj", "v_proj"], 4, 1)
+    _adapter(tiny_base, arrivals / "2026-02-b", ["q_proj", "v_proj"], 4, 2)
+    run = tmp_path / "merge.yaml"
+    run.write_text(
+        f"base: {tiny_base}\nmethod: opcm\nparams: {{diagonal: nonzero}}\ncheckpoints: [adapters/*]\n"
+        "output: merged-adapter\nlora_rank: 16\n"
+    )
+    assert main(["run", str(run), "--quiet"]) == 0
+    assert "after step 2 as a rank-16 LoRA adapter" in capsys.readouterr().out
+    _adapter(tiny_base, arrivals / "2026-03-c", ["q_proj", "v_proj", "o_proj"], 4, 3)
+    assert main(["run", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming the state" in out and "step 3: folded in" in out and "step 2:" not in out
+    config = json.loads((tmp_path / "merged-adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and "model.layers.0.self_attn.o_proj" in config["target_modules"]
+    from transformers import AutoModelForCausalLM
+
+    peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "merged-adapter")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -37,12 +38,14 @@ class RunConfig(BaseModel):
     base: str
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    checkpoints: list[str]
+    checkpoints: list[str]  # paths, Hub ids, or glob patterns (matches taken in name order)
     output: str
     state: str | None = None
     linear_weights: str | None = None
     dtype: str | None = None
     max_shard_size: str = "5GB"
+    lora_rank: int | None = Field(None, ge=1)  # export a rank-R PEFT adapter instead of a full model
+    lora_full_tensors: bool = False
 
 
 def ensure_state(
@@ -183,7 +186,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     output = resolve(cfg.output)
     state_dir = resolve(cfg.state) if cfg.state else output.with_name(output.name + ".foldin-state")
     state = ensure_state(state_dir, model(cfg.base), cfg.method, cfg.params, cfg.linear_weights)
-    checkpoints = [model(c) for c in cfg.checkpoints]
+    checkpoints = [m for c in cfg.checkpoints for m in (expand(here, c) if GLOB.search(c) else [model(c)])]
+    if not checkpoints:
+        raise FoldinError(f"{path}: its checkpoints match nothing yet.")
     done = state.history
     if not all(same_model(entry, wanted) for entry, wanted in zip(done, checkpoints)) or len(done) > len(checkpoints):
         raise StateError(
@@ -198,12 +203,29 @@ def cmd_run(args: argparse.Namespace) -> None:
         entry = state.add(ckpt, progress=not args.quiet, backend=backend, **step)
         print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
     export = (cfg.dtype, cfg.max_shard_size, True, not args.quiet, backend)  # overwrite: run owns its output
-    if todo:  # the last step writes the export in the same pass where the method allows it
+    if todo and cfg.lora_rank is None:  # the last step writes the export in the same pass where the method allows it
         entry, _ = state.add_and_export(todo[-1], output, *export, **step)
         print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s")
-    else:
+    elif todo:
+        entry = state.add(todo[-1], progress=not args.quiet, backend=backend, **step)
+        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s")
+    if cfg.lora_rank is not None:
+        energy = state.export_lora(output, cfg.lora_rank, cfg.lora_full_tensors, True, not args.quiet)
+        print(f"exported the merged model after step {state.step} as a rank-{cfg.lora_rank} LoRA adapter to {output}")
+        print(f"  energy kept: mean {sum(energy.values()) / len(energy):.1%} (state kept in {state_dir})")
+        return
+    if not todo:
         state.export(output, *export)
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
+
+
+GLOB = re.compile(r"[*?\[]")
+
+
+def expand(here: Path, pattern: str) -> list[str]:
+    """The paths a glob pattern (relative to the run file) matches, in name order: name arrivals so
+    that they sort in arrival order (a date prefix), and a later run folds in only the new ones."""
+    return [str(p.resolve()) for p in sorted(here.glob(pattern))]
 
 
 def same_model(entry: dict[str, Any], wanted: str) -> bool:
