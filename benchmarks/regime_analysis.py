@@ -33,7 +33,6 @@ import statistics
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from foldin.api import ContinualMerger
 from foldin.evaluation.bench import Scorer, task_orders
@@ -46,11 +45,11 @@ ALPHA = 0.5  # OPCM's default
 
 
 def task_vectors(zoo: Zoo, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    base = load_file(Path(zoo.backbone) / "model.safetensors")
+    base = zoo.base_state()
     floats = [k for k, v in base.items() if v.is_floating_point()]
     tvs = {}
     for n in names:
-        sd = load_file(zoo.checkpoint(n) / "model.safetensors")
+        sd = zoo.task_state(n)
         tvs[n] = {k: (sd[k].double() - base[k].double()) for k in floats}
     return base, tvs
 
@@ -131,8 +130,8 @@ def decomposition(
 ) -> dict[str, float]:
     """Final ACC (mean over orders) of task arithmetic, rescaled task arithmetic and OPCM."""
     scorer = Scorer(zoo, names, max_test)
-    base = load_file(Path(zoo.backbone) / "model.safetensors")
-    ckpts = {n: load_file(zoo.checkpoint(n) / "model.safetensors") for n in names}
+    base = zoo.base_state()
+    ckpts = {n: zoo.task_state(n) for n in names}
     floats = [k for k, v in base.items() if v.is_floating_point()]
     accs: dict[str, list[float]] = {"task_arithmetic": [], "rescaled_task_arithmetic": [], "opcm": []}
     bar = progress(total=len(orders) * 3, desc=f"scoring {len(names)} tasks", unit="model")

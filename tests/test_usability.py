@@ -142,3 +142,41 @@ def test_a_misspelt_parameter_lists_the_methods_parameters(tmp_path, capsys):
         and "its parameters: scaling_factor" in err
     )
     assert not (tmp_path / "s").exists()
+
+
+def _cast_copy(src: Path, out: Path, dtype) -> Path:
+    """A copy of the checkpoint folder `src` with its floating tensors cast to `dtype`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    tensors = load_file(src / "model.safetensors")
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, out / "model.safetensors")
+    return out
+
+
+def test_half_precision_checkpoints_of_a_float32_base_are_widened_and_merged(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    state = tmp_path / "state"
+    assert main(["init", str(state), "--base", str(BERT / "base"), "--method", "task_arithmetic"]) == 0
+    half = _cast_copy(BERT / "ckpt_1", tmp_path / "half", torch.float16)
+    brain = _cast_copy(BERT / "ckpt_2", tmp_path / "brain", torch.bfloat16)
+    capsys.readouterr()
+    assert main(["add", str(state), str(half), str(brain), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "its float16 tensors widened" in out and "its bfloat16 tensors widened" in out
+    assert main(["export", str(state), str(tmp_path / "merged"), "--quiet"]) == 0
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    base = load_file(BERT / "base" / "model.safetensors")
+    name = "encoder.layer.0.attention.self.query.weight"
+    taus = [load_file(f / "model.safetensors")[name].float() - base[name] for f in (half, brain)]
+    assert merged[name].dtype == torch.float32
+    assert torch.allclose(merged[name], base[name] + 0.3 * (taus[0] + taus[1]), atol=1e-6)
+    assert json.loads((state / "state.json").read_text())["history"][0]["widened_from"] == ["float16"]
+    wide = _cast_copy(BERT / "ckpt_3", tmp_path / "wide", torch.float64)
+    assert main(["add", str(state), str(wide), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "cast the checkpoint to torch.float32" in err and json.loads((state / "state.json").read_text())["step"] == 2
+    )

@@ -126,8 +126,25 @@ class ModelLayout:
                 raise MismatchError(
                     f"{ckpt.path}: tensor {name!r} has shape {list(c_shape)} but the base has {list(shape)}."
                 )
-            if c_dtype != dtype:
-                raise MismatchError(f"{ckpt.path}: tensor {name!r} is {c_dtype} but the base is {dtype}.")
+            if c_dtype != dtype and not self.widens(dtype, c_dtype):
+                raise MismatchError(
+                    f"{ckpt.path}: tensor {name!r} is {c_dtype} but the base is {dtype}, and merging in "
+                    f"{self.compute_dtype} would not hold it exactly; cast the checkpoint to {dtype}."
+                )
+
+    def widens(self, base_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+        """Whether a checkpoint tensor of `dtype` is merged as if it had the base's dtype: both are
+        floating point and the merge's arithmetic dtype holds every value of `dtype` exactly
+        (float16 and bfloat16 in float32; anything in float64). Mixed-precision fine-tunes of a
+        float32 base come as float16 or bfloat16."""
+        exact = {torch.float16, torch.bfloat16, torch.float32} if self.compute_dtype == torch.float32 else None
+        return base_dtype.is_floating_point and dtype.is_floating_point and (exact is None or dtype in exact)
+
+    def widened_dtypes(self, ckpt: TensorSource) -> list[str]:
+        """The checkpoint's floating dtypes that differ from the base's (widened, see `widens`)."""
+        return sorted(
+            {str(ckpt.spec(n)[0]).removeprefix("torch.") for n in ckpt.names() if ckpt.spec(n)[0] != self.specs[n][0]}
+        )
 
 
 class CheckedReader:

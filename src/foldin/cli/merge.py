@@ -141,7 +141,9 @@ def cmd_add(args: argparse.Namespace) -> None:
             workers=args.workers,
             backend=_backend(args),
         )
-        print(f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s")
+        print(
+            f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s{widened(entry)}"
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -201,14 +203,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     step = {"device": args.device, "workers": args.workers}
     for ckpt in todo[:-1]:
         entry = state.add(ckpt, progress=not args.quiet, backend=backend, **step)
-        print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s")
+        print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s{widened(entry)}")
     export = (cfg.dtype, cfg.max_shard_size, True, not args.quiet, backend)  # overwrite: run owns its output
     if todo and cfg.lora_rank is None:  # the last step writes the export in the same pass where the method allows it
         entry, _ = state.add_and_export(todo[-1], output, *export, **step)
-        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s")
+        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s{widened(entry)}")
     elif todo:
         entry = state.add(todo[-1], progress=not args.quiet, backend=backend, **step)
-        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s")
+        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s{widened(entry)}")
     if cfg.lora_rank is not None:
         energy = state.export_lora(output, cfg.lora_rank, cfg.lora_full_tensors, True, not args.quiet)
         print(f"exported the merged model after step {state.step} as a rank-{cfg.lora_rank} LoRA adapter to {output}")
@@ -217,6 +219,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     if not todo:
         state.export(output, *export)
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
+
+
+def widened(entry: dict[str, Any]) -> str:
+    """', its float16 tensors widened' where the checkpoint's precision was lower than the base's."""
+    return f", its {' and '.join(entry['widened_from'])} tensors widened" if entry.get("widened_from") else ""
 
 
 GLOB = re.compile(r"[*?\[]")

@@ -337,6 +337,7 @@ class MergeState:
                     "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "seconds": round(time.time() - started, 3),
                     "stats": result.stats,
+                    **({"widened_from": widened} if (widened := layout.widened_dtypes(ckpt)) else {}),
                 }
                 meta = {
                     **self.meta,
