@@ -180,3 +180,25 @@ def test_half_precision_checkpoints_of_a_float32_base_are_widened_and_merged(tmp
     assert (
         "cast the checkpoint to torch.float32" in err and json.loads((state / "state.json").read_text())["step"] == 2
     )
+
+
+def test_a_class_key_that_is_no_label_or_a_label_left_undescribed_is_named(tmp_path, capsys):
+    spec = _user_task(tmp_path / "mytask")
+    text = spec.read_text()
+    cases = {
+        "{poss: a positive review, neg: a negative review}": ["'poss'", "did you mean 'pos'?", "'neg', 'pos'"],
+        "{pos: a positive review}": ["describes no 'neg'", "leave classes out"],
+    }
+    for classes, words in cases.items():
+        spec.write_text(text.replace("{pos: a positive review, neg: a negative review}", classes))
+        capsys.readouterr()
+        assert (
+            main(["zoo", "build", "--task", str(spec), "--steps", "1", "--out", str(tmp_path / "z"), "--quiet"]) == 1
+        )
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and err.count("\n") == 1, err
+        assert not (tmp_path / "z").exists()
+    spec.write_text("\n".join(line for line in text.splitlines() if not line.startswith("classes")))
+    small = ["--steps", "1", "--max-train", "8", "--max-test", "8", "--out", str(tmp_path / "z"), "--quiet"]
+    assert main(["zoo", "build", "--task", str(spec), *small]) == 0  # no classes: the bare labels, on purpose
+    assert json.loads((tmp_path / "z" / "zoo.json").read_text())["tasks"]["mine"]["descriptions"] == ["neg", "pos"]

@@ -547,16 +547,44 @@ def user_task(spec_path: str | Path, max_train: int = 2000, max_test: int = 500,
     spec_path = Path(spec_path)
     name, train, test, spec = read_task_spec(spec_path)
     text, label = spec.get("text", "text"), spec.get("label", "label")
-    classes = spec.get("classes") or {}
-    if not isinstance(classes, dict):
+    classes = spec.get("classes")
+    if classes is not None and not isinstance(classes, dict):
         raise FoldinError(f"{spec_path}: classes must map each label to a short description of it.")
+    train_rows = _read_table(train, text, label)
+    described = (
+        _check_classes(spec_path, {str(k): str(v) for k, v in classes.items()}, train_rows) if classes else None
+    )
     return _to_task(
         name,
         f"user task {spec_path.name}",
-        _read_table(train, text, label),
+        train_rows,
         _read_table(test, text, label),
         max_train,
         max_test,
         seed,
-        {str(k): str(v) for k, v in classes.items()},
+        described,
     )
+
+
+def _check_classes(spec_path: Path, classes: dict[str, str], rows: Rows) -> dict[str, str]:
+    """`classes` must describe exactly the labels of the training data: a key that is no label (a
+    typo) or a label left undescribed would silently fall back to the bare label. Without `classes`
+    the bare labels are the descriptions, on purpose."""
+    import difflib
+
+    labels = sorted({label for label, _ in rows})
+    for key in classes:
+        if key not in labels:
+            close = difflib.get_close_matches(key, labels, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FoldinError(
+                f"{spec_path}: classes has {key!r}, which is not a label of the training data{hint}; "
+                f"the labels are {', '.join(map(repr, labels))}."
+            )
+    missing = [label for label in labels if label not in classes]
+    if missing:
+        raise FoldinError(
+            f"{spec_path}: classes describes no {', '.join(map(repr, missing))}; describe every label, or leave "
+            "classes out to use the bare labels."
+        )
+    return classes
