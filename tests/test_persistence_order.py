@@ -109,3 +109,23 @@ def test_replace_dir_falls_back_to_two_renames_where_exchange_is_unsupported(tmp
         (folder / "f").write_text(text)
     atomic.replace_dir(new, target)
     assert (target / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_io_error_while_init_writes_is_one_sentence_and_init_again_works(bert_case, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from foldin.cli import main
+
+    real = state_module.write_meta
+
+    def failing(state_dir, meta):
+        raise OSError(errno.EIO, "Input/output error", str(state_dir / "state.json"))
+
+    monkeypatch.setattr(state_module, "write_meta", failing)
+    argv = ["init", str(tmp_path / "state"), "--base", str(bert_case / "base"), "--method", "opcm"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("foldin: error: creating the state in") and "Input/output error" in err
+    assert err.count("\n") == 1
+    monkeypatch.setattr(state_module, "write_meta", real)
+    assert main(argv) == 0 and MergeState.open(tmp_path / "state").step == 0

@@ -162,7 +162,6 @@ class MergeState:
             base_hash = hash_source(ckpt, CHECKSUM) if hash_base else None
             fingerprint = ckpt.fingerprint()
             config_dir = ckpt.config_dir
-        make_dirs(state_dir)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -184,9 +183,16 @@ class MergeState:
             "history": [],
             "checksum": CHECKSUM,
         }
-        with locked(state_dir, exclusive=True):
-            remove_leftovers(state_dir, None)  # an init that crashed before its commit
-            write_meta(state_dir, meta)
+        try:
+            make_dirs(state_dir)
+            with locked(state_dir, exclusive=True):
+                remove_leftovers(state_dir, None)  # an init that crashed before its commit
+                write_meta(state_dir, meta)
+        except OSError as e:
+            raise StateError(
+                f"creating the state in {state_dir} failed: {e.strerror or e} ({e.filename or state_dir}); "
+                "run the same init again once the cause is fixed."
+            ) from e
         return cls(state_dir, meta)
 
     @classmethod
