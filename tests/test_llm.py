@@ -187,7 +187,7 @@ def test_verbalizer_heads_are_the_first_tokens_output_rows(tiny_base):
         suite.head(model, clash, seed=0)
 
 
-def test_llm_zoo_of_adapters_and_the_bench_folding_them_in(tiny_base, tmp_path):
+def test_llm_zoo_of_adapters_and_the_bench_folding_them_in(tiny_base, tmp_path, capsys):
     zoo_dir = tmp_path / "zoo"
     zoo = build_zoo(
         zoo_dir,
@@ -215,6 +215,11 @@ def test_llm_zoo_of_adapters_and_the_bench_folding_them_in(tiny_base, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["suite"] == "llm" and set(results["methods"]) == {"task_arithmetic", "opcm:diagonal=nonzero"}
     assert results["tasks"]["rotten_tomatoes"]["n_test"] == 16
+    capsys.readouterr()
+    assert main(["eval", str(adapter), "--zoo", str(zoo_dir)]) == 0  # an adapter folder, on the zoo's base
+    table = capsys.readouterr().out.splitlines()
+    row = next(line.split() for line in table if line.startswith("rotten_tomatoes"))
+    assert float(row[2]) == pytest.approx(100 * results["tasks"]["rotten_tomatoes"]["finetuned_acc"], abs=0.06)
     ta = results["methods"]["task_arithmetic"]
     small, large = ta["final_model"]["adapters"]
     # two rank-8 adapters summed: rank 64 covers every change (the full model's scores), rank 2 does not

@@ -56,7 +56,10 @@ def test_adapters_folded_in_come_back_as_one_adapter_peft_loads(tmp_path, capsys
     assert main(["export", str(state), str(tmp_path / "dense"), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["export", str(state), str(tmp_path / "lora"), "--lora-rank", "6", "--quiet"]) == 0
-    assert "energy kept mean 100.0%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "energy kept mean 100.0%" in out
+    size = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size
+    assert f"{size / 1e6:.1f} MB (" in out and "of the full model's" in out
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     merged = _peft_merged(tmp_path / "lora")
     for name, expected in dense.items():

@@ -10,6 +10,7 @@ from pathlib import Path
 from foldin.errors import FoldinError
 from foldin.evaluation.registry import SUITES, get_suite
 from foldin.io.checkpoint import open_checkpoint
+from foldin.io.lora import open_model_or_adapter
 from foldin.state import MergeState
 
 
@@ -63,8 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         state = MergeState.open(target)
         scorer.load(state.merged_state_dict())
         scorer.use_heads(state.heads())  # heads refit by OTMF, where it refit them
-    else:
-        with open_checkpoint(target) as ckpt:
+    else:  # a model folder, or a PEFT adapter folder, applied to the zoo's base
+        with open_checkpoint(zoo.backbone) as base, open_model_or_adapter(target, base) as ckpt:
             scorer.load({n: ckpt.read(n) for n in ckpt.names()})
     rows = {
         n: (zoo.meta["tasks"][n]["pretrained_acc"], scorer.score(n), zoo.meta["tasks"][n]["finetuned_acc"])
@@ -149,7 +150,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="accuracy of a merged model (folder or state) on each task, with the tasks' heads")
     p.add_argument(
-        "model", help="a checkpoint (Hugging Face folder, .safetensors, .bin, ...) or a foldin state directory"
+        "model",
+        help="a checkpoint (Hugging Face folder, .safetensors, .bin, ...), a PEFT LoRA adapter folder (applied to "
+        "the zoo's base) or a foldin state directory",
     )
     p.add_argument("--suite", default="text", choices=list(SUITES))
     p.add_argument("--zoo", help="default: zoo/SUITE")

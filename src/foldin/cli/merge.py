@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from foldin.cli.common import validation_message
 from foldin.errors import FoldinError, StateError
+from foldin.io.checkpoint import open_checkpoint
 from foldin.io.hub import HUB_ID
 from foldin.methods import available_methods, get_method
 from foldin.runners import Backend
@@ -152,12 +154,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         energy = state.export_lora(
             args.out_dir, args.lora_rank, args.lora_full_tensors, args.overwrite, not args.quiet
         )
-        worst = min(energy, key=energy.get)
-        print(
-            f"exported the merged model after step {state.step} as a rank-{args.lora_rank} LoRA adapter to "
-            f"{args.out_dir}: {len(energy)} weights, energy kept mean {sum(energy.values()) / len(energy):.1%}, "
-            f"least {energy[worst]:.1%} ({worst}); per weight in lora-energy.json"
-        )
+        print(lora_summary(state, Path(args.out_dir), args.lora_rank, energy))
         return
     out = state.export(
         args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet, backend=_backend(args)
@@ -213,12 +210,26 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s{widened(entry)}")
     if cfg.lora_rank is not None:
         energy = state.export_lora(output, cfg.lora_rank, cfg.lora_full_tensors, True, not args.quiet)
-        print(f"exported the merged model after step {state.step} as a rank-{cfg.lora_rank} LoRA adapter to {output}")
-        print(f"  energy kept: mean {sum(energy.values()) / len(energy):.1%} (state kept in {state_dir})")
+        print(f"{lora_summary(state, output, cfg.lora_rank, energy)} (state kept in {state_dir})")
         return
     if not todo:
         state.export(output, *export)
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
+
+
+def lora_summary(state: MergeState, out: Path, rank: int, energy: dict[str, float]) -> str:
+    """What a LoRA export kept and costs: the energy share of each weight change, and the adapter's
+    size beside the full model's."""
+    worst = min(energy, key=energy.get)
+    size = (out / "adapter_model.safetensors").stat().st_size
+    with open_checkpoint(state.meta["base"]["path"]) as base:
+        full = sum(math.prod(shape) * dtype.itemsize for dtype, shape in map(base.spec, base.names()))
+    return (
+        f"exported the merged model after step {state.step} as a rank-{rank} LoRA adapter to {out}: "
+        f"{size / 1e6:.1f} MB ({size / full:.1%} of the full model's {full / 1e6:.1f} MB), {len(energy)} weights, "
+        f"energy kept mean {sum(energy.values()) / len(energy):.1%}, least {energy[worst]:.1%} ({worst}); "
+        "per weight in lora-energy.json"
+    )
 
 
 def widened(entry: dict[str, Any]) -> str:
