@@ -106,6 +106,19 @@ def test_progress_lines_when_the_output_is_a_log():
     assert len(lines) == 4 and lines[1].startswith("building zoo: 2/4 step (reuters_r8),") and "left" in lines[1]
 
 
+def test_no_time_left_is_estimated_before_the_rate_settles():
+    """A slow start (loading, a first evaluation) would make the first estimate hours long: the time
+    left is estimated from the first unit on, once 2% of the work (and 2 units) are done after it."""
+    stream = io.StringIO()
+    bar = LogProgress(total=200, desc="bench", unit="step", interval=0, stream=stream)
+    bar.started -= 3600  # an hour of set-up before the first step
+    for _ in range(5):
+        bar.update(1)
+    lines = stream.getvalue().splitlines()
+    assert all(line.endswith("estimating the time left") for line in lines[:4])  # 4 = 2% of 200, after the first
+    assert "about" in lines[4] and "h" not in lines[4].split("about")[1]  # seconds, not the set-up's hour
+
+
 def test_a_step_prints_progress_lines_into_a_log(tmp_path):
     state = tmp_path / "s"
     assert main(["init", str(state), "--base", str(BERT / "base"), "--method", "opcm"]) == 0

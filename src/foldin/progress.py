@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
+SETTLED = 0.02  # the share of the work done, after the first unit, before a time left is estimated
 LOG_INTERVAL = float(os.environ.get("FOLDIN_PROGRESS_SECONDS", 15))  # seconds between two progress lines in a log
 
 
@@ -38,6 +39,7 @@ class LogProgress:
         self.n = 0.0
         self.postfix = ""
         self.started = self.last = time.monotonic()
+        self.first: tuple[float, float] | None = None  # (time, n) at the first update: the rate starts there
 
     def __iter__(self) -> Iterator[Any]:
         for item in self.iterable or ():
@@ -53,6 +55,8 @@ class LogProgress:
     def update(self, n: float = 1) -> None:
         self.n += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.n)
         if now - self.last >= self.interval:
             self.last = now
             self._print(now)
@@ -67,8 +71,13 @@ class LogProgress:
         elapsed = now - self.started
         where = f"{self.n:g}/{self.total:g} {self.unit}" if self.total else f"{self.n:g} {self.unit}"
         left = ""
-        if self.total and self.n:
-            left = f", about {_duration(elapsed * (self.total - self.n) / self.n)} left"
+        if self.total and self.first is not None:
+            since, at = self.first
+            done = self.n - at  # the rate leaves out the set-up before the first unit (loading, warm-up)
+            if done >= max(2, SETTLED * self.total) and now > since:
+                left = f", about {_duration((now - since) * (self.total - self.n) / done)} left"
+            else:
+                left = ", estimating the time left"
         postfix = f" ({self.postfix})" if self.postfix else ""
         print(f"{self.desc}: {where}{postfix}, {_duration(elapsed)} elapsed{left}", file=self.stream, flush=True)
 
