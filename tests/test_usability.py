@@ -215,3 +215,25 @@ def test_a_class_key_that_is_no_label_or_a_label_left_undescribed_is_named(tmp_p
     small = ["--steps", "1", "--max-train", "8", "--max-test", "8", "--out", str(tmp_path / "z"), "--quiet"]
     assert main(["zoo", "build", "--task", str(spec), *small]) == 0  # no classes: the bare labels, on purpose
     assert json.loads((tmp_path / "z" / "zoo.json").read_text())["tasks"]["mine"]["descriptions"] == ["neg", "pos"]
+
+
+def test_a_task_with_one_labelled_file_is_split_by_test_fraction(tmp_path, capsys):
+    spec = _user_task(tmp_path / "mytask")
+    folder = spec.parent
+    rows = (folder / "train.csv").read_text() + "".join((folder / "test.csv").read_text().splitlines(True)[1:])
+    (folder / "all.csv").write_text(rows)
+    text = spec.read_text().replace("train: train.csv\ntest: test.csv\n", "data: all.csv\ntest_fraction: 0.25\n")
+    spec.write_text(text)
+    small = ["--steps", "1", "--max-train", "64", "--max-test", "64", "--quiet"]
+    assert main(["zoo", "build", "--task", str(spec), *small, "--out", str(tmp_path / "z")]) == 0
+    task = json.loads((tmp_path / "z" / "zoo.json").read_text())["tasks"]["mine"]
+    assert (task["n_train"], task["n_test"]) == (30, 10)  # 40 rows, a quarter held out
+    assert (tmp_path / "z" / "user-tasks" / "mine" / "all.csv").is_file()
+    for bad, words in {
+        text.replace("data: all.csv\n", "data: all.csv\ntrain: train.csv\n"): "both data and train",
+        text.replace("test_fraction: 0.25", "test_fraction: 1.5"): "between 0 and 1",
+    }.items():
+        spec.write_text(bad)
+        capsys.readouterr()
+        assert main(["zoo", "build", "--task", str(spec), *small, "--out", str(tmp_path / "z2")]) == 1
+        assert words in capsys.readouterr().err

@@ -215,8 +215,10 @@ def fit_head(
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
-def read_task_spec(spec_path: Path) -> tuple[str, Path, Path, dict[str, Any]]:
-    """(name, train file, test file, the whole spec) from a user task's YAML file."""
+def read_task_spec(spec_path: Path) -> tuple[str, Path, Path | None, dict[str, Any]]:
+    """(name, train file, test file, the whole spec) from a user task's YAML file. A task with one
+    labelled file names it as `data` instead of train and test: its test file is then None, and the
+    suite splits it (`test_fraction`, see `split_fraction`)."""
     import yaml
 
     if not spec_path.is_file():
@@ -227,17 +229,32 @@ def read_task_spec(spec_path: Path) -> tuple[str, Path, Path, dict[str, Any]]:
         raise FoldinError(f"{spec_path} is not a task file (YAML with name, train, test).") from e
     if not isinstance(spec, dict):
         raise FoldinError(f"{spec_path} is not a task file (YAML with name, train, test).")
-    missing = [key for key in ("name", "train", "test") if key not in spec]
+    files = ("data",) if "data" in spec else ("train", "test")
+    missing = [key for key in ("name", *files) if key not in spec]
     if missing:
         raise FoldinError(
             f"{spec_path} has no {' and no '.join(repr(k) for k in missing)}: a task file names its "
-            "name, train and test (files relative to it)."
+            "name, train and test (files relative to it), or its name and one data file to split."
         )
-    name, train, test = str(spec["name"]), spec["train"], spec["test"]
-    for f in (train, test):
-        if not (spec_path.parent / f).is_file():
-            raise FoldinError(f"task data file {spec_path.parent / f} does not exist.")
-    return name, spec_path.parent / train, spec_path.parent / test, spec
+    if "data" in spec and ("train" in spec or "test" in spec):
+        raise FoldinError(f"{spec_path} names both data and train / test: give one labelled file or the two splits.")
+    for key in files:
+        if not (spec_path.parent / spec[key]).is_file():
+            raise FoldinError(f"task data file {spec_path.parent / spec[key]} does not exist.")
+    split_fraction(spec_path, spec)
+    paths = [spec_path.parent / spec[key] for key in files]
+    return str(spec["name"]), paths[0], paths[1] if len(paths) > 1 else None, spec
+
+
+def split_fraction(spec_path: Path, spec: dict[str, Any]) -> float:
+    """The share of a one-file task's examples held out for testing (`test_fraction`, default 0.2),
+    drawn with the zoo's seed."""
+    fraction = spec.get("test_fraction", 0.2)
+    if "test_fraction" in spec and "data" not in spec:
+        raise FoldinError(f"{spec_path}: test_fraction splits a single data file; with train and test, drop it.")
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise FoldinError(f"{spec_path}: test_fraction must be a number between 0 and 1, not {fraction!r}.")
+    return float(fraction)
 
 
 def check_labels(name: str, labels: list[str]) -> list[str]:

@@ -117,7 +117,7 @@ def _copy_user_task(spec: Path, out: Path) -> tuple[str, str]:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in (spec, train, test):
+    for f in (spec, train, *([test] if test else [])):
         target = tmp / f.relative_to(spec.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, target)

