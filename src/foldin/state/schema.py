@@ -22,7 +22,8 @@ FORMAT_VERSION = 2  # 2: checksums of state.json and of every tensor and file of
 class _BaseInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
-    hash: str | None  # None until the first step when `foldin run` made the state: that step hashes the base
+    hash: str | None  # None until the first step, which reads every base tensor anyway and hashes them
+    # (a state created with hash_base=True has it from the start)
     fingerprint: list[list[Any]]
     config_dir: str | None
     hub_id: str | None = None  # org/name, when the base was named by its Hub id
