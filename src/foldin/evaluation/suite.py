@@ -9,7 +9,8 @@ backbone is saved) is a `Suite` method; the zoo, `foldin eval` and the benchmark
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,25 +176,34 @@ class Suite(ABC):
     ) -> nn.Module:
         """Fine-tune the backbone with the head frozen (AdamW, linear decay), in place; returns it."""
         batch = self.fine_tune_batch
-        torch.manual_seed(seed)
-        self.train_mode(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
-        y = torch.tensor(list(labels))
-        order = torch.randperm(len(y))
-        for step in range(steps):
-            start = (step * batch) % len(y)
-            idx = order[start : start + batch]
-            loss = F.cross_entropy(
-                F.linear(self.features(model, self.train_batch(inputs, idx)), head["weight"], head["bias"]), y[idx]
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if progress is not None:
-                progress.update(1)
+        with seeded(seed):
+            self.train_mode(model)
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
+            y = torch.tensor(list(labels))
+            order = torch.randperm(len(y))
+            for step in range(steps):
+                start = (step * batch) % len(y)
+                idx = order[start : start + batch]
+                loss = F.cross_entropy(
+                    F.linear(self.features(model, self.train_batch(inputs, idx)), head["weight"], head["bias"]), y[idx]
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                if progress is not None:
+                    progress.update(1)
         return model.eval()
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """The global generator seeded for one run and restored afterwards: dropout draws from it, so
+    the seed decides the run's draws, and nothing outside the run sees the seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def fit_head(
@@ -205,8 +215,8 @@ def fit_head(
     weight_decay: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """A linear classifier on frozen features (full-batch Adam): the task's fixed head."""
-    torch.manual_seed(seed)
-    head = nn.Linear(features.shape[1], n_classes)
+    with seeded(seed):
+        head = nn.Linear(features.shape[1], n_classes)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=weight_decay)
     for _ in range(steps):
         opt.zero_grad()

@@ -30,7 +30,7 @@ from foldin.errors import FoldinError
 from foldin.evaluation.llm.convert import convert_gguf, gguf_path, load_gguf, write_model_folder
 from foldin.evaluation.llm.talk import talk_check
 from foldin.evaluation.llm.tasks import LLM_TASKS, user_message
-from foldin.evaluation.suite import Encoded, Suite, Task
+from foldin.evaluation.suite import Encoded, Suite, Task, seeded
 from foldin.evaluation.text.tasks import text_suite
 
 MAX_TEXT_TOKENS = 64  # a text is cut to its first 64 tokens: a prompt stays near 120 tokens
@@ -200,8 +200,7 @@ class LlmSuite(Suite):
         config = LoraConfig(
             r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none"
         )
-        with torch.random.fork_rng():  # PEFT draws A's initial values from the global generator
-            torch.manual_seed(seed)
+        with seeded(seed):  # PEFT draws A's initial values from the global generator
             return get_peft_model(model, config)
 
     def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
