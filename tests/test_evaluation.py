@@ -85,6 +85,21 @@ def test_zero_shot_head_is_the_scaled_embedding_of_each_class_description():
     assert TextSuite(heads="probe").features(model, batch).norm(dim=-1).max() > 1.5
 
 
+def test_seeded_fine_tuning_repeats_and_leaves_the_global_generator_as_it_was():
+    suite = TextSuite()
+    (task,) = suite.builtin_tasks(["rotten_tomatoes"], max_train=32, max_test=4, seed=0)
+    runs = []
+    for _ in range(2):
+        model = suite.load_backbone()
+        head = suite.head(model, task, seed=0)
+        torch.manual_seed(123)
+        before = torch.random.get_rng_state()
+        suite.fine_tune(model, head, *task.train, steps=2, lr=1e-4, seed=7)
+        assert torch.equal(torch.random.get_rng_state(), before)  # the seed stayed inside the run
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_user_task_from_csv(tmp_path):
     def rows(numbers: range) -> str:
         return "text,label\n" + "".join(f"sample {i},{'pos' if i % 2 else 'neg'}\n" for i in numbers)
