@@ -18,6 +18,12 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's content durable (its directory entry needs `fsync_dir` of its folder)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -59,8 +65,7 @@ def fsync_tree(path: Path) -> None:
     """Flush every file under `path`, then the directories, so that a rename of `path` commits content."""
     for root, _, files in os.walk(path):
         for name in files:
-            with open(Path(root) / name, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(Path(root) / name)
         fsync_dir(Path(root))
 
 
@@ -70,8 +75,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -32,6 +31,7 @@ import torch
 from foldin.data import Learning
 from foldin.engine import CheckedReader, ModelLayout, StepPasses, read_export_tensor, tensor_loader
 from foldin.errors import FoldinError
+from foldin.io.atomic import fsync_file
 from foldin.io.checkpoint import tensor_digest
 from foldin.io.export import plan_shards
 from foldin.io.lora import open_model_or_adapter
@@ -212,10 +212,8 @@ class RayBackend:
             "metadata": {"format": "pt", "foldin_step": str(job.step)},
             "weight_map": {n: runner.weight_map[n] for n in job.layout.merged_names},
         }
-        with open(job.gen_dir / SHARD_INDEX, "w") as f:
-            f.write(json.dumps(index, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        (job.gen_dir / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        fsync_file(job.gen_dir / SHARD_INDEX)
 
     def shard_writer(
         self,

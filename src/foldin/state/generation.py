@@ -8,7 +8,6 @@ gen-<step>-<token>/heads.safetensors    data-driven methods: classification head
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from foldin.data import TaskData
+from foldin.io.atomic import fsync_file
 from foldin.methods.base import Heads
 from foldin.runners.local import MERGED_FILE
 from foldin.runners.ray import SHARD_INDEX
@@ -49,8 +49,7 @@ def write_task_data(path: Path, data: TaskData) -> None:
     for k, v in (data.head or {}).items():
         tensors[f"head.{k}"] = v.contiguous()
     save_file(tensors, path, metadata={"name": data.name, "total": str(data.total or len(data))})
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_file(path)
 
 
 def read_task_data(path: Path) -> TaskData:
@@ -72,8 +71,7 @@ def read_task_data(path: Path) -> TaskData:
 
 def write_heads(path: Path, heads: Heads) -> None:
     save_file({f"{task}/{k}": v.contiguous() for task, h in heads.items() for k, v in h.items()}, path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_file(path)
 
 
 def read_heads(path: Path | None) -> Heads:
