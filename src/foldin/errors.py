@@ -16,3 +16,9 @@ class MismatchError(FoldinError):
 
 class StateError(FoldinError):
     """The merge state directory is missing, busy, corrupted, or used in a way it cannot support."""
+
+
+def io_failure(what: str, error: OSError, where: object, then: str) -> str:
+    """An OSError as the sentence foldin prints: what failed, the system's reason, the file, and
+    what is left as it was ('{what} failed: Input/output error (PATH); {then}')."""
+    return f"{what} failed: {error.strerror or error} ({error.filename or where}); {then}"

@@ -38,7 +38,7 @@ from foldin.engine import (
     hash_source,
     read_export_tensor,
 )
-from foldin.errors import FoldinError, MismatchError, StateError
+from foldin.errors import FoldinError, MismatchError, StateError, io_failure
 from foldin.io.atomic import fsync_dir, make_dirs
 from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
 from foldin.io.export import DTYPES, ModelFolderWriter, check_target, parse_size, write_hf_folder
@@ -190,8 +190,12 @@ class MergeState:
                 write_meta(state_dir, meta)
         except OSError as e:
             raise StateError(
-                f"creating the state in {state_dir} failed: {e.strerror or e} ({e.filename or state_dir}); "
-                "run the same init again once the cause is fixed."
+                io_failure(
+                    f"creating the state in {state_dir}",
+                    e,
+                    state_dir,
+                    "run the same init again once the cause is fixed.",
+                )
             ) from e
         return cls(state_dir, meta)
 
@@ -247,8 +251,7 @@ class MergeState:
                 return self._add_locked(locate(checkpoint), learning, options, backend or LocalBackend(), None)
             except OSError as e:  # disk full, I/O error: the new generation was discarded
                 raise StateError(
-                    f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
-                    f"the state is unchanged at step {self.step}."
+                    io_failure(f"folding in {checkpoint}", e, self.dir, f"the state is unchanged at step {self.step}.")
                 ) from e
 
     def add_and_export(
@@ -280,8 +283,12 @@ class MergeState:
                 entry = self._add_locked(locate(checkpoint), None, options, LocalBackend(), plan)
             except OSError as e:
                 raise StateError(
-                    f"folding in {checkpoint} failed: {e.strerror or e} ({e.filename or self.dir}); "
-                    f"the state is unchanged at step {self.step}, and {out_dir} as it was."
+                    io_failure(
+                        f"folding in {checkpoint}",
+                        e,
+                        self.dir,
+                        f"the state is unchanged at step {self.step}, and {out_dir} as it was.",
+                    )
                 ) from e
         return entry, plan.out_dir
 
@@ -541,8 +548,7 @@ class MergeState:
                 )
             except OSError as e:
                 raise FoldinError(
-                    f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
-                    f"{out_dir} was left as it was."
+                    io_failure(f"exporting to {out_dir}", e, out_dir, f"{out_dir} was left as it was.")
                 ) from e
 
     def export_lora(
@@ -587,8 +593,7 @@ class MergeState:
                 )
             except OSError as e:
                 raise FoldinError(
-                    f"exporting to {out_dir} failed: {e.strerror or e} ({e.filename or out_dir}); "
-                    f"{out_dir} was left as it was."
+                    io_failure(f"exporting to {out_dir}", e, out_dir, f"{out_dir} was left as it was.")
                 ) from e
 
     def info(self) -> dict[str, Any]:
