@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from foldin.api import ContinualMerger
-from foldin.evaluation.bench import Scorer, task_orders
+from foldin.evaluation.bench import task_orders
+from foldin.evaluation.scoring import Scorer
 from foldin.evaluation.zoo import Zoo
 from foldin.layers import resolve_linear_weights
 from foldin.methods.opcm import project_task_vector, split_rank

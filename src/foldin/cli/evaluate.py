@@ -53,7 +53,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from foldin.evaluation.bench import Scorer
+    from foldin.evaluation.scoring import Scorer
     from foldin.evaluation.zoo import Zoo
 
     zoo = Zoo.open(args.zoo or f"zoo/{args.suite}")

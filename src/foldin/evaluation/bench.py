@@ -17,22 +17,33 @@ import json
 import platform
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
-from foldin.evaluation.adapter_out import score_as_adapter
-from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy, mean_std, normalized_accuracy
+from foldin.evaluation.continual_finetuning import (
+    clear_cft_partial,
+    continual_finetuning_order,
+    load_cft_partial,
+    same_settings,
+)
+from foldin.evaluation.metrics import mean_std, normalized_accuracy
 from foldin.evaluation.peak_memory import peak_mb, reset_peak
+from foldin.evaluation.scoring import (
+    Scorer,
+    base_talk,
+    final_model_checks,
+    reference_accuracies,
+    run_order,
+    run_record,
+)
 from foldin.evaluation.zoo import Zoo
-from foldin.io.atomic import write_atomic, write_json_atomic
+from foldin.io.atomic import write_json_atomic
 from foldin.methods import get_method
 from foldin.progress import progress as progress_bar
 
@@ -67,88 +78,6 @@ def task_orders(names: list[str], n: int, seed: int) -> list[list[str]]:
     return [random.Random(seed + i).sample(names, len(names)) for i in range(n)]
 
 
-class Scorer:
-    """Scores backbones on the zoo's test sets with the tasks' heads (test sets tokenized once)."""
-
-    def __init__(self, zoo: Zoo, names: list[str], max_test: int | None = None, matrix_test: int | None = None):
-        self.suite = zoo.suite
-        self.model = self.suite.load_backbone()
-        self.tasks = {t.name: t for t in zoo.tasks(names)}
-        self.test = {n: self.suite.encode(t.test[0][:max_test], t.test[1][:max_test]) for n, t in self.tasks.items()}
-        # the cells of a full accuracy matrix that ACC and BWT do not use, on fewer examples (None: all)
-        smaller = bool(matrix_test) and (max_test is None or matrix_test < max_test)
-        self.sample = (
-            {n: self.suite.encode(t.test[0][:matrix_test], t.test[1][:matrix_test]) for n, t in self.tasks.items()}
-            if smaller
-            else self.test  # not fewer examples than the test sets: the same encodings, not a second copy
-        )
-        self.zoo_heads = {n: zoo.head(n) for n in names}
-        self.tied = tied_parameters(self.model)
-        self.refit_heads: dict[str, dict[str, torch.Tensor]] = {}
-
-    def use_heads(self, refit: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Score with the zoo's heads, except where a method refit a task's head."""
-        self.refit_heads = {n: h for n, h in refit.items() if n in self.zoo_heads}
-
-    def load(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored,
-        and so is a tied parameter whose twin is loaded (an LM head tied to the input embeddings)."""
-        loaded = set(self.model.load_state_dict(state_dict, strict=False).missing_keys)
-        missing = [n for n in loaded if not self.tied.get(n, set()) - loaded]
-        if missing:
-            raise FoldinError(
-                f"the model to score lacks {len(missing)} of the backbone's weights (e.g. {missing[0]!r})."
-            )
-
-    def score(self, name: str, refit: bool = True, sample: bool = False) -> float:
-        """Accuracy on the task's test set (`sample`: its first matrix_test examples), with its
-        refit head if there is one and `refit`."""
-        head = self.refit_heads.get(name) if refit else None
-        return self.suite.accuracy(
-            self.model, head or self.zoo_heads[name], (self.sample if sample else self.test)[name]
-        )
-
-
-def tied_parameters(model: torch.nn.Module) -> dict[str, set[str]]:
-    """Each parameter name that shares its tensor with others -> the names of those others."""
-    by_tensor: dict[int, set[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(p), set()).add(name)
-    return {n: names - {n} for names in by_tensor.values() if len(names) > 1 for n in names}
-
-
-def run_order(
-    order: list[str],
-    advance: Callable[[str], float],
-    scorer: Scorer,
-    full: bool,
-    refit_variants: tuple[bool, ...] = (True,),
-    resume: tuple[dict[bool, Matrix], list[float]] | None = None,
-    after_step: Callable[[dict[bool, Matrix], list[float]], None] | None = None,
-) -> tuple[dict[bool, Matrix], list[float]]:
-    """Fold the tasks in, in order; `advance(name)` does one step, loads the result into the
-    scorer and returns its merge seconds. Returns (an accuracy matrix per variant: scored with the
-    refit heads or with the zoo's heads, seconds per step). In a full matrix, the cells ACC and BWT
-    do not read (earlier tasks before the last step) are scored on the scorer's sample.
-    `resume`: the matrices and seconds of the steps already done (the scorer holds their model);
-    `after_step(matrices, seconds)` is called after each step is scored, to save it."""
-    n = len(order)
-    if resume is None:
-        accs: dict[bool, Matrix] = {v: [[None] * n for _ in range(n)] for v in refit_variants}
-        seconds: list[float] = []
-    else:
-        accs, seconds = {v: [row[:] for row in m] for v, m in resume[0].items()}, list(resume[1])
-    for t in range(len(seconds), n):
-        seconds.append(advance(order[t]))
-        columns = range(t + 1) if full else ([*range(n)] if t == n - 1 else [t])
-        for k in columns:
-            for refit, acc in accs.items():
-                acc[t][k] = scorer.score(order[k], refit, sample=k < t < n - 1)
-        if after_step is not None:
-            after_step(accs, seconds)
-    return accs, seconds
-
-
 def without_head_refit(spec: MethodSpec) -> MethodSpec | None:
     """For a spec that refits heads, the same spec without: head refit never changes the merged
     weights, so one run scores both (with the refit heads and with the zoo's), the ablation for free."""
@@ -180,174 +109,6 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
     }
 
 
-def final_model_checks(
-    scorer: Scorer,
-    zoo: Zoo,
-    base: dict[str, torch.Tensor],
-    merger: ContinualMerger,
-    adapter_ranks: tuple[int, ...],
-) -> dict[str, Any] | None:
-    """The suite's talk check of the final merged model (the scorer holds it), and its scores as a
-    rank-R adapter for each of `adapter_ranks`; None when there is neither."""
-    talk = scorer.suite.talk(scorer.model)
-    if talk is None and not adapter_ranks:
-        return None
-    merged = merger.merged_state_dict()
-    adapters = [
-        score_as_adapter(
-            scorer.suite, zoo.backbone, base, merged, set(merger.layout_.linear), r, scorer.zoo_heads, scorer.test
-        )
-        for r in adapter_ranks
-    ]
-    return {**({"talk": talk} if talk is not None else {}), **({"adapters": adapters} if adapters else {})}
-
-
-def _base_talk(scorer: Scorer, base: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-    scorer.load(base)
-    return scorer.suite.talk(scorer.model)
-
-
-def _run_record(
-    order: list[str],
-    acc: Matrix,
-    seconds: list[float],
-    step_stats: list[dict[str, float]] | None = None,
-    peaks: list[float] | None = None,
-    final_model: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One order's results; `step_stats`: the method's scalars after each step (e.g. AdaMerging's
-    learned coefficients, OPCM's scale), kept so a run says what was learned, not only how well;
-    `peaks`: the bench process's peak resident memory during each step (MB, see `peak_memory`)."""
-    return {
-        "order": order,
-        "acc_matrix": acc,
-        "final_acc": dict(zip(order, acc[-1])),
-        "ACC": final_accuracy(acc),
-        "BWT": backward_transfer(acc),
-        "seconds_per_step": seconds,
-        **({"peak_rss_mb_per_step": peaks} if peaks else {}),
-        **({"step_stats": step_stats} if step_stats is not None else {}),
-        **({"final_model": final_model} if final_model is not None else {}),
-    }
-
-
-def reference_accuracies(
-    scorer: Scorer, base: dict[str, torch.Tensor], task_state: Callable[[str], dict[str, torch.Tensor]]
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(pretrained, individually fine-tuned) accuracy of each task, on the bench's own test sets."""
-    scorer.load(base)
-    pretrained = {n: scorer.score(n) for n in scorer.tasks}
-    finetuned = {}
-    for n in scorer.tasks:
-        scorer.load(task_state(n))
-        finetuned[n] = scorer.score(n)
-    return pretrained, finetuned
-
-
-CFT_PARTIAL = "cft-partial.json"
-
-
-def _continual_finetuning_order(
-    scorer: Scorer,
-    base: dict[str, torch.Tensor],
-    order: list[str],
-    full: bool,
-    partial: dict[str, Any] | None,
-    out: Path,
-    settings: dict[str, Any],
-    on_step: Callable[[int], Any],
-) -> dict[str, Any]:
-    """One order of the continual fine-tuning reference: the backbone fine-tuned on each task in
-    turn, with the zoo's recipe and the task's head frozen. It is the one part of the bench that runs
-    for hours in a single sequence (20 tasks x 400 steps), so the model is saved after every task
-    (OUT/cft-partial.json and the weights beside it) and a stopped run resumes from its last
-    finished task, bit for bit: each task's fine-tuning is seeded and starts a fresh optimizer.
-    `partial`: the saved record of this order's finished tasks (see `_load_cft_partial`), or None."""
-    if partial:
-        scorer.model = scorer.suite.continued(scorer.model, load_file(out / partial["weights"]))
-    else:
-        scorer.load(base)
-    scorer.use_heads({})
-    zoo_settings = settings["zoo"]
-    peaks = list(partial.get("peak_rss_mb_per_step", [])) if partial else []
-
-    def advance(name: str) -> float:
-        task = scorer.tasks[name]
-        reset_peak()
-        t0 = time.perf_counter()
-        scorer.model = scorer.suite.fine_tune(
-            scorer.model,
-            scorer.zoo_heads[name],
-            *task.train,
-            steps=zoo_settings["steps"],
-            lr=zoo_settings["lr"],
-            seed=zoo_settings["seed"],
-        )
-        seconds = time.perf_counter() - t0
-        peaks.append(round(peak_mb(), 1))
-        on_step(1)
-        return seconds
-
-    def save(accs: dict[bool, Matrix], seconds: list[float]) -> None:
-        _save_cft_partial(out, settings, order, accs[True], seconds, peaks, scorer.suite.training_state(scorer.model))
-
-    resume = ({True: partial["acc_matrix"]}, partial["seconds"]) if partial else None
-    accs, seconds = run_order(order, advance, scorer, full, resume=resume, after_step=save)
-    return _run_record(order, accs[True], seconds, peaks=peaks)
-
-
-def _save_cft_partial(
-    out: Path,
-    settings: dict[str, Any],
-    order: list[str],
-    acc: Matrix,
-    seconds: list[float],
-    peaks: list[float],
-    state_dict: dict[str, torch.Tensor],
-) -> None:
-    """Save a continual fine-tuning order after a step: the weights first, under a name of their
-    own, then the record that points to them, so that a kill at any moment leaves a matching pair
-    (at worst the previous step's)."""
-    out.mkdir(parents=True, exist_ok=True)
-    weights = f"cft-partial-{len(seconds)}.safetensors"
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    write_atomic(out / weights, lambda tmp: save_file(tensors, tmp))
-    record = {
-        "settings": settings,
-        "order": order,
-        "acc_matrix": acc,
-        "seconds": seconds,
-        "peak_rss_mb_per_step": peaks,
-        "weights": weights,
-    }
-    write_json_atomic(out / CFT_PARTIAL, record)
-    for old in out.glob("cft-partial-*.safetensors"):
-        if old.name != weights:
-            old.unlink()
-
-
-def _load_cft_partial(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The record of a stopped continual fine-tuning order run with the same settings: its `order`,
-    `acc_matrix` so far, `seconds` per finished task and the file of its `weights` after the last."""
-    path = out / CFT_PARTIAL
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    return saved if _same_settings(saved["settings"], settings) else None
-
-
-def _clear_cft_partial(out: Path) -> None:
-    for path in [out / CFT_PARTIAL, *out.glob("cft-partial-*.safetensors")]:
-        path.unlink(missing_ok=True)
-
-
-def _same_settings(saved: dict[str, Any], settings: dict[str, Any]) -> bool:
-    """Whether saved progress belongs to this bench: the same settings but for the number of
-    orders, since a bench asked for more or fewer orders starts with the same ones."""
-    ignoring_orders = lambda d: {k: v for k, v in d.items() if k != "orders"}  # noqa: E731
-    return ignoring_orders(saved) == ignoring_orders(settings)
-
-
 def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
     """Finished orders of an interrupted run with the same settings (by method label), else none.
     A run asked for more orders counts too (its first orders are these): a stopped 5-order bench
@@ -356,7 +117,7 @@ def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]
         return {}
     saved = json.loads(path.read_text())
     if (
-        not _same_settings(saved.get("settings") or {}, settings)
+        not same_settings(saved.get("settings") or {}, settings)
         or saved.get("orders", [])[: len(orders)] != orders[: len(saved.get("orders", []))]
     ):
         return {}
@@ -489,7 +250,7 @@ def run_bench(
         sum(n_orders - skipped - len(done.get(s.label, [])) for s in specs)
         + max(min(cft_orders, n_orders) - skipped - len(done.get("continual_finetuning", [])), 0)
     )
-    partial = _load_cft_partial(out, results["settings"]) if cft_orders > skipped else None
+    partial = load_cft_partial(out, results["settings"]) if cft_orders > skipped else None
     bar = progress_bar(
         total=steps_left - len(partial["seconds"] if partial else []), desc="bench", unit="step", enabled=progress
     )
@@ -535,7 +296,7 @@ def run_bench(
             accs, seconds = run_order(order, advance, scorer, i < full_matrix_orders, tuple(variants))
             final = final_model_checks(scorer, zoo, base, merger, adapter_ranks) if i == 0 else None
             for refit in variants:
-                runs[refit].append(_run_record(order, accs[refit], seconds, step_stats, peaks, final))
+                runs[refit].append(run_record(order, accs[refit], seconds, step_stats, peaks, final))
             record(**{v.label: runs[refit] for refit, v in variants.items()})
         for refit, v in variants.items():
             method = get_method(v.method)(**v.params)
@@ -554,7 +315,7 @@ def run_bench(
                 **_summarize(runs[refit], finetuned),
             }
     results["references"]["pretrained"] = {"final_acc": pretrained}
-    if skipped == 0 and (talk := _base_talk(scorer, base)) is not None:
+    if skipped == 0 and (talk := base_talk(scorer, base)) is not None:
         results["references"]["pretrained"]["talk"] = talk
     results["references"]["finetuned"] = {"final_acc": finetuned}
     for ref in ("pretrained", "finetuned"):
@@ -567,7 +328,7 @@ def run_bench(
             bar.set_postfix_str(f"continual fine-tuning order {i + 1}")
             resume = partial if partial and partial["order"] == order else None
             runs.append(
-                _continual_finetuning_order(
+                continual_finetuning_order(
                     scorer, base, order, i < full_matrix_orders, resume, out, results["settings"], bar.update
                 )
             )
@@ -582,7 +343,7 @@ def run_bench(
         results = extend_results(json.loads(previous.read_text()), results)
     write_json_atomic(out / "results.json", results)
     progress_file.unlink(missing_ok=True)
-    _clear_cft_partial(out)
+    clear_cft_partial(out)
     from foldin.evaluation.report import write_report
 
     write_report(results, out)
