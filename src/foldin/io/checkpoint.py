@@ -200,12 +200,12 @@ def _check_config(config: Path) -> None:
     if not config.exists():
         return
     try:
-        ok = isinstance(json.loads(config.read_text(encoding="utf-8")), dict)
+        parsed = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        ok = False
-    if not ok:
+        parsed = None
+    if not isinstance(parsed, dict):
         raise CheckpointError(f"{config} is not valid JSON (a JSON object was expected); fix or remove it.")
-    quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    quantization = parsed.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
         raise CheckpointError(
