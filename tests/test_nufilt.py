@@ -13,7 +13,7 @@ from conftest import PARITY, read_weights
 from foldin import MergeState
 from foldin.api import merge
 from foldin.errors import FoldinError
-from foldin.layers import from_module
+from foldin.io.hf_names import file_names
 from foldin.methods.nufilt import LAYER_PATTERNS, NUFILTParams, filter_layer, layer_generator, selected
 
 
@@ -60,7 +60,10 @@ def test_first_task_as_reference_zeroes_the_first_null_r_input_columns():
 
 
 def _module_names(model) -> set[str]:
-    return {n.removesuffix(".weight") for n in from_module(model)}
+    """The nn.Linear layers of `model` as its checkpoint files name them (transformers 5 names some
+    differently in memory): what NUFILT's patterns are matched against."""
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {n.removesuffix(".weight") for n in file_names(model, linear).values()}
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from foldin.errors import FoldinError
+from foldin.io.hf_names import file_names
 
 FALLBACK_EXCLUDE = re.compile(r"embed|wte|wpe|position|token_type|shared", re.IGNORECASE)
 
@@ -30,8 +31,10 @@ def fallback_rule(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def from_module(module: nn.Module) -> set[str]:
-    """Names of the weights of every nn.Linear (including subclasses) in a module."""
-    return {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    """Names of the weights of every nn.Linear (including subclasses) in a module, both as the module
+    names them and as its files do where transformers maps the two (see foldin.io.hf_names)."""
+    names = {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    return names | set(file_names(module, names).values())
 
 
 def _model_from_config(config_dir: Path) -> nn.Module | None:

@@ -14,6 +14,7 @@ from foldin.errors import FoldinError
 from foldin.evaluation.adapter_out import score_as_adapter
 from foldin.evaluation.metrics import Matrix, backward_transfer, final_accuracy
 from foldin.evaluation.zoo import Zoo
+from foldin.io.hf_names import to_model_names
 
 
 class Scorer:
@@ -42,7 +43,7 @@ class Scorer:
     def load(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a backbone's weights; buffers the model no longer keeps (old position_ids) are ignored,
         and so is a tied parameter whose twin is loaded (an LM head tied to the input embeddings)."""
-        loaded = set(self.model.load_state_dict(state_dict, strict=False).missing_keys)
+        loaded = set(self.model.load_state_dict(to_model_names(self.model, state_dict), strict=False).missing_keys)
         missing = [n for n in loaded if not self.tied.get(n, set()) - loaded]
         if missing:
             raise FoldinError(

@@ -152,7 +152,8 @@ class LlmSuite(Suite):
 
     def prompt_ids(self, message: str) -> list[int]:
         """The chat template's tokens for one user turn, ending where the assistant's answer starts."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True)
+        turn = [{"role": "user", "content": message}]
+        return self.tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
 
     def encode(self, inputs: list[str], labels: list[int]) -> Encoded:
         rows = [self.prompt_ids(m) for m in inputs]

@@ -51,7 +51,7 @@ def chat_answers(model: nn.Module, tokenizer, prompts: tuple[str, ...] = CHAT_PR
     answers = []
     for prompt in prompts:
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=False
         )
         out = model.generate(
             ids,

