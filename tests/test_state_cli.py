@@ -303,7 +303,7 @@ def test_a_resealed_but_invalid_state_json_is_refused(bert_case, tmp_path, capsy
 def test_a_state_made_before_xxh3_keeps_sha256(bert_case, tmp_path, monkeypatch):
     """States written by earlier versions have sha256 digests and no `checksum` field: they open,
     verify, take new steps in sha256 and still refuse a duplicate."""
-    import foldin.state as state_module
+    import foldin.state.create as state_module
     from foldin.state.schema import read_meta, write_meta
 
     with monkeypatch.context() as m:

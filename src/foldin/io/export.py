@@ -22,6 +22,7 @@ import torch
 from foldin.errors import FoldinError
 from foldin.io.atomic import make_dirs, replace_dir
 from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.io.shards import MODEL_PREFIX, shard_name, write_index
 
 MANIFEST = ".foldin-export.json"
 WEIGHT_PATTERNS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|onnx|gguf)$|\.index\.json$|^README\.md$|^\.")
@@ -111,7 +112,7 @@ class ModelFolderWriter(FolderWriter):
         self.shards = plan_shards(self.sizes, max_shard_bytes)
         single = len(self.shards) == 1
         self.files = [
-            self.tmp / ("model.safetensors" if single else f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors")
+            self.tmp / (f"{MODEL_PREFIX}.safetensors" if single else shard_name(MODEL_PREFIX, i, len(self.shards)))
             for i in range(len(self.shards))
         ]
         self._writers: dict[str, SafetensorsWriter] = {}
@@ -132,8 +133,8 @@ class ModelFolderWriter(FolderWriter):
                 writer.close()
             if len(self.shards) > 1:
                 weight_map = {name: path.name for path, names in zip(self.files, self.shards) for name in names}
-                index = {"metadata": {"total_size": sum(self.sizes.values())}, "weight_map": weight_map}
-                (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+                metadata = {"total_size": sum(self.sizes.values())}
+                write_index(self.tmp / f"{MODEL_PREFIX}.safetensors.index.json", weight_map, metadata)
             if config_dir is not None:
                 shutil.copytree(
                     config_dir,

@@ -16,11 +16,10 @@ from foldin.engine import CheckedReader, ModelLayout, StepPasses, TensorSource, 
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import tensor_digest
 from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.io.shards import MERGED_FILE
 from foldin.methods.base import MergeMethod, TensorSlot
 from foldin.progress import progress
 from foldin.runners import GenerationJob, RunOptions, StateFiles
-
-MERGED_FILE = "merged.safetensors"
 
 
 class LocalStep(StepPasses):
