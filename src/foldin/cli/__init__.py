@@ -1,4 +1,4 @@
-"""The `foldin` command line. Merging commands live in `merge`, evaluation ones in `evaluate`."""
+"""The `foldin` command line. Merging commands live in `merge` (`run` in `run`), evaluation ones in `evaluate`."""
 
 from __future__ import annotations
 
