@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from foldin.evaluation.suite import EVAL_BATCH, Encoded, Suite, Task
-from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite, user_task
+from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite
+from foldin.evaluation.text.user_task import user_task
 
 MAX_LEN = 64
 ZERO_SHOT_SCALE = 20.0
