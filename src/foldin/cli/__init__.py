@@ -38,8 +38,8 @@ def keep_memory_flat() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     keep_memory_flat()
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # lists the methods: a broken plugin is one sentence too
         args.func(args)
     except FoldinError as e:
         print(f"foldin: error: {e}", file=sys.stderr)
