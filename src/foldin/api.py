@@ -15,7 +15,7 @@ from foldin.engine import DictSource, ModelLayout, export_tensor, fold_step, has
 from foldin.errors import FoldinError, MismatchError
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
-from foldin.runners import RunOptions
+from foldin.runners import Options
 from foldin.runners.local import LocalRunner
 
 
@@ -67,7 +67,7 @@ class ContinualMerger:
         merged: dict[str, torch.Tensor] = {}
         previous = DictSource(self.merged_task_vector_) if self.step_ else None
         runner = LocalRunner(
-            self._base_source, previous, merged.__setitem__, RunOptions(False, self.device, self.workers)
+            self._base_source, previous, merged.__setitem__, Options(False, self.device, self.workers)
         )
         result, ckpt_hash = fold_step(
             self.method_,

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import open_checkpoint
-from foldin.runners import Backend
+from foldin.runners import Backend, Options
 from foldin.state import MergeState
 
 
@@ -20,6 +20,22 @@ def validation_message(e: ValidationError, what: str) -> str:
     first = e.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "value"
     return f"invalid {what}: {where}: {first['msg']} (got {first.get('input')!r})."
+
+
+def options_from(args: argparse.Namespace, **fixed: Any) -> Options:
+    """The one place the command line becomes foldin.Options: the flags a command has (--quiet,
+    --device, --workers, --backend, --dtype, --max-shard-size, --overwrite) and `fixed` values
+    (what `foldin run` reads from its YAML)."""
+    given = {
+        "progress": not getattr(args, "quiet", False),
+        "device": getattr(args, "device", None),
+        "workers": getattr(args, "workers", 1),
+        "backend": backend_from(args),
+        "dtype": getattr(args, "dtype", None),
+        "max_shard_size": getattr(args, "max_shard_size", "5GB"),
+        "overwrite": getattr(args, "overwrite", False),
+    }
+    return Options(**{**given, **fixed})
 
 
 def backend_from(args: argparse.Namespace) -> Backend | None:

@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from foldin.cli import run
-from foldin.cli.common import add_backend_options, add_step_options, backend_from, lora_summary, widened
+from foldin.cli.common import add_backend_options, add_step_options, lora_summary, options_from, widened
 from foldin.errors import FoldinError
 from foldin.methods import available_methods
 from foldin.state import MergeState
@@ -40,7 +40,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> None:
-    state = MergeState.open(args.state_dir)
+    state, options = MergeState.open(args.state_dir), options_from(args)
     if args.task and len(args.task) != len(args.checkpoints):
         raise FoldinError(
             f"give one --task per checkpoint ({len(args.checkpoints)} checkpoints, {len(args.task)} --task)."
@@ -51,35 +51,19 @@ def cmd_add(args: argparse.Namespace) -> None:
             from foldin.evaluation.registry import learning_for_task
 
             learning = learning_for_task(args.task[i], state.base_path, Path(ckpt))
-        entry = state.add(
-            ckpt,
-            progress=not args.quiet,
-            learning=learning,
-            device=args.device,
-            workers=args.workers,
-            backend=backend_from(args),
-        )
+        entry = state.add(ckpt, options, learning=learning)
         print(
             f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s{widened(entry)}"
         )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    state = MergeState.open(args.state_dir)
+    state, options = MergeState.open(args.state_dir), options_from(args)
     if args.lora_rank is not None:
-        energy = state.export_lora(
-            args.out_dir, args.lora_rank, args.lora_full_tensors, args.overwrite, not args.quiet
-        )
+        energy = state.export_lora(args.out_dir, args.lora_rank, args.lora_full_tensors, options)
         print(lora_summary(state, Path(args.out_dir), args.lora_rank, energy))
         return
-    out = state.export(
-        args.out_dir,
-        args.dtype,
-        args.max_shard_size,
-        args.overwrite,
-        progress=not args.quiet,
-        backend=backend_from(args),
-    )
+    out = state.export(args.out_dir, options)
     print(f"exported the merged model after step {state.step} to {out}")
 
 

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from foldin.cli.common import (
     add_backend_options,
     add_step_options,
-    backend_from,
     lora_summary,
+    options_from,
     validation_message,
     widened,
 )
@@ -93,25 +93,23 @@ def cmd_run(args: argparse.Namespace) -> None:
             f"state directory."
         )
     print(f"resuming the state in {state_dir} at step {len(done)}" if done else f"keeping the state in {state_dir}")
-    backend = backend_from(args)
+    options = options_from(args, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size, overwrite=True)  # run owns it
     todo = checkpoints[len(done) :]
-    step = {"device": args.device, "workers": args.workers}
     for ckpt in todo[:-1]:
-        entry = state.add(ckpt, progress=not args.quiet, backend=backend, **step)
+        entry = state.add(ckpt, options)
         print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s{widened(entry)}")
-    export = (cfg.dtype, cfg.max_shard_size, True, not args.quiet, backend)  # overwrite: run owns its output
     if todo and cfg.lora_rank is None:  # the last step writes the export in the same pass where the method allows it
-        entry, _ = state.add_and_export(todo[-1], output, *export, **step)
+        entry, _ = state.add_and_export(todo[-1], output, options)
         print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s{widened(entry)}")
     elif todo:
-        entry = state.add(todo[-1], progress=not args.quiet, backend=backend, **step)
+        entry = state.add(todo[-1], options)
         print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s{widened(entry)}")
     if cfg.lora_rank is not None:
-        energy = state.export_lora(output, cfg.lora_rank, cfg.lora_full_tensors, True, not args.quiet)
+        energy = state.export_lora(output, cfg.lora_rank, cfg.lora_full_tensors, options)
         print(f"{lora_summary(state, output, cfg.lora_rank, energy)} (state kept in {state_dir})")
         return
     if not todo:
-        state.export(output, *export)
+        state.export(output, options)
     print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
 
 

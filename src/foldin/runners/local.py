@@ -19,7 +19,7 @@ from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.io.shards import MERGED_FILE
 from foldin.methods.base import MergeMethod, TensorSlot
 from foldin.progress import progress
-from foldin.runners import GenerationJob, RunOptions, StateFiles
+from foldin.runners import GenerationJob, Options, StateFiles
 
 
 class LocalStep(StepPasses):
@@ -32,7 +32,7 @@ class LocalStep(StepPasses):
         layout: ModelLayout,
         load: Callable[[str, str], torch.Tensor],
         sink: Callable[[str, torch.Tensor], None],
-        options: RunOptions,
+        options: Options,
         learning: Learning | None = None,
         on_merged: Callable[[TensorSlot, torch.Tensor], None] | None = None,
     ):
@@ -95,9 +95,9 @@ class LocalRunner:
         base: TensorSource,
         previous: TensorSource | None,
         sink: Callable[[str, torch.Tensor], None],
-        options: RunOptions | None = None,
+        options: Options | None = None,
     ):
-        options = options or RunOptions()
+        options = options or Options()
         if options.workers < 1:
             raise FoldinError(f"--workers must be at least 1, not {options.workers}.")
         self.base, self.previous, self.sink, self.options = base, previous, sink, options
@@ -132,7 +132,7 @@ class GenerationFileRunner(LocalRunner):
         writer: SafetensorsWriter,
         base: TensorSource,
         previous: TensorSource | None,
-        options: RunOptions,
+        options: Options,
         checksum: str,
     ):
         super().__init__(base, previous, self._write, options)
@@ -148,7 +148,7 @@ class LocalBackend:
     """A merge state's steps and exports in this process."""
 
     @contextmanager
-    def generation_runner(self, options: RunOptions, job: GenerationJob) -> Iterator[GenerationFileRunner]:
+    def generation_runner(self, options: Options, job: GenerationJob) -> Iterator[GenerationFileRunner]:
         """A runner writing the step's merged task vector to gen_dir/merged.safetensors."""
         metadata = {"format": "pt", "foldin_step": str(job.step)}
         with SafetensorsWriter(job.gen_dir / MERGED_FILE, job.layout.state_specs(), metadata) as writer:
@@ -156,7 +156,7 @@ class LocalBackend:
 
     def shard_writer(
         self,
-        options: RunOptions,
+        options: Options,
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],

@@ -37,7 +37,7 @@ from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.io.shards import MERGED_INDEX, MERGED_PREFIX, shard_name, write_index
 from foldin.methods.base import MergeMethod, R, TensorSlot
 from foldin.progress import progress as progress_bar
-from foldin.runners import GenerationJob, RunOptions, ShardWriter, StateFiles
+from foldin.runners import GenerationJob, Options, ShardWriter, StateFiles
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class RayBackend:
                 ) from None
 
     @contextmanager
-    def generation_runner(self, options: RunOptions, job: GenerationJob) -> Iterator[RayRunner]:
+    def generation_runner(self, options: Options, job: GenerationJob) -> Iterator[RayRunner]:
         """A step as Ray tasks writing the merged task vector in shards into gen_dir, then their index."""
         if options.device not in (None, "cpu"):
             raise FoldinError(
@@ -208,7 +208,7 @@ class RayBackend:
 
     def shard_writer(
         self,
-        options: RunOptions,
+        options: Options,
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],

@@ -31,8 +31,7 @@ from foldin.io.checkpoint import Checkpoint
 from foldin.io.export import check_target
 from foldin.io.hub import locate
 from foldin.methods.base import Heads, MergeMethod
-from foldin.runners import Backend, RunOptions
-from foldin.runners.local import LocalBackend
+from foldin.runners import Options, with_changes
 from foldin.state import base as base_model
 from foldin.state import export as exporting
 from foldin.state import stored
@@ -104,50 +103,49 @@ class MergeState:
     def add(
         self,
         checkpoint: str | os.PathLike[str],
-        progress: bool = True,
+        options: Options | None = None,
+        *,
         learning: Learning | None = None,
-        device: str | None = None,
-        workers: int = 1,
-        backend: Backend | None = None,
+        **changes: Any,
     ) -> dict[str, Any]:
-        """Fold one checkpoint in, atomically. Returns its history entry. Data-driven methods need
-        `learning` (the model and the new task's data); the previous task's examples come from the
-        state. `device` is where the arithmetic runs, `workers` how many tensors are in flight on
-        threads; `backend` (e.g. a RayBackend) runs the step elsewhere."""
-        options = RunOptions(progress, device, workers)
-        return self._step(checkpoint, learning, options, backend or LocalBackend(), None, "")
+        """Fold one checkpoint in, atomically. Returns its history entry.
+
+        Args:
+            checkpoint: a model folder or file, a LoRA adapter folder, or a Hub id.
+            options: how the step runs (foldin.Options: progress, device, workers, backend);
+                keyword arguments change single fields of it, e.g. `add(ckpt, progress=False)`.
+            learning: for a data-driven method, the model and the new task's data; the previous
+                task's examples come from the state.
+        """
+        opts = with_changes(options, changes)
+        return self._step(checkpoint, learning, opts, None, "")
 
     def add_and_export(
         self,
         checkpoint: str | os.PathLike[str],
         out_dir: str | os.PathLike[str],
-        dtype: str | None = None,
-        max_shard_size: str = "5GB",
-        overwrite: bool = False,
-        progress: bool = True,
-        backend: Backend | None = None,
-        device: str | None = None,
-        workers: int = 1,
+        options: Options | None = None,
+        **changes: Any,
     ) -> tuple[dict[str, Any], Path]:
-        """Fold one checkpoint in, then export the merged model. When the method's scale is known
-        before the step (every method but opcm), on the CPU of this process, the export is written
-        in the same pass: the base and the new merged task vector are not read a second time.
-        The export is put in place only after the step has committed."""
-        if backend is not None or device not in (None, "cpu") or not self.method.scale_known_before_step:
-            entry = self.add(checkpoint, progress, device=device, workers=workers, backend=backend)
-            return entry, self.export(out_dir, dtype, max_shard_size, overwrite, progress, backend)
-        plan = exporting.ExportPlan.parse(out_dir, dtype, max_shard_size, overwrite)
-        check_target(plan.out_dir, overwrite, exporting.protected(self.dir, self.meta))
-        options = RunOptions(progress, device, workers)
-        entry = self._step(checkpoint, None, options, LocalBackend(), plan, f", and {out_dir} as it was")
+        """Fold one checkpoint in, then export the merged model (`options` as for `add` and
+        `export`). When the method's scale is known before the step (every method but opcm), on the
+        CPU of this process, the export is written in the same pass: the base and the new merged
+        task vector are not read a second time. The export is put in place only after the step
+        has committed."""
+        opts = with_changes(options, changes)
+        if opts.backend is not None or opts.device not in (None, "cpu") or not self.method.scale_known_before_step:
+            entry = self.add(checkpoint, opts)
+            return entry, self.export(out_dir, opts)
+        plan = exporting.ExportPlan.of(out_dir, opts)
+        check_target(plan.out_dir, plan.overwrite, exporting.protected(self.dir, self.meta))
+        entry = self._step(checkpoint, None, opts, plan, f", and {out_dir} as it was")
         return entry, plan.out_dir
 
     def _step(
         self,
         checkpoint: str | os.PathLike[str],
         learning: Learning | None,
-        options: RunOptions,
-        backend: Backend,
+        options: Options,
         export: exporting.ExportPlan | None,
         also_unchanged: str,
     ) -> dict[str, Any]:
@@ -156,9 +154,7 @@ class MergeState:
             self.meta = read_meta(self.dir)  # another process may have committed since we opened
             remove_leftovers(self.dir, self.meta["generation"])
             try:
-                entry, self.meta = commit_step(
-                    self.dir, self.meta, locate(checkpoint), learning, options, backend, export
-                )
+                entry, self.meta = commit_step(self.dir, self.meta, locate(checkpoint), learning, options, export)
             except OSError as e:  # disk full, I/O error: the new generation was discarded
                 raise StateError(
                     io_failure(
@@ -197,31 +193,27 @@ class MergeState:
         """The merged model in memory (for evaluation; `export` streams instead)."""
         return exporting.merged_state_dict(self.dir, dtype)
 
-    def export(
-        self,
-        out_dir: str | os.PathLike[str],
-        dtype: str | None = None,
-        max_shard_size: str = "5GB",
-        overwrite: bool = False,
-        progress: bool = True,
-        backend: Backend | None = None,
-    ) -> Path:
-        """Write the merged model after the current step as a Hugging Face folder. With `backend`
-        (e.g. a RayBackend), each shard is written elsewhere (out_dir's parent must be shared storage)."""
-        plan = exporting.ExportPlan.parse(out_dir, dtype, max_shard_size, overwrite)
-        return exporting.export_folder(self.dir, self.meta, plan, progress, backend)
+    def export(self, out_dir: str | os.PathLike[str], options: Options | None = None, **changes: Any) -> Path:
+        """Write the merged model after the current step as a Hugging Face folder. `options`
+        (foldin.Options) gives its dtype, shard size, overwrite, progress and backend (a RayBackend
+        writes each shard elsewhere: out_dir's parent must be shared storage); keyword arguments
+        change single fields, e.g. `export(out, dtype="bfloat16")`."""
+        opts = with_changes(options, changes)
+        return exporting.export_folder(self.dir, self.meta, exporting.ExportPlan.of(out_dir, opts), opts)
 
     def export_lora(
         self,
         out_dir: str | os.PathLike[str],
         rank: int,
         full_tensors: bool = False,
-        overwrite: bool = False,
-        progress: bool = True,
+        options: Options | None = None,
+        **changes: Any,
     ) -> dict[str, float]:
         """Write the merged model as a PEFT LoRA adapter of rank `rank` over the base; returns the
-        share of each weight change's energy kept (see foldin.state.export.export_lora)."""
-        return exporting.export_lora(self.dir, self.meta, Path(out_dir), rank, full_tensors, overwrite, progress)
+        share of each weight change's energy kept (see foldin.state.export.export_lora). Of
+        `options`, overwrite and progress apply."""
+        opts = with_changes(options, changes)
+        return exporting.export_lora(self.dir, self.meta, Path(out_dir), rank, full_tensors, opts)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
 from foldin.methods.base import MergeMethod
 from foldin.progress import progress as progress_bar
-from foldin.runners import Backend, RunOptions
+from foldin.runners import Options
 from foldin.runners.local import LocalBackend
 from foldin.state.card import model_card
 from foldin.state.stored import reading, state_files
@@ -39,11 +39,12 @@ class ExportPlan:
     overwrite: bool
 
     @classmethod
-    def parse(cls, out_dir: str | Path, dtype: str | None, max_shard_size: str, overwrite: bool) -> ExportPlan:
-        """From the user's words: a dtype name and a size such as "5GB"."""
-        if dtype is not None and dtype not in DTYPES:
-            raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-        return cls(Path(out_dir), DTYPES[dtype] if dtype else None, parse_size(max_shard_size), overwrite)
+    def of(cls, out_dir: str | Path, options: Options) -> ExportPlan:
+        """From the user's words in `options`: a dtype name and a size such as "5GB"."""
+        if options.dtype is not None and options.dtype not in DTYPES:
+            raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {options.dtype!r}.")
+        dtype = DTYPES[options.dtype] if options.dtype else None
+        return cls(Path(out_dir), dtype, parse_size(options.max_shard_size), options.overwrite)
 
 
 def method_of(meta: dict[str, Any]) -> MergeMethod:
@@ -88,9 +89,7 @@ def merged_state_dict(state_dir: Path, dtype: torch.dtype | None = None) -> dict
         return {name: produce(name) for name in specs}
 
 
-def export_folder(
-    state_dir: Path, meta: dict[str, Any], plan: ExportPlan, progress: bool, backend: Backend | None
-) -> Path:
+def export_folder(state_dir: Path, meta: dict[str, Any], plan: ExportPlan, options: Options) -> Path:
     """Write the merged model after the current step as a Hugging Face folder. With `backend` (e.g.
     a RayBackend), each shard is written elsewhere (the folder's parent must be shared storage)."""
     check_target(plan.out_dir, plan.overwrite, protected(state_dir, meta))
@@ -106,9 +105,9 @@ def export_folder(
                 plan.max_shard_bytes,
                 overwrite=plan.overwrite,
                 torch_dtype=plan.dtype,
-                progress=lambda names: progress_bar(names, desc="exporting", unit="tensor", enabled=progress),
-                write_shards=(backend or LocalBackend()).shard_writer(
-                    RunOptions(progress), state_files(state_dir, meta), method_of(meta), meta["stats"], specs
+                progress=lambda names: progress_bar(names, desc="exporting", unit="tensor", enabled=options.progress),
+                write_shards=(options.backend or LocalBackend()).shard_writer(
+                    options, state_files(state_dir, meta), method_of(meta), meta["stats"], specs
                 ),
             )
         except OSError as e:
@@ -123,13 +122,12 @@ def export_lora(
     out_dir: Path,
     rank: int,
     full_tensors: bool,
-    overwrite: bool,
-    progress: bool,
+    options: Options,
 ) -> dict[str, float]:
     """Write the merged model as a PEFT LoRA adapter of rank `rank` over the base (each linear
     weight's change by its best rank-`rank` approximation); returns the share of each weight
     change's energy kept. Other changed tensors need `full_tensors` (see foldin.io.lora_export)."""
-    check_target(out_dir, overwrite, protected(state_dir, meta))
+    check_target(out_dir, options.overwrite, protected(state_dir, meta))
     with reading(state_dir) as (meta, base, merged):
         scale = method_of(meta).scale(meta["stats"])
         specs, produce = merged_tensors(meta, base, merged, None)
@@ -155,8 +153,10 @@ def export_lora(
                 full_tensors,
                 meta["base"]["path"],
                 model_card(meta, "peft"),
-                overwrite,
-                progress=lambda names: progress_bar(names, desc="factorising", unit="tensor", enabled=progress),
+                options.overwrite,
+                progress=lambda names: progress_bar(
+                    names, desc="factorising", unit="tensor", enabled=options.progress
+                ),
             )
         except OSError as e:
             raise FoldinError(

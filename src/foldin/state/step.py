@@ -23,7 +23,8 @@ from foldin.io.export import ModelFolderWriter
 from foldin.io.hub import Located
 from foldin.io.lora import open_model_or_adapter
 from foldin.methods.base import Heads
-from foldin.runners import Backend, GenerationJob, RunOptions
+from foldin.runners import GenerationJob, Options
+from foldin.runners.local import LocalBackend
 from foldin.state.base import open_base
 from foldin.state.card import model_card
 from foldin.state.export import ExportPlan, config_dir, export_specs, method_of, protected
@@ -60,14 +61,14 @@ def commit_step(
     meta: dict[str, Any],
     located: Located,
     learning: Learning | None,
-    options: RunOptions,
-    backend: Backend,
+    options: Options,
     export: ExportPlan | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fold the checkpoint at `located` into the state, whose lock the caller holds exclusively.
 
     Args:
         meta: state.json as read under that lock.
+        options: how the step runs (its backend None: in this process).
         learning: the model and the new task's data, for a data-driven method.
         export: a model folder to write in the same pass, or None.
 
@@ -97,7 +98,7 @@ def commit_step(
         gen_dir.mkdir()
         try:
             job = GenerationJob(state_files(state_dir, meta), checkpoint, layout, step, gen_dir, base, previous)
-            with backend.generation_runner(options, job) as runner:
+            with (options.backend or LocalBackend()).generation_runner(options, job) as runner:
                 if folder is not None:  # the merged model's tensor, from what the step holds anyway
                     runner.on_merged = lambda slot, merged: folder.write(
                         slot.name, export_tensor(method, {}, slot.base, merged, folder.specs[slot.name][0])
