@@ -85,7 +85,7 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
 def lora_summary(state: MergeState, out: Path, rank: int, energy: dict[str, float]) -> str:
     """What a LoRA export kept and costs: the energy share of each weight change, and the adapter's
     size beside the full model's."""
-    worst = min(energy, key=energy.get)
+    worst = min(energy, key=lambda name: energy[name])
     size = (out / "adapter_model.safetensors").stat().st_size
     with open_checkpoint(state.meta["base"]["path"]) as base:
         full = sum(math.prod(shape) * dtype.itemsize for dtype, shape in map(base.spec, base.names()))

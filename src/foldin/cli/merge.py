@@ -94,7 +94,7 @@ def _type_name(annotation: Any) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    listing = {
+    listing: dict[str, dict[str, Any]] = {
         name: {
             "summary": cls.summary,
             "params": {

@@ -15,7 +15,8 @@ Spec = tuple[torch.dtype, tuple[int, ...]]
 class TensorSource(Protocol):
     """Anything with a path label, names(), spec(name) and read(name): a Checkpoint, a DictSource."""
 
-    path: object
+    @property
+    def path(self) -> object: ...
 
     def names(self) -> list[str]: ...
     def spec(self, name: str) -> Spec: ...
@@ -37,7 +38,9 @@ def architecture(source: TensorSource) -> str | None:
     return names[0] if names else config.get("model_type")
 
 
-class DictSource(TensorSource):
+class DictSource:
+    """A TensorSource over tensors in memory."""
+
     def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "state dict"):
         self.tensors = tensors
         self.path = label

@@ -14,7 +14,7 @@ import math
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -164,7 +164,7 @@ def write_hf_folder(
     model_card: str,
     max_shard_bytes: int,
     overwrite: bool = False,
-    progress: Callable[[list[str]], object] = iter,
+    progress: Callable[[list[str]], Iterable[str]] = iter,
     torch_dtype: torch.dtype | None = None,
     write_shards: Callable[[list[tuple[Path, list[str]]]], None] | None = None,
 ) -> Path:

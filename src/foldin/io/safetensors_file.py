@@ -132,7 +132,7 @@ def read_bytes(fd: int, begin: int, nbytes: int, path: Path) -> torch.Tensor:
     """pread exactly nbytes at begin into a fresh uint8 tensor, or fail with a clear error if the
     file is shorter. The buffer is not zeroed first (a bytearray would be: a third of a read's time)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], begin + done)
@@ -153,7 +153,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 class SafetensorsWriter:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
+from functools import partial
 from importlib.metadata import entry_points
 
 from foldin.errors import FoldinError
@@ -39,9 +41,11 @@ def _load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    named = [(f"entry point {ep.name!r}", ep.load) for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    named: list[tuple[str, Callable[[], object]]] = [
+        (f"entry point {ep.name!r}", ep.load) for ep in entry_points(group=ENTRY_POINT_GROUP)
+    ]
     modules = [m.strip() for m in os.environ.get(MODULES_VARIABLE, "").split(",") if m.strip()]
-    named += [(f"{MODULES_VARIABLE} module {m!r}", lambda m=m: importlib.import_module(m)) for m in modules]
+    named += [(f"{MODULES_VARIABLE} module {m!r}", partial(importlib.import_module, m)) for m in modules]
     for what, load in named:
         try:
             load()

@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from foldin.engine import ModelLayout, Runner, TensorSource, VerifiedSource
 from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
-from foldin.methods.base import MergeMethod
+from foldin.methods.base import MergeMethod, TensorSlot
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Options:
     overwrite: bool = False
 
 
-def with_changes(options: Options | None, changes: dict[str, object]) -> Options:
+def with_changes(options: Options | None, changes: dict[str, Any]) -> Options:
     """`options` (default: Options()) with the fields in `changes` replaced; an unknown field is refused."""
     unknown = sorted(set(changes) - {f.name for f in fields(Options)})
     if unknown:
@@ -92,6 +92,7 @@ class GenerationRunner(Runner, Protocol):
     step, `digests` holds each tensor's checksum (what the state records at commit)."""
 
     digests: dict[str, str]
+    on_merged: Callable[[TensorSlot, torch.Tensor], None] | None  # sees each merged tensor (a fused export)
 
 
 ShardWriter = Callable[

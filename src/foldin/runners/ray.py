@@ -249,6 +249,7 @@ class RayRunner:
         )
         self.weight_map: dict[str, str] = {}
         self.digests: dict[str, str] = {}
+        self.on_merged: Callable[[TensorSlot, torch.Tensor], None] | None = None  # never set: fused exports are local
 
     def context(
         self,

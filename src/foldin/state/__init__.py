@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from foldin.data import Learning, TaskData
+from foldin.engine import VerifiedSource
 from foldin.errors import FoldinError, StateError, io_failure
 from foldin.io.checkpoint import Checkpoint
 from foldin.io.export import check_target
@@ -184,7 +185,7 @@ class MergeState:
         return stored.stored_heads(self.dir, self.meta)
 
     @contextmanager
-    def reading(self) -> Iterator[tuple[Checkpoint, Checkpoint | None]]:
+    def reading(self) -> Iterator[tuple[Checkpoint, VerifiedSource | None]]:
         """Hold a shared lock and yield (base, merged task vector or None at step 0)."""
         with stored.reading(self.dir) as (self.meta, base, merged):
             yield base, merged

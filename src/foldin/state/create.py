@@ -7,6 +7,7 @@ that step commits, the base's file fingerprint guards it.
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def init_leftover(path: Path) -> bool:
 
 def create_state(
     state_dir: Path,
-    base: str | Path,
+    base: str | os.PathLike[str],
     method: str,
     params: dict[str, Any] | None,
     linear_weights: str | None,

@@ -6,6 +6,7 @@ vector, in the export dtype), so an export holds one tensor at a time, never the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,8 @@ from typing import Any
 
 import torch
 
-from foldin.engine import Spec, read_export_tensor
+from foldin.engine import Spec, TensorSource, read_export_tensor
 from foldin.errors import FoldinError, io_failure
-from foldin.io.checkpoint import Checkpoint
 from foldin.io.export import DTYPES, check_target, parse_size, write_hf_folder
 from foldin.io.lora_export import write_lora_adapter
 from foldin.layers import resolve_linear_weights
@@ -39,7 +39,7 @@ class ExportPlan:
     overwrite: bool
 
     @classmethod
-    def of(cls, out_dir: str | Path, options: Options) -> ExportPlan:
+    def of(cls, out_dir: str | os.PathLike[str], options: Options) -> ExportPlan:
         """From the user's words in `options`: a dtype name and a size such as "5GB"."""
         if options.dtype is not None and options.dtype not in DTYPES:
             raise FoldinError(f"--dtype must be one of {', '.join(DTYPES)}, not {options.dtype!r}.")
@@ -61,7 +61,7 @@ def config_dir(meta: dict[str, Any]) -> Path | None:
     return Path(meta["base"]["config_dir"]) if meta["base"]["config_dir"] else None
 
 
-def export_specs(base: Checkpoint, dtype: torch.dtype | None) -> dict[str, Spec]:
+def export_specs(base: TensorSource, dtype: torch.dtype | None) -> dict[str, Spec]:
     """The dtype and shape of each tensor of the merged model (floating ones in `dtype` if given)."""
     specs = {}
     for name in base.names():
@@ -71,7 +71,7 @@ def export_specs(base: Checkpoint, dtype: torch.dtype | None) -> dict[str, Spec]
 
 
 def merged_tensors(
-    meta: dict[str, Any], base: Checkpoint, merged: Checkpoint | None, dtype: torch.dtype | None
+    meta: dict[str, Any], base: TensorSource, merged: TensorSource | None, dtype: torch.dtype | None
 ) -> tuple[dict[str, Spec], Callable[[str], torch.Tensor]]:
     """(dtype and shape of each output tensor, a function computing it) for the merged model."""
     method, specs = method_of(meta), export_specs(base, dtype)

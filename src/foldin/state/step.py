@@ -89,7 +89,7 @@ def commit_step(
         base = opened if base_info["hash"] is not None else CheckedReader(opened, algorithm=algorithm)
         layout = ModelLayout.from_source(base, meta["linear_weights"])
         previous = open_generation(state_dir, meta)
-        folder = None
+        folder: ModelFolderWriter | None = None
         if export is not None:
             specs = export_specs(base, export.dtype)
             folder = ModelFolderWriter(
@@ -100,8 +100,9 @@ def commit_step(
             job = GenerationJob(state_files(state_dir, meta), checkpoint, layout, step, gen_dir, base, previous)
             with (options.backend or LocalBackend()).generation_runner(options, job) as runner:
                 if folder is not None:  # the merged model's tensor, from what the step holds anyway
-                    runner.on_merged = lambda slot, merged: folder.write(
-                        slot.name, export_tensor(method, {}, slot.base, merged, folder.specs[slot.name][0])
+                    out = folder
+                    runner.on_merged = lambda slot, merged: out.write(
+                        slot.name, export_tensor(method, {}, slot.base, merged, out.specs[slot.name][0])
                     )
                 result, ckpt_hash = fold_step(
                     method,
@@ -114,8 +115,9 @@ def commit_step(
                     on_hashed=lambda h: refuse_duplicate(meta, checkpoint, h),
                     algorithm=algorithm,
                 )
-            for name in [n for n in base.names() if n not in layout.merged_names] if folder else []:
-                folder.write(name, base.read(name))  # integer buffers: the base's
+            if folder is not None:  # integer buffers: the base's
+                for name in [n for n in base.names() if n not in layout.merged_names]:
+                    folder.write(name, base.read(name))
             if isinstance(base, CheckedReader):  # a state made without hashing its base: hashed now
                 base_info = {**base_info, "hash": base.content_hash()}
                 refuse_duplicate(meta, checkpoint, ckpt_hash, base_info["hash"])
@@ -155,7 +157,7 @@ def commit_step(
                 previous.close()
     if meta["generation"]:
         shutil.rmtree(state_dir / meta["generation"], ignore_errors=True)
-    if folder is not None:
+    if folder is not None and export is not None:
         try:
             folder.finish_model(config_dir(committed), model_card(committed), export.dtype)
         except OSError as e:

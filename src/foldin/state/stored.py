@@ -79,7 +79,7 @@ def stored_heads(state_dir: Path, meta: dict[str, Any]) -> Heads:
 
 
 @contextmanager
-def reading(state_dir: Path) -> Iterator[tuple[dict[str, Any], Checkpoint, Checkpoint | None]]:
+def reading(state_dir: Path) -> Iterator[tuple[dict[str, Any], Checkpoint, VerifiedSource | None]]:
     """Hold a shared lock and yield (state.json as it is now, the base, the merged task vector or
     None at step 0)."""
     with locked(state_dir, exclusive=False):
