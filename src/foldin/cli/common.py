@@ -4,7 +4,6 @@ options, and the one-line reports of a step and of a LoRA export."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import open_checkpoint
+from foldin.io.specs import spec_bytes
 from foldin.runners import Backend, Options
 from foldin.state import MergeState
 
@@ -88,7 +88,7 @@ def lora_summary(state: MergeState, out: Path, rank: int, energy: dict[str, floa
     worst = min(energy, key=lambda name: energy[name])
     size = (out / "adapter_model.safetensors").stat().st_size
     with open_checkpoint(state.meta["base"]["path"]) as base:
-        full = sum(math.prod(shape) * dtype.itemsize for dtype, shape in map(base.spec, base.names()))
+        full = sum(spec_bytes(base.spec(n)) for n in base.names())
     return (
         f"exported the merged model after step {state.step} as a rank-{rank} LoRA adapter to {out}: "
         f"{size / 1e6:.1f} MB ({size / full:.1%} of the full model's {full / 1e6:.1f} MB), {len(energy)} weights, "

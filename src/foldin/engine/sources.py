@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-Spec = tuple[torch.dtype, tuple[int, ...]]
+from foldin.io.specs import Spec
 
 
 class TensorSource(Protocol):

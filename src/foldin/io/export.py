@@ -10,7 +10,6 @@ nothing else: a file of the user's that sits in the target is never deleted.
 from __future__ import annotations
 
 import json
-import math
 import re
 import secrets
 import shutil
@@ -23,6 +22,7 @@ from foldin.errors import FoldinError
 from foldin.io.atomic import make_dirs, replace_dir
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.io.shards import MODEL_PREFIX, shard_name, write_index
+from foldin.io.specs import Spec, spec_bytes
 
 MANIFEST = ".foldin-export.json"
 WEIGHT_PATTERNS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|onnx|gguf)$|\.index\.json$|^README\.md$|^\.")
@@ -98,7 +98,7 @@ class ModelFolderWriter(FolderWriter):
     def __init__(
         self,
         out_dir: Path,
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
         max_shard_bytes: int,
         overwrite: bool = False,
         protected: dict[str, Path] | None = None,
@@ -106,9 +106,7 @@ class ModelFolderWriter(FolderWriter):
     ):
         super().__init__(out_dir, overwrite, protected)
         self.specs = specs
-        self.sizes = {
-            n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()
-        }
+        self.sizes = {n: spec_bytes((dtype, shape)) for n, (dtype, shape) in specs.items()}
         self.shards = plan_shards(self.sizes, max_shard_bytes)
         single = len(self.shards) == 1
         self.files = [
@@ -158,7 +156,7 @@ class ModelFolderWriter(FolderWriter):
 
 def write_hf_folder(
     out_dir: Path,
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    specs: dict[str, Spec],
     produce: Callable[[str], torch.Tensor],
     config_dir: Path | None,
     model_card: str,

@@ -14,6 +14,7 @@ import torch
 
 from foldin.engine import ModelLayout, Runner, TensorSource, VerifiedSource
 from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
+from foldin.io.specs import Spec
 from foldin.methods.base import MergeMethod, TensorSlot
 
 
@@ -112,6 +113,6 @@ class Backend(Protocol):
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
     ) -> ShardWriter | None:
         """None: the export writes its shards in this process."""

@@ -17,6 +17,7 @@ from foldin.errors import FoldinError
 from foldin.io.checkpoint import tensor_digest
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.io.shards import MERGED_FILE
+from foldin.io.specs import Spec
 from foldin.methods.base import MergeMethod, TensorSlot
 from foldin.progress import progress
 from foldin.runners import GenerationJob, Options, StateFiles
@@ -160,6 +161,6 @@ class LocalBackend:
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
     ) -> None:
         return None  # the export writes its shards in this process

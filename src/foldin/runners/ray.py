@@ -35,6 +35,7 @@ from foldin.io.export import plan_shards
 from foldin.io.lora import open_model_or_adapter
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.io.shards import MERGED_INDEX, MERGED_PREFIX, shard_name, write_index
+from foldin.io.specs import Spec, spec_bytes
 from foldin.methods.base import MergeMethod, R, TensorSlot
 from foldin.progress import progress as progress_bar
 from foldin.runners import GenerationJob, Options, ShardWriter, StateFiles
@@ -104,7 +105,7 @@ def export_shard(
     names: list[str],
     method: Any,
     stats: dict[str, float],
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    specs: dict[str, Spec],
     path: str,
     threads: int,
 ) -> dict[str, float]:
@@ -159,7 +160,7 @@ class RayBackend:
         """Consecutive tensors grouped into about tasks_per_cpu chunks per CPU of the cluster."""
         ray = self.connect()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        sizes = {n: math.prod(layout.specs[n][1]) * layout.compute_dtype.itemsize for n in names}
+        sizes = {n: spec_bytes((layout.compute_dtype, layout.specs[n][1])) for n in names}
         return plan_shards(sizes, max(1, math.ceil(sum(sizes.values()) / (cpus * self.tasks_per_cpu))))
 
     def run(
@@ -212,7 +213,7 @@ class RayBackend:
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
     ) -> ShardWriter:
         """Each shard of an export written by a Ray task (the output folder's parent must be shared storage)."""
 
