@@ -15,7 +15,8 @@ from foldin.evaluation.bench import extend_results, parse_method_specs, task_ord
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
 from foldin.evaluation.report import _sweep_points
 from foldin.evaluation.text.suite import TextSuite
-from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite, user_task
+from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite
+from foldin.evaluation.text.user_task import user_task
 
 MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.5, 0.4]]
 

@@ -13,7 +13,7 @@ from foldin import merge
 from foldin.engine import DictSource, ModelLayout
 from foldin.methods.opcm import nonzero_singular_triplets, project_task_vector, split_rank
 from foldin.methods.selection import kth_smallest_abs
-from foldin.runners import RunOptions
+from foldin.runners import Options
 from foldin.runners.local import LocalStep
 
 
@@ -151,7 +151,7 @@ def test_zero_merged_matrix_leaves_the_task_vector_unchanged():
 
 def _context(tensors: dict[str, torch.Tensor]) -> LocalStep:
     layout = ModelLayout.from_source(DictSource(tensors), [])
-    return LocalStep(2, {}, layout, lambda kind, name: tensors[name], lambda n, t: None, RunOptions(progress=False))
+    return LocalStep(2, {}, layout, lambda kind, name: tensors[name], lambda n, t: None, Options(progress=False))
 
 
 @settings(max_examples=60, deadline=None)

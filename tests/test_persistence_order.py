@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import foldin.io.atomic as atomic
-import foldin.state as state_module
+import foldin.state.create as create_module
+import foldin.state.step as step_module
 from conftest import read_weights
 from foldin import MergeState
 
@@ -52,7 +53,7 @@ def ops(monkeypatch) -> list[tuple[str, Path]]:
         return done
 
     monkeypatch.setattr(atomic, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(state_module, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(step_module, "fsync_dir", fsync_dir)
     monkeypatch.setattr(Path, "mkdir", mkdir)
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(os, "replace", replace)
@@ -116,16 +117,16 @@ def test_an_io_error_while_init_writes_is_one_sentence_and_init_again_works(bert
 
     from foldin.cli import main
 
-    real = state_module.write_meta
+    real = create_module.write_meta
 
     def failing(state_dir, meta):
         raise OSError(errno.EIO, "Input/output error", str(state_dir / "state.json"))
 
-    monkeypatch.setattr(state_module, "write_meta", failing)
+    monkeypatch.setattr(create_module, "write_meta", failing)
     argv = ["init", str(tmp_path / "state"), "--base", str(bert_case / "base"), "--method", "opcm"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("foldin: error: creating the state in") and "Input/output error" in err
     assert err.count("\n") == 1
-    monkeypatch.setattr(state_module, "write_meta", real)
+    monkeypatch.setattr(create_module, "write_meta", real)
     assert main(argv) == 0 and MergeState.open(tmp_path / "state").step == 0

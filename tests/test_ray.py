@@ -20,6 +20,7 @@ from foldin import MergeState, available_methods
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import open_checkpoint
 from foldin.runners.ray import RayBackend
+from foldin.state.stored import generation_file
 
 # Ray resolves 127.0.0.1 to the machine's outward address unless told it runs a loopback-only cluster
 # (on hosts that block connections to their own outward address, such as CI sandboxes, nothing else works)
@@ -57,7 +58,7 @@ def _one_thread(fn):
 
 
 def _tensors(state: MergeState) -> dict[str, torch.Tensor]:
-    with open_checkpoint(state._generation_file()) as ckpt:
+    with open_checkpoint(generation_file(state.dir, state.meta)) as ckpt:
         return {n: ckpt.read(n) for n in ckpt.names()}
 
 
@@ -76,7 +77,7 @@ def test_ray_gives_the_local_bits(cluster, tmp_path, method):
     assert (
         remote.dir / remote.meta["generation"] / "merged.safetensors.index.json"
     ).exists()  # written in shards by the tasks
-    assert len({*remote._generation_file().parent.glob("merged-*.safetensors")}) > 1
+    assert len({*generation_file(remote.dir, remote.meta).parent.glob("merged-*.safetensors")}) > 1
     assert local.meta["stats"] == remote.meta["stats"]
     assert local.meta["checksums"]["merged"] == remote.meta["checksums"]["merged"]
     assert [e["hash"] for e in local.history] == [e["hash"] for e in remote.history]

@@ -303,7 +303,7 @@ def test_a_resealed_but_invalid_state_json_is_refused(bert_case, tmp_path, capsy
 def test_a_state_made_before_xxh3_keeps_sha256(bert_case, tmp_path, monkeypatch):
     """States written by earlier versions have sha256 digests and no `checksum` field: they open,
     verify, take new steps in sha256 and still refuse a duplicate."""
-    import foldin.state as state_module
+    import foldin.state.create as state_module
     from foldin.state.schema import read_meta, write_meta
 
     with monkeypatch.context() as m:
@@ -334,9 +334,9 @@ def test_a_step_exports_in_the_same_pass_bit_for_bit(bert_case, tmp_path, method
     fused, apart = (MergeState.create(tmp_path / name, bert_case / "base", method) for name in ("fused", "apart"))
     for state in (fused, apart):
         state.add(bert_case / "ckpt_1", progress=False)
-    fused.add_and_export(bert_case / "ckpt_2", tmp_path / "out-fused", dtype, progress=False)
+    fused.add_and_export(bert_case / "ckpt_2", tmp_path / "out-fused", dtype=dtype, progress=False)
     apart.add(bert_case / "ckpt_2", progress=False)
-    apart.export(tmp_path / "out-apart", dtype, progress=False)
+    apart.export(tmp_path / "out-apart", dtype=dtype, progress=False)
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "out-fused" / name).read_bytes() == (tmp_path / "out-apart" / name).read_bytes()
     assert fused.meta["checksums"] == apart.meta["checksums"]

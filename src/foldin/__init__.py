@@ -8,6 +8,7 @@ from foldin.data import Learning, TaskData
 from foldin.errors import CheckpointError, FoldinError, MismatchError, StateError
 from foldin.io.checkpoint import open_checkpoint
 from foldin.methods import available_methods, get_method, register
+from foldin.runners import Options
 from foldin.state import MergeState
 
 __version__ = version("foldin")  # one source of truth: pyproject.toml
@@ -19,6 +20,7 @@ __all__ = [
     "Learning",
     "MergeState",
     "MismatchError",
+    "Options",
     "StateError",
     "TaskData",
     "available_methods",

@@ -15,7 +15,8 @@ from foldin.engine import DictSource, ModelLayout, export_tensor, fold_step, has
 from foldin.errors import FoldinError, MismatchError
 from foldin.layers import resolve_linear_weights
 from foldin.methods import get_method
-from foldin.runners import RunOptions
+from foldin.methods.base import Heads, MergeMethod
+from foldin.runners import Options
 from foldin.runners.local import LocalRunner
 
 
@@ -32,6 +33,15 @@ class ContinualMerger:
     Learned state: merged_task_vector_ (dict of tensors), stats_, step_, hashes_; for data-driven
     methods also buffer_ (examples of the last task, for the next step) and heads_ (refit heads).
     """
+
+    method_: MergeMethod
+    layout_: ModelLayout
+    merged_task_vector_: dict[str, torch.Tensor]
+    stats_: dict[str, float]
+    step_: int
+    hashes_: list[str]
+    buffer_: TaskData | None
+    heads_: Heads
 
     def __init__(
         self,
@@ -67,7 +77,7 @@ class ContinualMerger:
         merged: dict[str, torch.Tensor] = {}
         previous = DictSource(self.merged_task_vector_) if self.step_ else None
         runner = LocalRunner(
-            self._base_source, previous, merged.__setitem__, RunOptions(False, self.device, self.workers)
+            self._base_source, previous, merged.__setitem__, Options(False, self.device, self.workers)
         )
         result, ckpt_hash = fold_step(
             self.method_,
@@ -100,12 +110,12 @@ class ContinualMerger:
         pattern = self.linear_weights if isinstance(self.linear_weights, str) else None
         linear, _ = resolve_linear_weights(specs, pattern=pattern, module=module)
         self.layout_ = ModelLayout.from_source(self._base_source, linear)
-        self.merged_task_vector_: dict[str, torch.Tensor] = {}
-        self.stats_: dict[str, float] = {}
+        self.merged_task_vector_ = {}
+        self.stats_ = {}
         self.step_ = 0
         self.hashes_ = [hash_source(self._base_source)]
-        self.buffer_: TaskData | None = None
-        self.heads_: dict[str, dict[str, torch.Tensor]] = {}
+        self.buffer_ = None
+        self.heads_ = {}
 
     def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The merged model after the last step (the base before the first)."""

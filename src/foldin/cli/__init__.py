@@ -1,4 +1,4 @@
-"""The `foldin` command line. Merging commands live in `merge`, evaluation ones in `evaluate`."""
+"""The `foldin` command line. Merging commands live in `merge` (`run` in `run`), evaluation ones in `evaluate`."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def keep_memory_flat() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     keep_memory_flat()
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # lists the methods: a broken plugin is one sentence too
         args.func(args)
     except FoldinError as e:
         print(f"foldin: error: {e}", file=sys.stderr)

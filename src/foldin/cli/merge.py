@@ -1,25 +1,19 @@
-"""The merging commands: init, add, export, run, verify, info, methods."""
+"""The merging commands: init, add, export, verify, info, methods (and run, from run.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from foldin.cli.common import validation_message
-from foldin.errors import FoldinError, StateError
-from foldin.io.checkpoint import open_checkpoint
-from foldin.io.hub import HUB_ID
-from foldin.methods import available_methods, get_method
-from foldin.runners import Backend
+from foldin.cli import run
+from foldin.cli.common import add_backend_options, add_step_options, lora_summary, options_from, widened
+from foldin.errors import FoldinError
+from foldin.methods import available_methods
 from foldin.state import MergeState
-from foldin.state.schema import STATE_FILE
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -31,84 +25,6 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
             raise FoldinError(f"--set expects KEY=VALUE, got {item!r}.")
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-class RunConfig(BaseModel):
-    """The YAML file `foldin run` reads. Relative paths are relative to the file."""
-
-    model_config = ConfigDict(extra="forbid")
-    base: str
-    method: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    checkpoints: list[str]  # paths, Hub ids, or glob patterns (matches taken in name order)
-    output: str
-    state: str | None = None
-    linear_weights: str | None = None
-    dtype: str | None = None
-    max_shard_size: str = "5GB"
-    lora_rank: int | None = Field(None, ge=1)  # export a rank-R PEFT adapter instead of a full model
-    lora_full_tensors: bool = False
-
-
-def ensure_state(
-    state_dir: Path, base: str, method: str, params: dict[str, Any], linear_weights: str | None
-) -> MergeState:
-    """Open the state at state_dir if it exists and matches (base, method, params), else create it."""
-    if not (state_dir / STATE_FILE).exists():
-        return MergeState.create(state_dir, base, method, params, linear_weights)
-    state = MergeState.open(state_dir)
-    wanted = get_method(method)(**params).params.model_dump()
-    if state.meta["method"] != method or state.meta["params"] != wanted:
-        raise FoldinError(
-            f"{state_dir} holds a {state.meta['method']} state with {state.meta['params']}, "
-            f"not {method} with {wanted}; use another state directory."
-        )
-    state.check_base(base)
-    return state
-
-
-def _backend(args: argparse.Namespace) -> Backend | None:
-    """--backend ray [--address ADDR] [--threads-per-task N]; None: in this process."""
-    if args.backend == "local":
-        if args.address:
-            raise FoldinError("--address applies to --backend ray.")
-        return None
-    from foldin.runners.ray import RayBackend
-
-    return RayBackend(args.address, threads=args.threads_per_task)
-
-
-def _add_backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backend",
-        choices=["local", "ray"],
-        default="local",
-        help="ray: run the work as Ray tasks that read and write the files themselves (pip install "
-        "'foldin[ray]'; paths must be on storage every node sees)",
-    )
-    p.add_argument(
-        "--address", help="the Ray cluster to use (e.g. auto or HOST:6379); default: RAY_ADDRESS, else a new local one"
-    )
-    p.add_argument(
-        "--threads-per-task",
-        type=int,
-        default=1,
-        help="torch threads per Ray task; the bits equal a local run with as many threads (OMP_NUM_THREADS)",
-    )
-
-
-def _add_step_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that share)",
-    )
-    p.add_argument(
-        "--device",
-        help="where the arithmetic runs, e.g. cuda or cuda:1 (default: cpu); results are identical up to float "
-        "rounding",
-    )
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -124,7 +40,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> None:
-    state = MergeState.open(args.state_dir)
+    state, options = MergeState.open(args.state_dir), options_from(args)
     if args.task and len(args.task) != len(args.checkpoints):
         raise FoldinError(
             f"give one --task per checkpoint ({len(args.checkpoints)} checkpoints, {len(args.task)} --task)."
@@ -135,123 +51,20 @@ def cmd_add(args: argparse.Namespace) -> None:
             from foldin.evaluation.registry import learning_for_task
 
             learning = learning_for_task(args.task[i], state.base_path, Path(ckpt))
-        entry = state.add(
-            ckpt,
-            progress=not args.quiet,
-            learning=learning,
-            device=args.device,
-            workers=args.workers,
-            backend=_backend(args),
-        )
+        entry = state.add(ckpt, options, learning=learning)
         print(
             f"step {entry['step']}: folded in {ckpt} ({entry['hash'][:19]}) in {entry['seconds']:.1f}s{widened(entry)}"
         )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    state = MergeState.open(args.state_dir)
+    state, options = MergeState.open(args.state_dir), options_from(args)
     if args.lora_rank is not None:
-        energy = state.export_lora(
-            args.out_dir, args.lora_rank, args.lora_full_tensors, args.overwrite, not args.quiet
-        )
+        energy = state.export_lora(args.out_dir, args.lora_rank, args.lora_full_tensors, options)
         print(lora_summary(state, Path(args.out_dir), args.lora_rank, energy))
         return
-    out = state.export(
-        args.out_dir, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet, backend=_backend(args)
-    )
+    out = state.export(args.out_dir, options)
     print(f"exported the merged model after step {state.step} to {out}")
-
-
-def cmd_run(args: argparse.Namespace) -> None:
-    path = Path(args.config)
-    try:
-        raw = yaml.safe_load(path.read_text())
-        cfg = RunConfig.model_validate(raw)
-    except OSError as e:
-        raise FoldinError(f"cannot read {path}: {e.strerror}.") from e
-    except yaml.YAMLError as e:
-        raise FoldinError(f"{path} is not valid YAML: {e}.") from e
-    except ValidationError as e:
-        raise FoldinError(f"{path}: " + validation_message(e, "config")) from e
-    here = path.resolve().parent
-
-    def resolve(p: str) -> Path:
-        return (here / p).resolve()
-
-    def model(p: str) -> str:
-        """A path relative to the file, or else a Hub id as written."""
-        return str(resolve(p)) if (here / p).exists() or not HUB_ID.fullmatch(p) else p
-
-    output = resolve(cfg.output)
-    state_dir = resolve(cfg.state) if cfg.state else output.with_name(output.name + ".foldin-state")
-    state = ensure_state(state_dir, model(cfg.base), cfg.method, cfg.params, cfg.linear_weights)
-    checkpoints = [m for c in cfg.checkpoints for m in (expand(here, c) if GLOB.search(c) else [model(c)])]
-    if not checkpoints:
-        raise FoldinError(f"{path}: its checkpoints match nothing yet.")
-    done = state.history
-    if not all(same_model(entry, wanted) for entry, wanted in zip(done, checkpoints)) or len(done) > len(checkpoints):
-        raise StateError(
-            f"{state_dir} already holds a different sequence of checkpoints than {path} lists; use another "
-            f"state directory."
-        )
-    print(f"resuming the state in {state_dir} at step {len(done)}" if done else f"keeping the state in {state_dir}")
-    backend = _backend(args)
-    todo = checkpoints[len(done) :]
-    step = {"device": args.device, "workers": args.workers}
-    for ckpt in todo[:-1]:
-        entry = state.add(ckpt, progress=not args.quiet, backend=backend, **step)
-        print(f"step {entry['step']}: folded in {ckpt} in {entry['seconds']:.1f}s{widened(entry)}")
-    export = (cfg.dtype, cfg.max_shard_size, True, not args.quiet, backend)  # overwrite: run owns its output
-    if todo and cfg.lora_rank is None:  # the last step writes the export in the same pass where the method allows it
-        entry, _ = state.add_and_export(todo[-1], output, *export, **step)
-        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s{widened(entry)}")
-    elif todo:
-        entry = state.add(todo[-1], progress=not args.quiet, backend=backend, **step)
-        print(f"step {entry['step']}: folded in {todo[-1]} in {entry['seconds']:.1f}s{widened(entry)}")
-    if cfg.lora_rank is not None:
-        energy = state.export_lora(output, cfg.lora_rank, cfg.lora_full_tensors, True, not args.quiet)
-        print(f"{lora_summary(state, output, cfg.lora_rank, energy)} (state kept in {state_dir})")
-        return
-    if not todo:
-        state.export(output, *export)
-    print(f"exported the merged model after step {state.step} to {output} (state kept in {state_dir})")
-
-
-def lora_summary(state: MergeState, out: Path, rank: int, energy: dict[str, float]) -> str:
-    """What a LoRA export kept and costs: the energy share of each weight change, and the adapter's
-    size beside the full model's."""
-    worst = min(energy, key=energy.get)
-    size = (out / "adapter_model.safetensors").stat().st_size
-    with open_checkpoint(state.meta["base"]["path"]) as base:
-        full = sum(math.prod(shape) * dtype.itemsize for dtype, shape in map(base.spec, base.names()))
-    return (
-        f"exported the merged model after step {state.step} as a rank-{rank} LoRA adapter to {out}: "
-        f"{size / 1e6:.1f} MB ({size / full:.1%} of the full model's {full / 1e6:.1f} MB), {len(energy)} weights, "
-        f"energy kept mean {sum(energy.values()) / len(energy):.1%}, least {energy[worst]:.1%} ({worst}); "
-        "per weight in lora-energy.json"
-    )
-
-
-def widened(entry: dict[str, Any]) -> str:
-    """', its float16 tensors widened' where the checkpoint's precision was lower than the base's."""
-    return f", its {' and '.join(entry['widened_from'])} tensors widened" if entry.get("widened_from") else ""
-
-
-GLOB = re.compile(r"[*?\[]")
-
-
-def expand(here: Path, pattern: str) -> list[str]:
-    """The paths a glob pattern (relative to the run file) matches, in name order: name arrivals so
-    that they sort in arrival order (a date prefix), and a later run folds in only the new ones."""
-    return [str(p.resolve()) for p in sorted(here.glob(pattern))]
-
-
-def same_model(entry: dict[str, Any], wanted: str) -> bool:
-    """Whether a history entry folded in the model `wanted` names (a path, org/name or org/name@rev)."""
-    source = entry.get("source")
-    if source is None:
-        return Path(entry["checkpoint"]) == Path(wanted)
-    return source == wanted or source.partition("@")[0] == wanted
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -281,7 +94,7 @@ def _type_name(annotation: Any) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    listing = {
+    listing: dict[str, dict[str, Any]] = {
         name: {
             "summary": cls.summary,
             "params": {
@@ -325,9 +138,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="data-driven methods (otmf, adamerging): the checkpoint's task, e.g. text:reuters_r8 or "
         "vision:my_task.yaml; one per checkpoint",
     )
-    _add_step_options(p)
+    add_step_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_backend_options(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("export", help="write the merged model as a Hugging Face folder")
@@ -349,15 +162,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="with --lora-rank: store changed biases, norms and embeddings whole (PEFT's modules_to_save)",
     )
     p.add_argument("--quiet", action="store_true")
-    _add_backend_options(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="init/resume, add every checkpoint and export, from a YAML file")
-    p.add_argument("config")
-    _add_step_options(p)
-    p.add_argument("--quiet", action="store_true")
-    _add_backend_options(p)
-    p.set_defaults(func=cmd_run)
+    run.add_command(sub)
 
     p = sub.add_parser("info", help="method, parameters, step and history of a state")
     p.add_argument("state_dir")

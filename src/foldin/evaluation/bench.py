@@ -321,21 +321,21 @@ def run_bench(
     for ref in ("pretrained", "finetuned"):
         results["references"][ref]["ACC_mean"] = sum(results["references"][ref]["final_acc"].values()) / len(names)
     if cft_orders > skipped:
-        runs = list(done.get("continual_finetuning", []))
+        cft_runs = list(done.get("continual_finetuning", []))
         for i, order in enumerate(orders[:cft_orders]):
-            if i < skipped + len(runs):
+            if i < skipped + len(cft_runs):
                 continue
             bar.set_postfix_str(f"continual fine-tuning order {i + 1}")
             resume = partial if partial and partial["order"] == order else None
-            runs.append(
+            cft_runs.append(
                 continual_finetuning_order(
                     scorer, base, order, i < full_matrix_orders, resume, out, results["settings"], bar.update
                 )
             )
-            record(continual_finetuning=runs)
+            record(continual_finetuning=cft_runs)
         results["references"]["continual_finetuning"] = {
             "method": "continual fine-tuning",
-            **_summarize(runs, finetuned),
+            **_summarize(cft_runs, finetuned),
         }
     bar.close()
     out.mkdir(parents=True, exist_ok=True)

@@ -230,8 +230,8 @@ def _sweep_points(results: dict[str, Any], method: str, param: str) -> list[tupl
     groups: dict[str, dict[float, tuple[float, float, float]]] = {}
     for r in results["methods"].values():
         if r["method"] == method and r["params"].get("masks", True) and not r["params"].get("head_refit"):
-            rest = {k: v for k, v in r["params"].items() if k != param} | {"linear_weights": r.get("linear_weights")}
-            rest = json.dumps(rest, sort_keys=True)
+            others = {k: v for k, v in r["params"].items() if k != param} | {"linear_weights": r.get("linear_weights")}
+            rest = json.dumps(others, sort_keys=True)
             groups.setdefault(rest, {})[r["params"][param]] = (r["params"][param], r["ACC_mean"], r["ACC_std"])
     return sorted(max(groups.values(), key=len, default={}).values())
 

@@ -26,7 +26,7 @@ class Scorer:
         self.tasks = {t.name: t for t in zoo.tasks(names)}
         self.test = {n: self.suite.encode(t.test[0][:max_test], t.test[1][:max_test]) for n, t in self.tasks.items()}
         # the cells of a full accuracy matrix that ACC and BWT do not use, on fewer examples (None: all)
-        smaller = bool(matrix_test) and (max_test is None or matrix_test < max_test)
+        smaller = matrix_test is not None and matrix_test > 0 and (max_test is None or matrix_test < max_test)
         self.sample = (
             {n: self.suite.encode(t.test[0][:matrix_test], t.test[1][:matrix_test]) for n, t in self.tasks.items()}
             if smaller

@@ -197,6 +197,13 @@ class Suite(ABC):
         return model.eval()
 
 
+def hf(model: nn.Module) -> Any:
+    """A Hugging Face or PEFT model, for calling what they add to nn.Module (save_pretrained,
+    generate, get_output_embeddings): torch types any other attribute of a module as a Tensor or a
+    Module, so these calls are untyped."""
+    return model
+
+
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """The global generator seeded for one run and restored afterwards: dropout draws from it, so

@@ -84,7 +84,11 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Replace `path` with `data` as JSON, atomically (see `write_atomic`)."""
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    write_atomic(path, lambda tmp: _write_text(tmp, json.dumps(data, indent=2) + "\n"))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -20,6 +20,7 @@ import xxhash
 
 from foldin.errors import CheckpointError
 from foldin.io.safetensors_file import TensorSpec, read_bytes, read_header, tensor_bytes, tensor_from_bytes
+from foldin.io.specs import Spec
 
 WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -46,7 +47,7 @@ class Checkpoint(ABC):
         """Tensor names in storage order (reading in this order is sequential I/O)."""
 
     @abstractmethod
-    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    def spec(self, name: str) -> Spec:
         """dtype and shape, from the header alone."""
 
     @abstractmethod
@@ -99,7 +100,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def names(self) -> list[str]:
         return list(self._order)
 
-    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    def spec(self, name: str) -> Spec:
         s = self._specs[name][1]
         return s.dtype, s.shape
 
@@ -128,7 +129,7 @@ class TorchCheckpoint(Checkpoint):
     def names(self) -> list[str]:
         return list(self._tensors)
 
-    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    def spec(self, name: str) -> Spec:
         t = self._tensors[name]
         return t.dtype, tuple(t.shape)
 

@@ -10,11 +10,10 @@ nothing else: a file of the user's that sits in the target is never deleted.
 from __future__ import annotations
 
 import json
-import math
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -22,6 +21,8 @@ import torch
 from foldin.errors import FoldinError
 from foldin.io.atomic import make_dirs, replace_dir
 from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.io.shards import MODEL_PREFIX, shard_name, write_index
+from foldin.io.specs import Spec, spec_bytes
 
 MANIFEST = ".foldin-export.json"
 WEIGHT_PATTERNS = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|onnx|gguf)$|\.index\.json$|^README\.md$|^\.")
@@ -97,7 +98,7 @@ class ModelFolderWriter(FolderWriter):
     def __init__(
         self,
         out_dir: Path,
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
         max_shard_bytes: int,
         overwrite: bool = False,
         protected: dict[str, Path] | None = None,
@@ -105,13 +106,11 @@ class ModelFolderWriter(FolderWriter):
     ):
         super().__init__(out_dir, overwrite, protected)
         self.specs = specs
-        self.sizes = {
-            n: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for n, (dtype, shape) in specs.items()
-        }
+        self.sizes = {n: spec_bytes((dtype, shape)) for n, (dtype, shape) in specs.items()}
         self.shards = plan_shards(self.sizes, max_shard_bytes)
         single = len(self.shards) == 1
         self.files = [
-            self.tmp / ("model.safetensors" if single else f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors")
+            self.tmp / (f"{MODEL_PREFIX}.safetensors" if single else shard_name(MODEL_PREFIX, i, len(self.shards)))
             for i in range(len(self.shards))
         ]
         self._writers: dict[str, SafetensorsWriter] = {}
@@ -132,8 +131,8 @@ class ModelFolderWriter(FolderWriter):
                 writer.close()
             if len(self.shards) > 1:
                 weight_map = {name: path.name for path, names in zip(self.files, self.shards) for name in names}
-                index = {"metadata": {"total_size": sum(self.sizes.values())}, "weight_map": weight_map}
-                (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+                metadata = {"total_size": sum(self.sizes.values())}
+                write_index(self.tmp / f"{MODEL_PREFIX}.safetensors.index.json", weight_map, metadata)
             if config_dir is not None:
                 shutil.copytree(
                     config_dir,
@@ -157,13 +156,13 @@ class ModelFolderWriter(FolderWriter):
 
 def write_hf_folder(
     out_dir: Path,
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    specs: dict[str, Spec],
     produce: Callable[[str], torch.Tensor],
     config_dir: Path | None,
     model_card: str,
     max_shard_bytes: int,
     overwrite: bool = False,
-    progress: Callable[[list[str]], object] = iter,
+    progress: Callable[[list[str]], Iterable[str]] = iter,
     torch_dtype: torch.dtype | None = None,
     write_shards: Callable[[list[tuple[Path, list[str]]]], None] | None = None,
 ) -> Path:

@@ -5,6 +5,7 @@ its usual places (HF_TOKEN, `huggingface-cli login`). Only the files a merge rea
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ class Located:
         return f"{self.hub_id}@{self.revision}" if self.hub_id else str(self.path)
 
 
-def locate(name: str | Path) -> Located:
+def locate(name: str | os.PathLike[str]) -> Located:
     """A local path as it is; otherwise a Hub id, resolved to a folder in huggingface_hub's cache."""
     path = Path(name)
     if path.exists():

@@ -19,6 +19,7 @@ import torch
 
 from foldin.errors import CheckpointError
 from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.io.specs import Spec
 
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
@@ -110,7 +111,7 @@ class LoraCheckpoint(Checkpoint):
     def names(self) -> list[str]:
         return self._base.names()
 
-    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    def spec(self, name: str) -> Spec:
         return self._base.spec(name)
 
     def read(self, name: str) -> torch.Tensor:

@@ -21,9 +21,10 @@ import torch
 
 from foldin.errors import FoldinError
 from foldin.io.export import write_folder
+from foldin.io.lora import PREFIX
 from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.io.specs import Spec
 
-PREFIX = "base_model.model."  # PEFT's key prefix for the wrapped model
 ADAPTER_FILE = "adapter_model.safetensors"
 REPORT_FILE = "lora-energy.json"
 
@@ -51,7 +52,7 @@ def module_of(name: str) -> tuple[str, str]:
 
 
 def plan_adapter(
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    specs: dict[str, Spec],
     linear: set[str],
     changed: set[str],
     full_tensors: bool,
@@ -76,7 +77,7 @@ def plan_adapter(
 
 def write_lora_adapter(
     out_dir: Path,
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    specs: dict[str, Spec],
     linear: set[str],
     changed: set[str],
     delta: Callable[[str], torch.Tensor],
@@ -96,7 +97,7 @@ def write_lora_adapter(
     if not adapted:
         raise FoldinError("the model has no linear-layer weights to carry a LoRA adapter.")
     stored = biases + [n for n in specs if module_of(n)[0] in set(whole) and specs[n][0].is_floating_point]
-    out_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    out_specs: dict[str, Spec] = {}
     for name in adapted:
         module, _ = module_of(name)
         out, inp = specs[name][1]

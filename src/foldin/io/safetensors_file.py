@@ -9,7 +9,6 @@ accumulating in RSS) and to write a file whose tensors are produced one by one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections import deque
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from foldin.errors import CheckpointError
+from foldin.io.specs import Spec, spec_bytes
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -119,7 +119,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
         raise CheckpointError(
             f"{path} is truncated: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte data area."
         )
-    expected = math.prod(tuple(shape)) * torch.empty((), dtype=dtype).element_size()
+    expected = spec_bytes((dtype, tuple(shape)))
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{path}: tensor {name!r} occupies {offsets[1] - offsets[0]} bytes but shape {shape} "
@@ -132,7 +132,7 @@ def read_bytes(fd: int, begin: int, nbytes: int, path: Path) -> torch.Tensor:
     """pread exactly nbytes at begin into a fresh uint8 tensor, or fail with a clear error if the
     file is shorter. The buffer is not zeroed first (a bytearray would be: a third of a read's time)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], begin + done)
@@ -153,7 +153,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 class SafetensorsWriter:
@@ -168,15 +168,13 @@ class SafetensorsWriter:
 
     MAX_PENDING = 2
 
-    def __init__(
-        self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
-    ):
+    def __init__(self, path: Path, specs: dict[str, Spec], metadata: dict[str, str] | None = None):
         self.path = path
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         self._offsets: dict[str, tuple[int, int]] = {}
         for name, (dtype, shape) in specs.items():
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = spec_bytes((dtype, shape))
             header[name] = {
                 "dtype": DTYPE_NAMES[dtype],
                 "shape": list(shape),

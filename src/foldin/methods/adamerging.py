@@ -13,13 +13,23 @@ they are clamped to [0, 1] after every step.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from foldin.data import Learning
 from foldin.errors import FoldinError
-from foldin.methods.learned import FunctionalModel, LearnedMethod, LearnedParams, LinearWeights, sample_index
+from foldin.methods.base import Heads
+from foldin.methods.learned import (
+    FunctionalModel,
+    LearnedMethod,
+    LearnedParams,
+    LinearWeights,
+    previous_task,
+    sample_index,
+)
 from foldin.methods.registry import register
 
 
@@ -39,6 +49,7 @@ class AdaMergingParams(LearnedParams):
 class AdaMerging(LearnedMethod):
     name = "adamerging"
     Params = AdaMergingParams
+    params: AdaMergingParams
     summary = (
         "Learns one coefficient for the merged and one for the new task vector by minimising prediction "
         "entropy on unlabelled inputs (needs task data and heads)."
@@ -51,13 +62,21 @@ class AdaMerging(LearnedMethod):
             f"{p.steps} steps of {p.batch_size} each, and the two tasks' frozen heads; no labels"
         )
 
-    def learn(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator):
+    def learn(
+        self,
+        base: dict[str, torch.Tensor],
+        tau_pre: dict[str, torch.Tensor],
+        tau_post: dict[str, torch.Tensor],
+        learning: Learning,
+        generator: torch.Generator,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
         p = self.params
-        tasks = [learning.previous, learning.new]
-        if any(t is None or t.head is None for t in tasks):
+        previous = previous_task(learning)
+        if previous.head is None or learning.new.head is None:
             raise FoldinError(
                 "adamerging scores predictions, so each task's data needs its classification head (TaskData.head)."
             )
+        tasks, heads = [previous, learning.new], [previous.head, learning.new.head]
         weights = LinearWeights(FunctionalModel(learning), base)
         taus = (tau_pre, tau_post)
         coeffs = torch.tensor([p.init_merged, p.init_new])
@@ -66,14 +85,20 @@ class AdaMerging(LearnedMethod):
             batches = [t.batch(sample_index(t, p.batch_size, generator)) for t in tasks]
             weights.fill(*((float(c), None, tau) for c, tau in zip(coeffs, taus)))
             _, grads = weights.gradient(
-                lambda features: sum(
-                    prediction_entropy(F.linear(features(b), t.head["weight"], t.head["bias"]))
-                    for t, b in zip(tasks, batches)
+                lambda features: cast(
+                    torch.Tensor,
+                    sum(
+                        prediction_entropy(F.linear(features(b), h["weight"], h["bias"]))
+                        for h, b in zip(heads, batches)
+                    ),
                 )
             )
             coeffs.grad = torch.stack(
                 [
-                    sum(torch.dot(g.flatten(), tau[n].flatten()) for n, g in grads.items() if g is not None)
+                    cast(
+                        torch.Tensor,
+                        sum(torch.dot(g.flatten(), tau[n].flatten()) for n, g in grads.items() if g is not None),
+                    )
                     for tau in taus
                 ]
             )  # the chain rule: d loss/d lambda = <d loss/d weights, tau>

@@ -63,11 +63,25 @@ class TensorSlot:
 class StepContext(Protocol):
     """What a method sees of one step: the step number, its scalars, and passes over the tensors."""
 
-    step: int  # 1-based number of the checkpoint being folded in
-    stats: Mapping[str, float]  # the method's scalars after the previous step ({} before the first)
-    compute_dtype: torch.dtype  # float32, or float64 for a float64 model
-    numel: int  # number of floating-point entries in the whole model
-    learning: Learning | None  # the model and task data, for data-driven methods (None otherwise)
+    @property
+    def step(self) -> int:
+        """1-based number of the checkpoint being folded in."""
+
+    @property
+    def stats(self) -> Mapping[str, float]:
+        """The method's scalars after the previous step ({} before the first)."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float32, or float64 for a float64 model."""
+
+    @property
+    def numel(self) -> int:
+        """Number of floating-point entries in the whole model."""
+
+    @property
+    def learning(self) -> Learning | None:
+        """The model and task data, for data-driven methods (None otherwise)."""
 
     def scan(self, fn: Callable[[TensorSlot], R], desc: str) -> list[R]:
         """A read-only pass over every tensor; returns fn's results (for global reductions)."""

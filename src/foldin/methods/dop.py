@@ -175,6 +175,7 @@ class DOPParams(MethodParams):
 class DOP(MergeMethod):
     name = "dop"
     Params = DOPParams
+    params: DOPParams
     uses_linear_weights = True
     summary = (
         "Per linear layer, finds the weight closest to both the merged and the new model in each one's principal "

@@ -140,6 +140,13 @@ class LearnedParams(MethodParams):
     seed: int = Field(0, description="Seeds batch sampling and the buffer.")
 
 
+def previous_task(learning: Learning) -> TaskData:
+    """The previous task's kept examples, which `learn` always has (LearnedMethod.fold checks)."""
+    if learning.previous is None:
+        raise RuntimeError("learn() was called without the previous task's examples")
+    return learning.previous
+
+
 class LearnedMethod(MergeMethod):
     """A method that learns how to combine the merged task vector (`previous`) with the new one
     from data. The first step has nothing to combine: the merged task vector is the task vector."""

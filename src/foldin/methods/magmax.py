@@ -32,6 +32,7 @@ class MagMaxParams(MethodParams):
 class MagMax(MergeMethod):
     name = "magmax"
     Params = MagMaxParams
+    params: MagMaxParams
     summary = "Keeps, element by element, the task-vector entry of largest magnitude seen so far; adds it scaled."
 
     def fold(self, ctx: StepContext) -> FoldResult:

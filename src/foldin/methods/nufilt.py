@@ -35,7 +35,7 @@ Choices:
 from __future__ import annotations
 
 import zlib
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -103,7 +103,8 @@ def filter_layer(
     task: torch.Tensor, merged: torch.Tensor, p: NUFILTParams, generator: torch.Generator, fit: bool
 ) -> torch.Tensor:
     """T (P + B A) for one layer: the part of the new task vector NUFILT adds to the merged one."""
-    d, like = task.shape[1], {"dtype": task.dtype, "device": task.device}
+    d = task.shape[1]
+    like: dict[str, Any] = {"dtype": task.dtype, "device": task.device}
     pre_v = torch.linalg.svd(merged, full_matrices=False).Vh.T[:, : p.null_r]
     u = pre_v if p.null_space else None
     a = torch.zeros(max(p.lora_r, 1), d, dtype=task.dtype)
@@ -117,7 +118,7 @@ def filter_layer(
         a, b = torch.nn.Parameter(a), torch.nn.Parameter(b)
         optimizer = torch.optim.Adam([a, b], lr=p.lr)
         for _ in range(p.max_steps):
-            loss = sum(_squared(res - task @ (b @ (a @ v))) for v, res in terms)
+            loss = cast(torch.Tensor, sum(_squared(res - task @ (b @ (a @ v))) for v, res in terms))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -130,6 +131,7 @@ def filter_layer(
 class NUFILT(MergeMethod):
     name = "nufilt"
     Params = NUFILTParams
+    params: NUFILTParams
     uses_linear_weights = True
     summary = (
         "Filters each new task vector's inputs away from the merged one's top singular directions, plus a small "

@@ -113,6 +113,7 @@ class OPCMParams(MethodParams):
 class OPCM(MergeMethod):
     name = "opcm"
     Params = OPCMParams
+    params: OPCMParams
     uses_linear_weights = True
     scale_known_before_step = False  # the global rescale needs the new merged task vector's norm
     summary = (

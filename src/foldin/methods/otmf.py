@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from foldin.data import Learning, TaskData
-from foldin.methods.base import squared_norm
+from foldin.methods.base import Heads, squared_norm
 from foldin.methods.learned import (
     FunctionalModel,
     LearnedMethod,
@@ -29,6 +29,7 @@ from foldin.methods.learned import (
     LinearWeights,
     add_task_vectors,
     batched_features,
+    previous_task,
     refit_head,
     sample_index,
 )
@@ -93,6 +94,7 @@ class OTMFParams(LearnedParams):
 class OTMF(LearnedMethod):
     name = "otmf"
     Params = OTMFParams
+    params: OTMFParams
     summary = (
         "Learns element-wise masks on the merged and the new task vector by a Sinkhorn loss against both "
         "teachers' features (needs task data)."
@@ -114,7 +116,14 @@ class OTMF(LearnedMethod):
         )
         return f"{inputs}; {refit}"
 
-    def learn(self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator):
+    def learn(
+        self,
+        base: dict[str, torch.Tensor],
+        tau_pre: dict[str, torch.Tensor],
+        tau_post: dict[str, torch.Tensor],
+        learning: Learning,
+        generator: torch.Generator,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
         p = self.params
         stats: dict[str, float] = {}
         if not p.masks:
@@ -141,7 +150,12 @@ class OTMF(LearnedMethod):
         return fused, stats, heads
 
     def _train_masks(
-        self, base, tau_pre, tau_post, learning: Learning, generator: torch.Generator
+        self,
+        base: dict[str, torch.Tensor],
+        tau_pre: dict[str, torch.Tensor],
+        tau_post: dict[str, torch.Tensor],
+        learning: Learning,
+        generator: torch.Generator,
     ) -> tuple[dict[str, Masks], float]:
         """The best masks (by the summed loss of a pre and a post step) and that loss."""
         p = self.params
@@ -150,7 +164,7 @@ class OTMF(LearnedMethod):
         scale = {"pre": p.alpha, "post": 1 - p.alpha}
         masks = {side: {n: torch.ones_like(t) for n, t in tau_pre.items()} for side in tau}
         optimizers = {side: torch.optim.Adam(list(m.values()), lr=p.lr, fused=True) for side, m in masks.items()}
-        data = {"pre": learning.previous, "post": learning.new}
+        data = {"pre": previous_task(learning), "post": learning.new}
         best, best_loss, pair_loss = None, float("inf"), 0.0
         for step in range(p.steps):
             side = "pre" if step % 2 == 0 else "post"
@@ -172,7 +186,12 @@ class OTMF(LearnedMethod):
         return best or masks, best_loss
 
     def _refit_head(
-        self, task: TaskData, base, fused, learning: Learning, generator: torch.Generator
+        self,
+        task: TaskData,
+        base: dict[str, torch.Tensor],
+        fused: dict[str, torch.Tensor],
+        learning: Learning,
+        generator: torch.Generator,
     ) -> dict[str, torch.Tensor]:
         """`task`'s head refit on the merged model's features of a labelled fraction of its examples."""
         wanted = round(
@@ -182,5 +201,7 @@ class OTMF(LearnedMethod):
             generator.get_state()
         )  # a copy: refitting leaves the merged weights as they would be without it
         labelled = task.subset(max(1, wanted), draws)  # as many as the buffer holds
+        if task.head is None or labelled.labels is None:
+            raise RuntimeError("a head is refit only for a task with labels and a head (OTMF.learn checks)")
         features = batched_features(FunctionalModel(learning), add_task_vectors(base, (1.0, fused)), labelled)
         return refit_head(task.head, features, labelled.labels, self.params.head_refit_steps)

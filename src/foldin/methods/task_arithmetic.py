@@ -16,6 +16,7 @@ class TaskArithmeticParams(MethodParams):
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     Params = TaskArithmeticParams
+    params: TaskArithmeticParams
     summary = "Adds each new task vector, scaled by a fixed factor."
 
     def fold(self, ctx: StepContext) -> FoldResult:

@@ -64,6 +64,7 @@ class TiesParams(MethodParams):
 class Ties(MergeMethod):
     name = "ties"
     Params = TiesParams
+    params: TiesParams
     summary = "Trims, sign-elects and disjointly merges the merged and the new task vector."
 
     def fold(self, ctx: StepContext) -> FoldResult:

@@ -6,25 +6,50 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from foldin.engine import ModelLayout, Runner, TensorSource, VerifiedSource
 from foldin.io.checkpoint import CHECKSUM, Checkpoint, open_checkpoint
-from foldin.methods.base import MergeMethod
+from foldin.io.specs import Spec
+from foldin.methods.base import MergeMethod, TensorSlot
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """How a step or an export runs, whatever the backend: progress display, the device the
-    arithmetic runs on (weight-only methods), and tensors in flight at once on threads."""
+class Options:
+    """How a step or an export runs, one value for every entry point (MergeState.add,
+    add_and_export, export, export_lora; the CLI builds it in one place).
+
+    Attributes:
+        progress: show progress bars.
+        device: where a weight-only method's arithmetic runs (None: the CPU).
+        workers: tensors in flight at once on threads, sharing torch's threads.
+        backend: where the passes run (None: this process; a RayBackend: Ray tasks).
+        dtype: the exported model's floating dtype, "float32", "float16" or "bfloat16" (None: the base's).
+        max_shard_size: the largest exported safetensors file, e.g. "5GB".
+        overwrite: an export may replace an earlier foldin export in its folder.
+    """
 
     progress: bool = True
     device: str | None = None
     workers: int = 1
+    backend: Backend | None = None
+    dtype: str | None = None
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+
+
+def with_changes(options: Options | None, changes: dict[str, Any]) -> Options:
+    """`options` (default: Options()) with the fields in `changes` replaced; an unknown field is refused."""
+    unknown = sorted(set(changes) - {f.name for f in fields(Options)})
+    if unknown:
+        raise TypeError(
+            f"{unknown[0]!r} is not a field of foldin.Options ({', '.join(f.name for f in fields(Options))})"
+        )
+    return replace(options or Options(), **changes)
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,7 @@ class GenerationRunner(Runner, Protocol):
     step, `digests` holds each tensor's checksum (what the state records at commit)."""
 
     digests: dict[str, str]
+    on_merged: Callable[[TensorSlot, torch.Tensor], None] | None  # sees each merged tensor (a fused export)
 
 
 ShardWriter = Callable[
@@ -78,15 +104,15 @@ ShardWriter = Callable[
 class Backend(Protocol):
     """Runs a state's steps and exports (LocalBackend, RayBackend)."""
 
-    def generation_runner(self, options: RunOptions, job: GenerationJob) -> AbstractContextManager[GenerationRunner]:
+    def generation_runner(self, options: Options, job: GenerationJob) -> AbstractContextManager[GenerationRunner]:
         """A runner that writes `job`'s merged task vector into its generation folder."""
 
     def shard_writer(
         self,
-        options: RunOptions,
+        options: Options,
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
     ) -> ShardWriter | None:
         """None: the export writes its shards in this process."""

@@ -16,11 +16,11 @@ from foldin.engine import CheckedReader, ModelLayout, StepPasses, TensorSource, 
 from foldin.errors import FoldinError
 from foldin.io.checkpoint import tensor_digest
 from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.io.shards import MERGED_FILE
+from foldin.io.specs import Spec
 from foldin.methods.base import MergeMethod, TensorSlot
 from foldin.progress import progress
-from foldin.runners import GenerationJob, RunOptions, StateFiles
-
-MERGED_FILE = "merged.safetensors"
+from foldin.runners import GenerationJob, Options, StateFiles
 
 
 class LocalStep(StepPasses):
@@ -33,7 +33,7 @@ class LocalStep(StepPasses):
         layout: ModelLayout,
         load: Callable[[str, str], torch.Tensor],
         sink: Callable[[str, torch.Tensor], None],
-        options: RunOptions,
+        options: Options,
         learning: Learning | None = None,
         on_merged: Callable[[TensorSlot, torch.Tensor], None] | None = None,
     ):
@@ -96,9 +96,9 @@ class LocalRunner:
         base: TensorSource,
         previous: TensorSource | None,
         sink: Callable[[str, torch.Tensor], None],
-        options: RunOptions | None = None,
+        options: Options | None = None,
     ):
-        options = options or RunOptions()
+        options = options or Options()
         if options.workers < 1:
             raise FoldinError(f"--workers must be at least 1, not {options.workers}.")
         self.base, self.previous, self.sink, self.options = base, previous, sink, options
@@ -133,7 +133,7 @@ class GenerationFileRunner(LocalRunner):
         writer: SafetensorsWriter,
         base: TensorSource,
         previous: TensorSource | None,
-        options: RunOptions,
+        options: Options,
         checksum: str,
     ):
         super().__init__(base, previous, self._write, options)
@@ -149,7 +149,7 @@ class LocalBackend:
     """A merge state's steps and exports in this process."""
 
     @contextmanager
-    def generation_runner(self, options: RunOptions, job: GenerationJob) -> Iterator[GenerationFileRunner]:
+    def generation_runner(self, options: Options, job: GenerationJob) -> Iterator[GenerationFileRunner]:
         """A runner writing the step's merged task vector to gen_dir/merged.safetensors."""
         metadata = {"format": "pt", "foldin_step": str(job.step)}
         with SafetensorsWriter(job.gen_dir / MERGED_FILE, job.layout.state_specs(), metadata) as writer:
@@ -157,10 +157,10 @@ class LocalBackend:
 
     def shard_writer(
         self,
-        options: RunOptions,
+        options: Options,
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
     ) -> None:
         return None  # the export writes its shards in this process

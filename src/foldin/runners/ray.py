@@ -17,7 +17,6 @@ device, and the same torch version on every node (checked).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -31,14 +30,15 @@ import torch
 from foldin.data import Learning
 from foldin.engine import CheckedReader, ModelLayout, StepPasses, read_export_tensor, tensor_loader
 from foldin.errors import FoldinError
-from foldin.io.atomic import fsync_file
 from foldin.io.checkpoint import tensor_digest
 from foldin.io.export import plan_shards
 from foldin.io.lora import open_model_or_adapter
 from foldin.io.safetensors_file import SafetensorsWriter
+from foldin.io.shards import MERGED_INDEX, MERGED_PREFIX, shard_name, write_index
+from foldin.io.specs import Spec, spec_bytes
 from foldin.methods.base import MergeMethod, R, TensorSlot
 from foldin.progress import progress as progress_bar
-from foldin.runners import GenerationJob, RunOptions, ShardWriter, StateFiles
+from foldin.runners import GenerationJob, Options, ShardWriter, StateFiles
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,6 @@ def _versions() -> tuple[str, str]:
     from importlib.metadata import version
 
     return version("foldin"), torch.__version__
-
-
-SHARD_PREFIX = "merged"  # a generation written by Ray tasks: merged-00001-of-0000N.safetensors ...
-SHARD_INDEX = "merged.safetensors.index.json"  # ... and their index, as Hugging Face shards models
 
 
 def fold_chunk(
@@ -109,7 +105,7 @@ def export_shard(
     names: list[str],
     method: Any,
     stats: dict[str, float],
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    specs: dict[str, Spec],
     path: str,
     threads: int,
 ) -> dict[str, float]:
@@ -164,7 +160,7 @@ class RayBackend:
         """Consecutive tensors grouped into about tasks_per_cpu chunks per CPU of the cluster."""
         ray = self.connect()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        sizes = {n: math.prod(layout.specs[n][1]) * layout.compute_dtype.itemsize for n in names}
+        sizes = {n: spec_bytes((layout.compute_dtype, layout.specs[n][1])) for n in names}
         return plan_shards(sizes, max(1, math.ceil(sum(sizes.values()) / (cpus * self.tasks_per_cpu))))
 
     def run(
@@ -199,29 +195,25 @@ class RayBackend:
                 ) from None
 
     @contextmanager
-    def generation_runner(self, options: RunOptions, job: GenerationJob) -> Iterator[RayRunner]:
+    def generation_runner(self, options: Options, job: GenerationJob) -> Iterator[RayRunner]:
         """A step as Ray tasks writing the merged task vector in shards into gen_dir, then their index."""
         if options.device not in (None, "cpu"):
             raise FoldinError(
                 "--device with --backend ray is not supported yet; the Ray tasks compute on their nodes' CPUs."
             )
         step_files = StepFiles(job.files, str(job.checkpoint.resolve()), job.layout, "cpu", self.threads)
-        runner = RayRunner(self, step_files, job.gen_dir, SHARD_PREFIX, options.progress)
+        runner = RayRunner(self, step_files, job.gen_dir, MERGED_PREFIX, options.progress)
         yield runner
-        index = {
-            "metadata": {"format": "pt", "foldin_step": str(job.step)},
-            "weight_map": {n: runner.weight_map[n] for n in job.layout.merged_names},
-        }
-        (job.gen_dir / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        fsync_file(job.gen_dir / SHARD_INDEX)
+        weight_map = {n: runner.weight_map[n] for n in job.layout.merged_names}
+        write_index(job.gen_dir / MERGED_INDEX, weight_map, {"format": "pt", "foldin_step": str(job.step)})
 
     def shard_writer(
         self,
-        options: RunOptions,
+        options: Options,
         files: StateFiles,
         method: MergeMethod,
         stats: dict[str, float],
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        specs: dict[str, Spec],
     ) -> ShardWriter:
         """Each shard of an export written by a Ray task (the output folder's parent must be shared storage)."""
 
@@ -258,6 +250,7 @@ class RayRunner:
         )
         self.weight_map: dict[str, str] = {}
         self.digests: dict[str, str] = {}
+        self.on_merged: Callable[[TensorSlot, torch.Tensor], None] | None = None  # never set: fused exports are local
 
     def context(
         self,
@@ -289,7 +282,7 @@ class RayStep(StepPasses):
 
     def run_pass(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
         r, n = self._runner, len(self._chunks)
-        shards = [f"{r.shard_prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if write else [None] * n
+        shards = [shard_name(r.shard_prefix, i, n) for i in range(n)] if write else [None] * n
         calls = [
             (r.files, names, fn, str(r.out_dir / s) if s else None, self._unmerged if i == 0 else [])
             for i, (names, s) in enumerate(zip(self._chunks, shards))

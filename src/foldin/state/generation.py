@@ -18,8 +18,6 @@ from safetensors.torch import load_file, save_file
 from foldin.data import TaskData
 from foldin.io.atomic import fsync_file
 from foldin.methods.base import Heads
-from foldin.runners.local import MERGED_FILE
-from foldin.runners.ray import SHARD_INDEX
 
 BUFFER_FILE = "buffer.safetensors"
 HEADS_FILE = "heads.safetensors"
@@ -27,12 +25,6 @@ HEADS_FILE = "heads.safetensors"
 
 def new_generation_name(step: int, token: str) -> str:
     return f"gen-{step:06d}-{token}"
-
-
-def merged_file(gen_dir: Path) -> Path:
-    """The merged task vector of a generation: its single file, or the shard index Ray tasks wrote."""
-    single = gen_dir / MERGED_FILE
-    return single if single.exists() or not (gen_dir / SHARD_INDEX).exists() else gen_dir / SHARD_INDEX
 
 
 def remove_leftovers(state_dir: Path, current: str | None) -> None:

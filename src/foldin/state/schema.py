@@ -128,3 +128,8 @@ def committed_generation(state_dir: Path) -> str | None:
         return json.loads((state_dir / STATE_FILE).read_text()).get("generation")
     except (OSError, ValueError):
         return None
+
+
+def digest_algorithm(meta: dict[str, Any]) -> str:
+    """The hash of a state's digests (states made before xxh3 keep sha256)."""
+    return meta.get("checksum", "sha256")

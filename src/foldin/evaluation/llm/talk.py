@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from foldin.evaluation.suite import hf
 from foldin.evaluation.text.tasks import grimm_passages
 
 CHAT_PROMPTS = (
@@ -53,7 +54,7 @@ def chat_answers(model: nn.Module, tokenizer, prompts: tuple[str, ...] = CHAT_PR
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=False
         )
-        out = model.generate(
+        out = hf(model).generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=ANSWER_TOKENS,

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foldin.evaluation.suite import EVAL_BATCH, Encoded, Suite, Task
-from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite, user_task
+from foldin.evaluation.suite import EVAL_BATCH, Encoded, Suite, Task, hf
+from foldin.evaluation.text.tasks import TEXT_TASKS, text_suite
+from foldin.evaluation.text.user_task import user_task
 
 MAX_LEN = 64
 ZERO_SHOT_SCALE = 20.0
@@ -69,7 +70,7 @@ class TextSuite(Suite):
         return AutoModel.from_pretrained(path or self.backbone).eval()
 
     def save_backbone(self, model: nn.Module, folder: Path) -> None:
-        model.save_pretrained(folder)
+        hf(model).save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
 
     def encode(self, inputs: list[str], labels: list[int]) -> Encoded:

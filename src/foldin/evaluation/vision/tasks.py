@@ -221,5 +221,5 @@ def user_task(spec_path: str | Path, max_train: int = 3000, max_test: int = 1000
     else:
         train_split, test_split = _read_npz(train), _read_npz(test)
     n_classes = int(max(train_split[1].max(), test_split[1].max())) + 1
-    labels = [str(x) for x in spec.get("label_names", range(n_classes))]
-    return _to_task(name, f"user task {spec_path}", labels, train_split, test_split, max_train, max_test, seed)
+    label_names = [str(x) for x in spec.get("label_names", range(n_classes))]
+    return _to_task(name, f"user task {spec_path}", label_names, train_split, test_split, max_train, max_test, seed)

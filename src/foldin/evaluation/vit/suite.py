@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task
+from foldin.evaluation.suite import Task, hf
 from foldin.evaluation.vision.image_suite import ImageSuite
 from foldin.evaluation.vision.tasks import Source
 from foldin.evaluation.vit.convert import dinov2_from_onnx, onnx_path
@@ -75,7 +75,7 @@ class ViTSuite(ImageSuite):
         return Dinov2Model.from_pretrained(path).eval()
 
     def save_backbone(self, model: nn.Module, folder: Path) -> None:
-        model.save_pretrained(folder)
+        hf(model).save_pretrained(folder)
 
     def features(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         pooled = model(pixel_values=batch).pooler_output
