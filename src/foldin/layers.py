@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from foldin.errors import FoldinError
-from foldin.io.hf_names import file_names
+from foldin.io.hf_names import file_names, prefixed_matches
 
 FALLBACK_EXCLUDE = re.compile(r"embed|wte|wpe|position|token_type|shared", re.IGNORECASE)
 
@@ -58,7 +58,7 @@ def _align(model_names: set[str], checkpoint_names: Iterable[str]) -> set[str]:
     keys = set(checkpoint_names)
     found = model_names & keys
     for name in model_names - found:
-        matches = [k for k in keys if k.endswith("." + name)] or [k for k in keys if name.endswith("." + k)]
+        matches = prefixed_matches(name, keys)
         if len(matches) == 1:
             found.add(matches[0])
     return found

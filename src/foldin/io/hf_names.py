@@ -7,7 +7,8 @@ memory and maps the names when it loads and saves: DINOv2's `attention.attention
 module-derived name (which weights are nn.Linear) must be translated before it is matched with a
 checkpoint's keys, and a state dict read from files must be translated before `load_state_dict`.
 Both directions are derived from transformers' own reverse mapping (the one `save_pretrained`
-applies); with transformers 4, or for a model with no mapping, every name maps to itself.
+applies); with transformers 4, or for a model with no mapping, every name maps to itself. Names
+may also differ by a module prefix ('bert.'), which `prefixed_matches` allows for.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def _reverse_renamer(model: nn.Module):
     if not renamings and not converters:
         return None
     return lambda name: apply_renamings(apply_converters(name, converters)[0], renamings)
+
+
+def prefixed_matches(name: str, keys: Iterable[str]) -> list[str]:
+    """The keys that are `name` with a module prefix added or dropped (a task model's 'bert.' that
+    the base model lacks, or the other way round): those ending in '.name', else those that '.key' ends."""
+    keys = list(keys)
+    return [k for k in keys if k.endswith("." + name)] or [k for k in keys if name.endswith("." + k)]
 
 
 def file_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ import torch
 
 from foldin.errors import CheckpointError
 from foldin.io.checkpoint import Checkpoint, open_checkpoint
+from foldin.io.hf_names import prefixed_matches
 from foldin.io.specs import Spec
 
 PREFIX = "base_model.model."
@@ -103,7 +104,7 @@ class LoraCheckpoint(Checkpoint):
         """The base tensor an adapter module updates; checkpoints may add or drop a prefix such as 'bert.'."""
         if name in base_names:
             return name
-        matches = [n for n in base_names if n.endswith("." + name) or name.endswith("." + n)]
+        matches = prefixed_matches(name, base_names)
         if len(matches) != 1:
             raise CheckpointError(f"{path}: the adapter updates {name!r}, which the base model does not have.")
         return matches[0]

@@ -48,35 +48,35 @@ def load_gguf(path: Path) -> tuple[nn.Module, object]:
     logging.set_verbosity_error()  # the GGUF reader's progress bar and legacy-tokenizer notice
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32, **_unpacked_gguf()
         )
     finally:
         logging.set_verbosity(verbosity)
-    model = _without_quantizer(model)
-    model.config.name_or_path = path.stem  # not the machine's folder
+    model = _without_quantizer(loaded)
+    config = hf(model).config
+    config.name_or_path = path.stem  # not the machine's folder
     # transformers' GGUF reader names <|im_start|> as the tokenizer's end token; the model's own
     # config (and generation) ends a turn with eos_token_id, <|im_end|> for SmolLM2, and pads with it
-    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id or model.config.eos_token_id)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id or config.eos_token_id)
     return model.eval(), tokenizer
 
 
 def _unpacked_gguf() -> dict[str, object]:
     """transformers 5 keeps GGUF weights in their quantized blocks where it has a kernel for them:
     ask for every weight unpacked into float32 (transformers 4 always unpacks them)."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
+    import transformers
+
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    return {"quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else {}
 
 
 def _without_quantizer(model: nn.Module) -> nn.Module:
     """The same weights in a model that carries no GGUF quantizer: transformers 5 keeps one on a
     model loaded from GGUF, unpacked or not, and will not save such a model (nor should its
     config.json claim a quantization that the float32 weights no longer have)."""
-    config = model.config
+    config = hf(model).config
     if getattr(model, "hf_quantizer", None) is None and getattr(config, "quantization_config", None) is None:
         return model
     config = copy.deepcopy(config)
