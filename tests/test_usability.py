@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from conftest import PARITY
 from foldin.cli import main
-from foldin.progress import LogProgress
+from foldin.progress import LogProgress, SettlingBar
 
 BERT = PARITY / "bert-tiny"
 
@@ -117,6 +118,21 @@ def test_no_time_left_is_estimated_before_the_rate_settles():
     lines = stream.getvalue().splitlines()
     assert all(line.endswith("estimating the time left") for line in lines[:4])  # 4 = 2% of 200, after the first
     assert "about" in lines[4] and "h" not in lines[4].split("about")[1]  # seconds, not the set-up's hour
+
+
+def test_the_terminal_bar_estimates_from_the_first_unit_once_settled():
+    """The same rule on a terminal's bar: no time left before 2% of the work is done after the
+    first unit, then one measured from that unit, not from an hour of set-up."""
+    bar = SettlingBar(total=200, desc="bench", unit="step", file=io.StringIO(), mininterval=0)
+    bar.start_t -= 3600  # an hour of set-up before the first step
+    shown = []
+    for _ in range(6):
+        bar.update(1)
+        shown.append(str(bar))
+    assert all(line.endswith("estimating the time left]") for line in shown[:4]) and "[1:00:00," in shown[0]
+    remaining = shown[5].split("<")[1].split(",")[0]  # [elapsed<remaining, rate]
+    assert remaining.count(":") == 1  # mm:ss, not the hours that the set-up's rate would give
+    bar.close()
 
 
 def test_a_step_prints_progress_lines_into_a_log(tmp_path):
@@ -237,3 +253,19 @@ def test_a_task_with_one_labelled_file_is_split_by_test_fraction(tmp_path, capsy
         capsys.readouterr()
         assert main(["zoo", "build", "--task", str(spec), *small, "--out", str(tmp_path / "z2")]) == 1
         assert words in capsys.readouterr().err
+
+
+def test_setup_and_the_demo_say_what_they_do_before_the_long_parts():
+    """A first set-up spends minutes in pip: set-up announces the venv, torch, foldin, the packaged
+    models and any Debian package before it starts on them, and the demo speaks before set-up."""
+    scripts = Path(__file__).parents[1] / "scripts"
+    announced: list[str] = []
+    for line in (scripts / "setup.sh").read_text().splitlines():
+        code = line.split("  #")[0].strip()
+        if re.search(r'\bsay "', code):  # a call, not the function's definition
+            announced.append(code)
+        if any(long in code for long in ("-m venv", "pip install", "apt-get install")):
+            assert announced, f"setup.sh starts {code!r} before saying what it does"
+    assert len(announced) >= 5
+    demo = [line.strip() for line in (scripts / "demo.sh").read_text().splitlines()]
+    assert demo.index("bash scripts/setup.sh") > next(i for i, line in enumerate(demo) if line.startswith("echo "))

@@ -1,6 +1,7 @@
 """Progress on long work: a tqdm bar on a terminal, and a plain line every LOG_INTERVAL seconds
 when stderr goes to a log (CI, nohup, `> log`), where a bar would stay silent and a long step
-would read as a hang."""
+would read as a hang. Both measure the time left from the first unit done, and say "estimating"
+until the rate has settled."""
 
 from __future__ import annotations
 
@@ -82,6 +83,34 @@ class LogProgress:
         print(f"{self.desc}: {where}{postfix}, {_duration(elapsed)} elapsed{left}", file=self.stream, flush=True)
 
 
+class SettlingBar(tqdm):
+    """tqdm's terminal bar, whose time left is measured like LogProgress's: from the first unit
+    done (not from the start, which includes loading and warm-up), and shown only once SETTLED of
+    the work has been done since; until then it says so."""
+
+    SETTLING = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, estimating the time left{postfix}]"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.first: tuple[float, float] | None = None  # (time, n) when the first unit was seen done
+        super().__init__(*args, **kwargs)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        d = super().format_dict
+        if not self.total or self.disable:
+            return d
+        now = self._time()
+        if self.first is None and self.n > 0:
+            self.first = (now, self.n)
+        since, at = self.first or (now, self.n)
+        done = self.n - at
+        if done >= max(2, SETTLED * self.total) and now > since:
+            d["rate"] = done / (now - since)
+        else:
+            d["bar_format"] = self.SETTLING
+        return d
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return (
@@ -103,5 +132,5 @@ def progress(
     if not enabled:
         return tqdm(iterable, total=total, disable=True)
     if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr)
+        return SettlingBar(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr)
     return LogProgress(iterable, total, desc, unit)
