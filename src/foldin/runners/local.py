@@ -58,21 +58,18 @@ class LocalStep(StepPasses):
             for slot in self._slots(desc):
                 yield slot, fn(slot)
             return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // self._workers))
-        try:
-            with ThreadPoolExecutor(self._workers) as pool:
-                in_flight: deque = deque()
-                for slot in self._slots(desc):
-                    in_flight.append((slot, pool.submit(fn, slot)))
-                    if len(in_flight) >= self._workers:  # bounded: memory is `workers` tensors' worth
-                        done, future = in_flight.popleft()
-                        yield done, future.result()
-                while in_flight:
+        share = max(1, torch.get_num_threads() // self._workers)  # set in each worker thread: the
+        # count is per thread, so the caller's own (and another step's in this process) stays as it is
+        with ThreadPoolExecutor(self._workers, initializer=torch.set_num_threads, initargs=(share,)) as pool:
+            in_flight: deque = deque()
+            for slot in self._slots(desc):
+                in_flight.append((slot, pool.submit(fn, slot)))
+                if len(in_flight) >= self._workers:  # bounded: memory is `workers` tensors' worth
                     done, future = in_flight.popleft()
                     yield done, future.result()
-        finally:
-            torch.set_num_threads(threads)
+            while in_flight:
+                done, future = in_flight.popleft()
+                yield done, future.result()
 
     def run_pass(self, fn: Callable[[TensorSlot], Any], desc: str, write: bool) -> list[Any]:
         results = []
