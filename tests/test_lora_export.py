@@ -13,6 +13,8 @@ from transformers import BertModel
 from conftest import FIXTURES, PARITY
 from foldin import MergeState
 from foldin.cli import main
+from foldin.io.checkpoint import open_checkpoint
+from foldin.io.lora import open_model_or_adapter
 from foldin.io.lora_export import low_rank_factors
 
 peft = pytest.importorskip("peft", reason="PEFT checks the adapter: pip install peft")
@@ -94,3 +96,6 @@ def test_a_full_fine_tune_needs_full_tensors_and_keeps_the_energy_it_says(tmp_pa
             torch.testing.assert_close(merged[name], expected, rtol=0, atol=0)
     report = json.loads((tmp_path / "lora" / "lora-energy.json").read_text())
     assert report["energy_kept"] == pytest.approx(energy) and report["rank"] == 2
+    with open_checkpoint(BASE) as base_ckpt, open_model_or_adapter(tmp_path / "lora", base_ckpt) as ours:
+        for name in base:  # foldin reads its own adapter back, whole tensors included, as PEFT merges it
+            torch.testing.assert_close(ours.read(name), merged[name], rtol=1e-6, atol=1e-6)

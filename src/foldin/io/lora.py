@@ -4,8 +4,11 @@ lora_alpha / sqrt(r) with rsLoRA; rank_pattern / alpha_pattern per module), exac
 merge_and_unload computes. The dense weight is built one tensor at a time when the engine asks for
 it, so an adapter costs no more memory than its largest adapted matrix and nothing on disk.
 
-Supported: plain LoRA (adapter_config.json with peft_type LORA), fan_in_fan_out, bias "none".
-Refused with a clear error: DoRA, LoRA biases, modules_to_save, other PEFT types.
+Supported: LoRA (adapter_config.json with peft_type LORA), fan_in_fan_out, rsLoRA, rank and alpha
+patterns; and tensors stored whole, which replace the base's: `modules_to_save` and the biases
+that bias "lora_only" or "all" stores (what `foldin export --lora-full-tensors` writes, so foldin
+reads its own adapters back). Refused with a clear error: DoRA, LoRA's own bias terms
+(`lora_bias`), other PEFT types.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from foldin.io.specs import Spec
 
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+# what PEFT puts between a module and its parameter in a whole tensor's key: a LoRA layer's wrapped
+# layer (its bias), or the copy it trains of a module to save
+WHOLE_INFIX = re.compile(r"\.(?:base_layer|modules_to_save(?:\.default)?)\.")
 
 
 def is_lora_adapter(path: Path) -> bool:
@@ -53,16 +59,21 @@ class LoraCheckpoint(Checkpoint):
         self._adapter = open_checkpoint(weights)
         self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))
         pairs: dict[str, dict[str, str]] = {}
+        base_names = set(base.names())
+        self._whole: dict[str, str] = {}  # base tensor name -> the adapter's key holding its new value
+        whole_allowed = bool(config.get("modules_to_save")) or config.get("bias", "none") != "none"
         for key in self._adapter.names():
             m = LORA_KEY.match(key.removeprefix(PREFIX))
-            if m is None:
+            if m is not None:
+                pairs.setdefault(m["module"], {})[m["ab"]] = key
+            elif whole_allowed:
+                self._whole[self._base_name(WHOLE_INFIX.sub(".", key.removeprefix(PREFIX)), base_names, path)] = key
+            else:
                 raise CheckpointError(
-                    f"{path}: adapter tensor {key!r} is not a LoRA A or B matrix (modules_to_save and biases "
-                    f"are not supported)."
+                    f"{path}: adapter tensor {key!r} is not a LoRA A or B matrix, and the adapter declares no "
+                    f"modules_to_save or bias that would store it whole."
                 )
-            pairs.setdefault(m["module"], {})[m["ab"]] = key
         self._updates: dict[str, tuple[str, str, float]] = {}  # base tensor name -> (A key, B key, scaling)
-        base_names = set(base.names())
         for module, ab in pairs.items():
             if set(ab) != {"A", "B"}:
                 raise CheckpointError(f"{path}: module {module!r} has lora_{next(iter(ab))} but not its partner.")
@@ -82,14 +93,10 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{path / 'adapter_config.json'} is not valid JSON.") from e
         if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{path} is a {config.get('peft_type')} adapter; foldin reads LoRA adapters.")
-        if (
-            config.get("use_dora")
-            or config.get("bias", "none") != "none"
-            or config.get("lora_bias")
-            or config.get("modules_to_save")
-        ):
+        if config.get("use_dora") or config.get("lora_bias"):
             raise CheckpointError(
-                f"{path}: DoRA, LoRA biases and modules_to_save are not supported; merge the adapter with PEFT first."
+                f"{path}: DoRA and LoRA's own bias terms (lora_bias) are not supported; merge the adapter with "
+                f"PEFT first."
             )
         if (
             not isinstance(config.get("r"), int)
@@ -116,6 +123,14 @@ class LoraCheckpoint(Checkpoint):
         return self._base.spec(name)
 
     def read(self, name: str) -> torch.Tensor:
+        if name in self._whole:  # stored whole: the module's new value replaces the base's
+            value, (dtype, shape) = self._adapter.read(self._whole[name]), self._base.spec(name)
+            if tuple(value.shape) != shape:
+                raise CheckpointError(
+                    f"{self.path}: {self._whole[name]!r} has shape {list(value.shape)}, the base's {name!r} "
+                    f"{list(shape)}."
+                )
+            return value.to(dtype)
         weight = self._base.read(name)
         if name not in self._updates:
             return weight
