@@ -35,7 +35,9 @@ def _reverse_renamer(model: nn.Module):
         return None
     conversions = getattr(model, "_weight_conversions", None)
     if conversions is None:  # built from a config, not loaded: the default mapping, as save_pretrained uses
-        if not hasattr(model, "config"):
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
             return None
         conversions = [
             c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ PREFIX = "backbone."
 HIDDEN = 384
 GRID = 37  # 518 px / patch 14
 
-CONFIG = {
+CONFIG: dict[str, Any] = {
     "hidden_size": HIDDEN,
     "num_hidden_layers": 12,
     "num_attention_heads": 6,
