@@ -21,12 +21,13 @@ from pydantic import Field
 
 from foldin.data import Learning
 from foldin.errors import FoldinError
-from foldin.methods.base import Heads
 from foldin.methods.learned import (
     FunctionalModel,
     LearnedMethod,
     LearnedParams,
+    LearnResult,
     LinearWeights,
+    Tensors,
     previous_task,
     sample_index,
 )
@@ -63,13 +64,8 @@ class AdaMerging(LearnedMethod):
         )
 
     def learn(
-        self,
-        base: dict[str, torch.Tensor],
-        tau_pre: dict[str, torch.Tensor],
-        tau_post: dict[str, torch.Tensor],
-        learning: Learning,
-        generator: torch.Generator,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
+        self, base: Tensors, tau_pre: Tensors, tau_post: Tensors, learning: Learning, generator: torch.Generator
+    ) -> LearnResult:
         p = self.params
         previous = previous_task(learning)
         if previous.head is None or learning.new.head is None:

@@ -140,6 +140,10 @@ class LearnedParams(MethodParams):
     seed: int = Field(0, description="Seeds batch sampling and the buffer.")
 
 
+Tensors = dict[str, torch.Tensor]  # by parameter name
+LearnResult = tuple[Tensors, dict[str, float], Heads]  # the merged task vector, scalars to record, refit heads
+
+
 def previous_task(learning: Learning) -> TaskData:
     """The previous task's kept examples, which `learn` always has (LearnedMethod.fold checks)."""
     if learning.previous is None:
@@ -156,13 +160,8 @@ class LearnedMethod(MergeMethod):
 
     @abstractmethod
     def learn(
-        self,
-        base: dict[str, torch.Tensor],
-        tau_pre: dict[str, torch.Tensor],
-        tau_post: dict[str, torch.Tensor],
-        learning: Learning,
-        generator: torch.Generator,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
+        self, base: Tensors, tau_pre: Tensors, tau_post: Tensors, learning: Learning, generator: torch.Generator
+    ) -> LearnResult:
         """Return the next merged task vector, a few scalars worth recording (e.g. coefficients) and
         the heads it refit (by task name; empty if none)."""
 

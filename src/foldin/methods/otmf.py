@@ -21,12 +21,14 @@ import torch
 from pydantic import Field
 
 from foldin.data import Learning, TaskData
-from foldin.methods.base import Heads, squared_norm
+from foldin.methods.base import squared_norm
 from foldin.methods.learned import (
     FunctionalModel,
     LearnedMethod,
     LearnedParams,
+    LearnResult,
     LinearWeights,
+    Tensors,
     add_task_vectors,
     batched_features,
     previous_task,
@@ -117,13 +119,8 @@ class OTMF(LearnedMethod):
         return f"{inputs}; {refit}"
 
     def learn(
-        self,
-        base: dict[str, torch.Tensor],
-        tau_pre: dict[str, torch.Tensor],
-        tau_post: dict[str, torch.Tensor],
-        learning: Learning,
-        generator: torch.Generator,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float], Heads]:
+        self, base: Tensors, tau_pre: Tensors, tau_post: Tensors, learning: Learning, generator: torch.Generator
+    ) -> LearnResult:
         p = self.params
         stats: dict[str, float] = {}
         if not p.masks:
@@ -150,12 +147,7 @@ class OTMF(LearnedMethod):
         return fused, stats, heads
 
     def _train_masks(
-        self,
-        base: dict[str, torch.Tensor],
-        tau_pre: dict[str, torch.Tensor],
-        tau_post: dict[str, torch.Tensor],
-        learning: Learning,
-        generator: torch.Generator,
+        self, base: Tensors, tau_pre: Tensors, tau_post: Tensors, learning: Learning, generator: torch.Generator
     ) -> tuple[dict[str, Masks], float]:
         """The best masks (by the summed loss of a pre and a post step) and that loss."""
         p = self.params
@@ -186,13 +178,8 @@ class OTMF(LearnedMethod):
         return best or masks, best_loss
 
     def _refit_head(
-        self,
-        task: TaskData,
-        base: dict[str, torch.Tensor],
-        fused: dict[str, torch.Tensor],
-        learning: Learning,
-        generator: torch.Generator,
-    ) -> dict[str, torch.Tensor]:
+        self, task: TaskData, base: Tensors, fused: Tensors, learning: Learning, generator: torch.Generator
+    ) -> Tensors:
         """`task`'s head refit on the merged model's features of a labelled fraction of its examples."""
         wanted = round(
             self.params.head_refit_fraction * (task.total or len(task))
