@@ -48,8 +48,8 @@ __all__ = ["MergeState"]
 class MergeState:
     """A merge state directory. Open with `MergeState.create` or `MergeState.open`.
 
-    `meta` is state.json as this object last read or committed it; every operation that depends on
-    it reads it again under the state's lock, since another process may have committed since."""
+    `meta` is state.json as this object last read or committed it. A step, an export and `reading`
+    read it again under the state's lock, since another process may have committed since."""
 
     def __init__(self, state_dir: Path, meta: dict[str, Any]):
         self.dir = state_dir
