@@ -374,3 +374,17 @@ def test_init_line_reads_well_for_every_method(bert_case, tmp_path, capsys, meth
     assert cli("init", tmp_path / "s", "--base", bert_case / "base", "--method", method) == 0
     line = capsys.readouterr().out
     assert expected in line and "from not used" not in line
+
+
+def test_options_travel_as_one_value_and_a_misspelt_field_is_named(bert_case, tmp_path):
+    """`add` and `export` take one foldin.Options; keyword arguments change single fields of it,
+    and a field it does not have is refused by name before anything is read."""
+    from foldin import Options
+
+    state = MergeState.create(tmp_path / "state", bert_case / "base", "average")
+    with pytest.raises(TypeError, match="'progres' is not a field of foldin.Options"):
+        state.add(bert_case / "ckpt_1", progres=False)
+    assert state.step == 0 and MergeState.open(state.dir).step == 0
+    state.add(bert_case / "ckpt_1", Options(progress=False))
+    out = state.export(tmp_path / "out", Options(progress=False), dtype="bfloat16")
+    assert {t.dtype for t in read_weights(out).values() if t.is_floating_point()} == {torch.bfloat16}
