@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import read_weights
@@ -61,22 +60,19 @@ def _foldin(site: Path, *args: str, env: dict[str, str] | None = None) -> subpro
     )
 
 
-@pytest.mark.parametrize("how", ["entry point", "FOLDIN_METHODS"])
-def test_a_plugin_method_is_listed_used_and_reopened(bert_case, tmp_path, how):
+def test_an_installed_plugin_method_is_listed_used_and_reopened(bert_case, tmp_path):
     site = tmp_path / "site"
-    _install(site, entry_point=how == "entry point")
-    env = {"FOLDIN_METHODS": "foldin_half_sum"} if how == "FOLDIN_METHODS" else None
-    listing = _foldin(site, "methods", "--json", env=env)
+    _install(site, entry_point=True)
+    listing = _foldin(site, "methods", "--json")
     assert listing.returncode == 0, listing.stderr
     assert json.loads(listing.stdout)["half_sum"]["params"]["factor"]["default"] == 0.5
     state, out = tmp_path / "state", tmp_path / "out"
     for argv in (
         ["init", str(state), "--base", str(bert_case / "base"), "--method", "half_sum", "--set", "factor=0.25"],
-        ["add", str(state), str(bert_case / "ckpt_1"), "--quiet"],
-        ["add", str(state), str(bert_case / "ckpt_2"), "--quiet"],  # a new process reopens the state
-        ["export", str(state), str(out), "--quiet"],
+        ["add", str(state), str(bert_case / "ckpt_1"), str(bert_case / "ckpt_2"), "--quiet"],
+        ["export", str(state), str(out), "--quiet"],  # a new process reopens the state
     ):
-        done = _foldin(site, *argv, env=env)
+        done = _foldin(site, *argv)
         assert done.returncode == 0, done.stderr
     base = read_weights(bert_case / "base")
     ckpts = [read_weights(bert_case / f"ckpt_{i}") for i in (1, 2)]
@@ -87,6 +83,17 @@ def test_a_plugin_method_is_listed_used_and_reopened(bert_case, tmp_path, how):
             torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
     without = _foldin(tmp_path / "empty", "info", str(state))  # the plugin missing: one sentence, not a traceback
     assert without.returncode == 1 and without.stderr.count("\n") == 1 and "half_sum" in without.stderr
+
+
+def test_a_plugin_module_named_by_the_environment_is_listed_and_used(bert_case, tmp_path):
+    site = tmp_path / "site"
+    _install(site, entry_point=False)
+    env = {"FOLDIN_METHODS": "foldin_half_sum"}
+    assert "half_sum" in json.loads(_foldin(site, "methods", "--json", env=env).stdout)
+    state = tmp_path / "state"
+    init = _foldin(site, "init", str(state), "--base", str(bert_case / "base"), "--method", "half_sum", env=env)
+    assert init.returncode == 0, init.stderr
+    assert json.loads(_foldin(site, "info", str(state), "--json", env=env).stdout)["method"] == "half_sum"
 
 
 def test_a_plugin_that_fails_to_import_is_named(tmp_path):
