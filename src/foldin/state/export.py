@@ -30,8 +30,8 @@ from foldin.state.stored import reading, state_files
 
 @dataclass(frozen=True)
 class ExportPlan:
-    """Where and how to write a merged model folder: its folder, the floating dtype (None: float32
-    as merged), the largest shard and whether an earlier export there may be replaced."""
+    """Where and how to write a merged model folder: its folder, the floating dtype (None: the
+    base's), the largest shard and whether an earlier export there may be replaced."""
 
     out_dir: Path
     dtype: torch.dtype | None
