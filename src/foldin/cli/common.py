@@ -26,16 +26,9 @@ def options_from(args: argparse.Namespace, **fixed: Any) -> Options:
     """The one place the command line becomes foldin.Options: the flags a command has (--quiet,
     --device, --workers, --backend, --dtype, --max-shard-size, --overwrite) and `fixed` values
     (what `foldin run` reads from its YAML)."""
-    given = {
-        "progress": not getattr(args, "quiet", False),
-        "device": getattr(args, "device", None),
-        "workers": getattr(args, "workers", 1),
-        "backend": backend_from(args),
-        "dtype": getattr(args, "dtype", None),
-        "max_shard_size": getattr(args, "max_shard_size", "5GB"),
-        "overwrite": getattr(args, "overwrite", False),
-    }
-    return Options(**{**given, **fixed})
+    flags = ("device", "workers", "dtype", "max_shard_size", "overwrite")
+    given = {name: getattr(args, name) for name in flags if hasattr(args, name)}  # else Options' default
+    return Options(progress=not args.quiet, backend=backend_from(args), **{**given, **fixed})
 
 
 def backend_from(args: argparse.Namespace) -> Backend | None:
