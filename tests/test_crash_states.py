@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "crash"))
 
-from check_crashes import check, scenarios  # noqa: E402
+from check_crashes import check  # noqa: E402
+from scenarios import scenarios  # noqa: E402
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (scripts/setup.sh installs it)")

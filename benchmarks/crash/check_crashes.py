@@ -30,8 +30,6 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,80 +40,9 @@ from foldin.errors import FoldinError
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from crashsim import Trace, crash_states, materialize, record  # noqa: E402
+from scenarios import Scenario, finish_work, init_state, scenarios  # noqa: E402
 
-CASE = HERE.parents[1] / "tests" / "fixtures" / "parity" / "bert-tiny"
 FOLDIN = [sys.executable, "-m", "foldin.cli"]
-
-
-@dataclass
-class Scenario:
-    """prepare(work) sets the folder up; argv runs the traced command in it; `steps` are the state
-    steps a crash may leave; `finish(state_dir)` completes the work after a crash (returns the
-    merged model, compared with the uninterrupted run's)."""
-
-    name: str
-    method: str
-    prepare: Callable[[Path], None]
-    argv: list[str]
-    steps: tuple[int, ...]
-    out: str | None = None  # the export folder, if the command writes one
-    first_export: bool = True  # no export at OUT before the command
-    state: str = "state"  # the state folder (foldin run keeps it beside its output)
-
-
-def _ckpt(i: int) -> str:
-    return f"case/ckpt_{i}"
-
-
-def _setup(method: str, adds: int, export_after: int | None = None) -> Callable[[Path], None]:
-    def prepare(work: Path) -> None:
-        shutil.copytree(CASE, work / "case", ignore=shutil.ignore_patterns("fusionbench"))
-        if adds < 0:
-            return
-        state = MergeState.create(work / "state", base=work / "case" / "base", method=method)
-        for i in range(1, adds + 1):
-            state.add(work / _ckpt(i), progress=False)
-            if export_after == i:
-                state.export(work / "out", progress=False)
-
-    return prepare
-
-
-def scenarios() -> dict[str, Scenario]:
-    run_yaml = "base: case/base\nmethod: opcm\ncheckpoints: [case/ckpt_1, case/ckpt_2]\noutput: out\n"
-
-    def prepare_run(work: Path) -> None:
-        _setup("opcm", -1)(work)
-        (work / "merge.yaml").write_text(run_yaml)
-
-    return {
-        "init": Scenario(
-            "init", "opcm", _setup("opcm", -1), ["init", "state", "--base", "case/base", "--method", "opcm"], (0,)
-        ),
-        "add": Scenario("add", "task_arithmetic", _setup("task_arithmetic", 1), ["add", "state", _ckpt(2)], (1, 2)),
-        "add-opcm": Scenario("add-opcm", "opcm", _setup("opcm", 1), ["add", "state", _ckpt(2)], (1, 2)),
-        "export": Scenario("export", "opcm", _setup("opcm", 2), ["export", "state", "out"], (2,), out="out"),
-        "export-overwrite": Scenario(
-            "export-overwrite",
-            "opcm",
-            _setup("opcm", 2, export_after=1),
-            ["export", "state", "out", "--overwrite"],
-            (2,),
-            out="out",
-            first_export=False,
-        ),
-        "export-lora": Scenario(
-            "export-lora",
-            "opcm",
-            _setup("opcm", 2),
-            ["export", "state", "out", "--lora-rank", "4", "--lora-full-tensors"],
-            (2,),
-            out="out",
-        ),
-        "run": Scenario(
-            "run", "opcm", prepare_run, ["run", "merge.yaml"], (0, 1, 2), out="out", state="out.foldin-state"
-        ),
-    }
 
 
 def _within(path: str, folder: Path) -> bool:
@@ -124,7 +51,7 @@ def _within(path: str, folder: Path) -> bool:
     return path == str(folder) or path.startswith(f"{folder}/") or name.startswith(f".{folder.name}.")
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
+def file_tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -133,17 +60,9 @@ def _committed_key(state_dir: Path) -> str:
     h = hashlib.sha256((state_dir / "state.json").read_bytes())
     gen = json.loads((state_dir / "state.json").read_text()).get("generation")
     if gen:
-        for name, data in sorted(_tree(state_dir / gen).items()):
+        for name, data in sorted(file_tree(state_dir / gen).items()):
             h.update(name.encode() + data)
     return h.hexdigest()
-
-
-def _finish(state_dir: Path, work: Path, method: str, total: int = 3) -> dict[str, torch.Tensor]:
-    """Fold in what is left of checkpoints 1..total; the merged model."""
-    state = MergeState.open(state_dir)
-    for i in range(state.step + 1, total + 1):
-        state.add(work / _ckpt(i), progress=False)
-    return state.merged_state_dict()
 
 
 def _reference(sc: Scenario, root: Path) -> tuple[dict[str, torch.Tensor], Trace, Path, dict[str, bytes] | None]:
@@ -152,15 +71,15 @@ def _reference(sc: Scenario, root: Path) -> tuple[dict[str, torch.Tensor], Trace
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     sc.prepare(work)
-    previous = _tree(work / sc.out) if sc.out and (work / sc.out).exists() else None
+    previous = file_tree(work / sc.out) if sc.out and (work / sc.out).exists() else None
     trace = record([*FOLDIN, *sc.argv], [work], cwd=work)
-    return _finish(work / sc.state, work, sc.method), trace, work, previous
+    return finish_work(work / sc.state, work, sc.case), trace, work, previous
 
 
 def check(sc: Scenario, root: Path, samples: int, seed: int, single_drops: bool = True) -> dict:
     started = time.perf_counter()
     expected, trace, work, previous = _reference(sc, root)
-    new_export = _tree(work / sc.out) if sc.out and (work / sc.out).exists() else None
+    new_export = file_tree(work / sc.out) if sc.out and (work / sc.out).exists() else None
     if sc.out:
         from transformers import AutoConfig
 
@@ -173,7 +92,7 @@ def check(sc: Scenario, root: Path, samples: int, seed: int, single_drops: bool 
     allowed = (work / sc.state, work / (sc.out or sc.state))
     touched = sorted(
         {o.path for o in trace.ops if o.kind != "fsync" and not any(_within(o.path, a) for a in allowed)} - {str(work)}
-    )
+    ) + [p for p in trace.outside if _within(p, work.parent.resolve() / "zoo")]  # a shared zoo is only read
     states = crash_states(trace.ops, samples, seed, single_drops)
     scratch = work  # each crash state is rebuilt where the command ran: the state's recorded paths hold
     results: dict[str, bool] = {}
@@ -185,7 +104,7 @@ def check(sc: Scenario, root: Path, samples: int, seed: int, single_drops: bool 
         what = f"{sc.name}: crash after op {state.point} ({state.label})"
         try:
             done = state.point == len(trace.ops)
-            failure = _check_state(sc, scratch, expected, previous, new_export, results, done)
+            failure = check_state(sc, scratch, expected, previous, new_export, results, done)
         except Exception as e:  # noqa: BLE001 - anything but a FoldinError is a failure to report
             failure = f"{type(e).__name__}: {e}"
         if failure == "refused":
@@ -207,7 +126,7 @@ def check(sc: Scenario, root: Path, samples: int, seed: int, single_drops: bool 
     }
 
 
-def _check_state(
+def check_state(
     sc: Scenario,
     work: Path,
     expected: dict[str, torch.Tensor],
@@ -220,7 +139,7 @@ def _check_state(
     wrong. `done`: the crash came after the command returned, so everything it did must be there."""
     if sc.out:
         out = work / sc.out
-        found = _tree(out) if out.exists() else None
+        found = file_tree(out) if out.exists() else None
         if found not in (previous, new_export) and not (found is None and sc.first_export):
             return f"OUT holds neither export ({sorted(found or {})})"
         if done and found != new_export:
@@ -253,14 +172,14 @@ def _rerun(sc: Scenario, work: Path, expected: dict[str, torch.Tensor]) -> str |
             finished = main(["run", str(work / "merge.yaml"), "--quiet"]) == 0
         if not finished:
             return "foldin run did not finish after the crash"
-        merged = _finish(work / sc.state, work, sc.method)
+        merged = finish_work(work / sc.state, work, sc.case)
     else:
         if sc.name == "init" and not (work / "state" / "state.json").exists():
             try:
-                MergeState.create(work / "state", base=work / "case" / "base", method=sc.method)
-            except FoldinError as e:
-                return f"init again after the crash refuses: {e}"
-        merged = _finish(work / "state", work, sc.method)
+                init_state(work, sc.method, sc.case)
+            except RuntimeError:
+                return "init again after the crash refuses"
+        merged = finish_work(work / "state", work, sc.case)
     same = merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
     return None if same else "the finished merge differs from the uninterrupted run's"
 

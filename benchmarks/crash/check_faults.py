@@ -37,7 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from check_crashes import Scenario, _check_state, _finish, _tree, scenarios  # noqa: E402
+from check_crashes import check_state, file_tree  # noqa: E402
+from scenarios import Scenario, finish_work, scenarios  # noqa: E402
 
 ERRORS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
 FAMILIES = ("write", "fsync")
@@ -88,14 +89,14 @@ def check(sc: Scenario, root: Path, errors: list[str]) -> dict:
     template.mkdir(parents=True)
     sc.prepare(template)
     shutil.copytree(template, reference)
-    previous = _tree(reference / sc.out) if sc.out and (reference / sc.out).exists() else None
+    previous = file_tree(reference / sc.out) if sc.out and (reference / sc.out).exists() else None
     shim = _shim()
     rc, err = _run(sc.argv, reference, None)
     if rc != 0:
         raise RuntimeError(f"{sc.name}: the uninterrupted command failed: {err}")
     calls = {family: int(shim.foldin_fault_count(i)) for i, family in enumerate(FAMILIES)}
-    new_export = _tree(reference / sc.out) if sc.out and (reference / sc.out).exists() else None
-    expected = _finish(reference / sc.state, reference, sc.method)
+    new_export = file_tree(reference / sc.out) if sc.out and (reference / sc.out).exists() else None
+    expected = finish_work(reference / sc.state, reference, sc.case)
     failures: list[str] = []
     outcomes: dict[str, int] = {}
     memo: dict[str, bool] = {}
@@ -112,7 +113,7 @@ def check(sc: Scenario, root: Path, errors: list[str]) -> dict:
                     failures.append(f"{what}: exit {rc}, stderr {err.strip()[-300:]!r}")
                     continue
                 try:
-                    verdict = _check_state(sc, work, expected, previous, new_export, memo, done=False)
+                    verdict = check_state(sc, work, expected, previous, new_export, memo, done=False)
                 except Exception as e:  # noqa: BLE001 - anything but a clean verdict is a failure to report
                     verdict = f"{type(e).__name__}: {e}"
                 if verdict is None or verdict.startswith("step ") or verdict == "refused":
