@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "crash"))
 
 from check_crashes import check  # noqa: E402
+from crashsim import Op, crash_states, durable, identities  # noqa: E402
 from scenarios import scenarios  # noqa: E402
 
 
@@ -40,3 +41,20 @@ def test_an_io_error_at_any_write_or_fsync_leaves_one_sentence_and_a_sound_state
         r = json.loads((tmp_path / f"{name}.json").read_text())
         assert r["writes"] > 10 and r["fsyncs"] >= 5 and r["faults"] == 2 * (r["writes"] + r["fsyncs"])
         assert r["lost"] == 0 and sum(r["after the fault"].values()) == r["faults"]
+
+
+def test_a_file_fsynced_under_its_new_name_after_a_rename_has_durable_writes():
+    """Durability follows the file, not its name: a write to a temporary file that is renamed and
+    then fsynced under its final name is durable (the inode was flushed); without that fsync it is not."""
+    ops = [
+        Op(0, "create", "/w/.tmp1"),
+        Op(1, "write", "/w/.tmp1", start=0, size=3, data=b"abc"),
+        Op(2, "rename", "/w/.tmp1", dest="/w/model"),
+        Op(3, "fsync", "/w/model"),
+        Op(4, "fsync", "/w"),
+    ]
+    assert durable(ops, 5, identities(ops)) == [True] * 5
+    assert durable(ops, 3, identities(ops)) == [False, False, False]
+    unsynced = [*ops[:3], Op(3, "fsync", "/w")]
+    assert durable(unsynced, 4, identities(unsynced)) == [True, False, True, True]
+    assert all(1 in s.kept for s in crash_states(ops) if s.point == 5)

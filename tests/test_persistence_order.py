@@ -130,3 +130,44 @@ def test_an_io_error_while_init_writes_is_one_sentence_and_init_again_works(bert
     assert err.count("\n") == 1
     monkeypatch.setattr(create_module, "write_meta", real)
     assert main(argv) == 0 and MergeState.open(tmp_path / "state").step == 0
+
+
+def test_zoo_build_and_bench_flush_every_folder_before_what_they_commit_in_it(tmp_path, ops):
+    """Found by benchmarks/crash/check_resume_files.py: the bench's output folder and the zoo's
+    folders were made without flushing their entries, so a power loss after the command returned
+    could lose results.json or a finished task; the vision suite's base was written in place, so a
+    torn base/model.safetensors was trusted by the next build."""
+    from foldin.cli import main
+
+    zoo, out = tmp_path / "zoo", tmp_path / "bench"
+    small = ["--tasks", "1", "--steps", "1", "--max-train", "16", "--max-test", "16", "--quiet"]
+    assert main(["zoo", "build", "--suite", "vision", *small, "--out", str(zoo)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--zoo",
+                str(zoo),
+                "--methods",
+                "average",
+                "--orders",
+                "1",
+                "--cft-orders",
+                "0",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    zoo, out = zoo.resolve(), out.resolve()
+    for folder, commit in (
+        (zoo, ("rename", zoo / "base")),
+        (zoo / "tasks", ("rename", zoo / "tasks" / "mnist")),
+        (out, ("replace", out / "results.json")),
+    ):
+        made = _first(ops, "mkdir", lambda p, f=folder: p == f)
+        flushed = _first(ops, "fsync_dir", lambda p, f=folder: p == f.parent, after=made)
+        assert flushed < _first(ops, commit[0], lambda p, c=commit[1]: p == c), (folder, ops)
+    assert ("mkdir", zoo / "base") not in ops  # the base is written whole beside it, then moved in

@@ -20,6 +20,7 @@ disks that acknowledge an fsync without keeping the data.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -278,18 +279,52 @@ def parse(
 # ---- the crash states ------------------------------------------------------------------------
 
 
-def durable(ops: Sequence[Op], point: int) -> list[bool]:
+def identities(ops: Sequence[Op]) -> list[tuple[int, tuple[int, ...]]]:
+    """Per op, the identity of the file or folder it writes, truncates or fsyncs, and of each folder
+    whose entry it changes, at that moment. Identities follow renames as inodes do: a file written
+    under a temporary name and fsynced under its final one has its writes made durable."""
+    ids: dict[str, int] = {}
+    fresh = itertools.count()
+
+    def ident(path: str) -> int:
+        if path not in ids:
+            ids[path] = next(fresh)
+        return ids[path]
+
+    def move(src: str, dest: str, table: dict[str, int]) -> dict[str, int]:
+        return {dest + q[len(src) :]: n for q, n in table.items() if q == src or q.startswith(src + os.sep)}
+
+    out = []
+    for op in ops:
+        out.append((ident(op.path), tuple(ident(d) for d in op.dirs)))
+        if op.kind in ("rename", "exchange") and op.path in ids:
+            moved, swapped = move(op.path, op.dest, ids), move(op.dest, op.path, ids)
+            for q in [q for q in ids if q == op.path or q.startswith(op.path + os.sep)]:
+                del ids[q]
+            for q in [q for q in ids if q == op.dest or q.startswith(op.dest + os.sep)]:
+                del ids[q]
+            ids.update(moved)
+            if op.kind == "exchange":
+                ids.update(swapped)
+        elif op.kind in ("unlink", "rmdir"):
+            ids.pop(op.path, None)
+    return out
+
+
+def durable(ops: Sequence[Op], point: int, marks: Sequence[tuple[int, tuple[int, ...]]]) -> list[bool]:
     """Which of ops[:point] are durable at a crash right after op point-1: a write or truncate
-    once its file is fsynced; a directory operation once each directory it changes is."""
+    once its file is fsynced (under whatever name it has then); a directory operation once each
+    folder it changes is. `marks`: `identities(ops)`."""
     out = []
     for op in ops[:point]:
-        later = ops[op.index + 1 : point]
+        synced = {marks[o.index][0] for o in ops[op.index + 1 : point] if o.kind == "fsync"}
+        target, folders = marks[op.index]
         if op.kind == "fsync":
             out.append(True)
         elif op.kind in ("write", "truncate"):
-            out.append(any(o.kind == "fsync" and o.path == op.path for o in later))
+            out.append(target in synced)
         else:
-            out.append(all(any(o.kind == "fsync" and o.path == d for o in later) for d in op.dirs))
+            out.append(all(f in synced for f in folders))
     return out
 
 
@@ -305,8 +340,9 @@ def crash_states(ops: Sequence[Op], samples: int = 0, seed: int = 0, single_drop
     """Every point; per point all-lost, all-persisted, each single drop, and `samples` random subsets."""
     rng = random.Random(seed)
     states: dict[tuple, CrashState] = {}
+    marks = identities(ops)
     for point in range(len(ops) + 1):
-        flags = durable(ops, point)
+        flags = durable(ops, point, marks)
         sure = frozenset(i for i, d in enumerate(flags) if d)
         loose = [i for i, d in enumerate(flags) if not d and ops[i].kind != "fsync"]
         candidates = [

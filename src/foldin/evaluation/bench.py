@@ -43,7 +43,7 @@ from foldin.evaluation.scoring import (
     run_record,
 )
 from foldin.evaluation.zoo import Zoo
-from foldin.io.atomic import write_json_atomic
+from foldin.io.atomic import make_dirs, write_json_atomic
 from foldin.methods import get_method
 from foldin.progress import progress as progress_bar
 
@@ -258,7 +258,7 @@ def run_bench(
     def record(**runs: list[dict[str, Any]]) -> None:
         """Save finished orders as they finish: a killed bench resumes where it stopped."""
         done.update(runs)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)  # durably: a crash must not lose the folder
         write_json_atomic(progress_file, {"settings": results["settings"], "orders": orders, "runs": done})
 
     for spec in specs:
@@ -338,7 +338,7 @@ def run_bench(
             **_summarize(cft_runs, finetuned),
         }
     bar.close()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)  # durably: a crash must not lose the folder
     if extend and previous.exists():
         results = extend_results(json.loads(previous.read_text()), results)
     write_json_atomic(out / "results.json", results)

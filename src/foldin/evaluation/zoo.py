@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from foldin.errors import FoldinError
 from foldin.evaluation.registry import get_suite
 from foldin.evaluation.suite import Suite, Task, read_task_spec
-from foldin.io.atomic import replace_dir, write_json_atomic
+from foldin.io.atomic import make_dirs, replace_dir, write_json_atomic
 from foldin.io.checkpoint import open_checkpoint
 from foldin.io.lora import open_model_or_adapter
 from foldin.progress import progress as progress_bar
@@ -116,7 +116,8 @@ def _copy_user_task(spec: Path, out: Path) -> tuple[str, str]:
     folder = out / USER_TASKS / name
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    make_dirs(tmp.parent)
+    tmp.mkdir()
     for f in (spec, train, *([test] if test else [])):
         target = tmp / f.relative_to(spec.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def _build(
         meta["settings"] = settings
     else:
         meta = {"suite": suite_name, "backbone": None, "settings": settings, "user_tasks": {}, "tasks": {}}
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)  # durably: the tasks written into it must not outlive its entry
     backbone_path = str(suite.base_checkpoint(out))
     if meta["backbone"] not in (None, backbone_path):
         raise FoldinError(
@@ -242,7 +243,8 @@ def _build_task(suite: Suite, task: Task, folder: Path, settings: dict[str, Any]
     }
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    make_dirs(tmp.parent)
+    tmp.mkdir()
     suite.save_backbone(model, tmp)
     save_file(head, tmp / "head.safetensors")
     write_json_atomic(tmp / "task.json", info)
