@@ -142,25 +142,8 @@ def test_zoo_build_and_bench_flush_every_folder_before_what_they_commit_in_it(tm
     zoo, out = tmp_path / "zoo", tmp_path / "bench"
     small = ["--tasks", "1", "--steps", "1", "--max-train", "16", "--max-test", "16", "--quiet"]
     assert main(["zoo", "build", "--suite", "vision", *small, "--out", str(zoo)]) == 0
-    assert (
-        main(
-            [
-                "bench",
-                "--zoo",
-                str(zoo),
-                "--methods",
-                "average",
-                "--orders",
-                "1",
-                "--cft-orders",
-                "0",
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    bench = "bench --methods average --orders 1 --cft-orders 0 --quiet".split()
+    assert main([*bench, "--zoo", str(zoo), "--out", str(out)]) == 0
     zoo, out = zoo.resolve(), out.resolve()
     for folder, commit in (
         (zoo, ("rename", zoo / "base")),

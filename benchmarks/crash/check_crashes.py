@@ -30,6 +30,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -184,26 +185,48 @@ def _rerun(sc: Scenario, work: Path, expected: dict[str, torch.Tensor]) -> str |
     return None if same else "the finished merge differs from the uninterrupted run's"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default=",".join(scenarios()))
+def run_checks(
+    doc: str,
+    names: list[str],
+    check_one: Callable[[str, Path, int, int], dict],
+    work: Path,
+    line: Callable[[dict], str],
+) -> int:
+    """The command line of the crash checkers: check each scenario named by --scenarios, print a
+    line per scenario and its failures, write the summaries as JSON with --out; 1 if a state was lost."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default=",".join(names))
     ap.add_argument("--samples", type=int, default=20, help="random subsets with torn writes per crash point")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "crash")
+    ap.add_argument("--work", type=Path, default=work)
     ap.add_argument("--out", type=Path, help="write the summary as JSON here")
     a = ap.parse_args()
-    summary = [check(scenarios()[n], a.work / n, a.samples, a.seed) for n in a.scenarios.split(",")]
+    summary = [check_one(n, a.work / n, a.samples, a.seed) for n in a.scenarios.split(",")]
     for s in summary:
-        steps = "  ".join(f"{k} {v}" for k, v in s.items() if k.startswith("step "))
-        print(
-            f"{s['scenario']:<18}{s['operations']:>5} ops {s['states']:>6} states  {steps}  refused {s['refused']}  "
-            f"lost {s['lost']}  {s['seconds']:>6.1f} s"
-        )
+        print(line(s))
         for f in s["failures"]:
             print("   ", f)
     if a.out:
         a.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 1 if any(s["lost"] or s["touched_outside"] for s in summary) else 0
+
+
+def _line(s: dict) -> str:
+    steps = "  ".join(f"{k} {v}" for k, v in s.items() if k.startswith("step "))
+    return (
+        f"{s['scenario']:<18}{s['operations']:>5} ops {s['states']:>6} states  {steps}  refused {s['refused']}  "
+        f"lost {s['lost']}  {s['seconds']:>6.1f} s"
+    )
+
+
+def main() -> int:
+    return run_checks(
+        __doc__ or "",
+        list(scenarios()),
+        lambda name, root, samples, seed: check(scenarios()[name], root, samples, seed),
+        HERE.parent / "_work" / "crash",
+        _line,
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ States that hold the same committed progress share the result of the rerun, the 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from check_crashes import FOLDIN, file_tree  # noqa: E402
+from check_crashes import FOLDIN, file_tree, run_checks  # noqa: E402
 from crashsim import crash_states, materialize, record  # noqa: E402
 from scenarios import vision_zoo  # noqa: E402
 
@@ -195,25 +194,21 @@ def _rerun(sc: ResumeScenario, work: Path, expected: Any) -> str | None:
     return None if sc.result(work / sc.output) == expected else "the command again ends elsewhere"
 
 
+def _line(s: dict) -> str:
+    return (
+        f"{s['scenario']:<12}{s['operations']:>5} ops {s['states']:>6} states  {s['distinct_progress']} progress"
+        f"  lost {s['lost']}  {s['seconds']:>6.1f} s"
+    )
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default=",".join(scenarios()))
-    ap.add_argument("--samples", type=int, default=20, help="random subsets with torn writes per crash point")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "crash-resume")
-    ap.add_argument("--out", type=Path, help="write the summary as JSON here")
-    a = ap.parse_args()
-    summary = [check(scenarios()[n], a.work / n, a.samples, a.seed) for n in a.scenarios.split(",")]
-    for s in summary:
-        print(
-            f"{s['scenario']:<12}{s['operations']:>5} ops {s['states']:>6} states  {s['distinct_progress']} progress"
-            f"  lost {s['lost']}  {s['seconds']:>6.1f} s"
-        )
-        for f in s["failures"]:
-            print("   ", f)
-    if a.out:
-        a.out.write_text(json.dumps(summary, indent=2) + "\n")
-    return 1 if any(s["lost"] or s["touched_outside"] for s in summary) else 0
+    return run_checks(
+        __doc__ or "",
+        list(scenarios()),
+        lambda name, root, samples, seed: check(scenarios()[name], root, samples, seed),
+        HERE.parent / "_work" / "crash-resume",
+        _line,
+    )
 
 
 if __name__ == "__main__":
