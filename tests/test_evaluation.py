@@ -465,6 +465,19 @@ def test_bench_progress_resumes_with_more_or_fewer_orders(tmp_path):
     assert _load_progress(path, settings, [["b", "a"], *orders[1:]]) == {}
 
 
+def test_a_resumed_bench_reads_the_reference_accuracies_it_saved_and_only_for_the_same_test_sets(tmp_path):
+    """The references are saved in bench-progress.json as soon as they are scored (half an hour on the
+    llm suite): a resumed bench of the same zoo and test sets reads them and needs no scorer."""
+    from foldin.evaluation.bench import _references
+
+    key = {"zoo": {"steps": 3}, "finetuned_in_zoo": {"a": 0.9}, "max_test": 32}
+    path = tmp_path / "bench-progress.json"
+    path.write_text(json.dumps({"references": {"key": key, "pretrained": {"a": 0.5}, "finetuned": {"a": 0.9}}}))
+    assert _references(path, key, None, {}, None) == ({"a": 0.5}, {"a": 0.9})  # type: ignore[arg-type]
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'load'"):  # scored again
+        _references(path, {**key, "max_test": 64}, None, {}, None)  # type: ignore[arg-type]
+
+
 def test_a_sweep_plot_holds_only_runs_that_differ_in_its_parameter():
     """Variants that differ in another parameter (OTMF's mask learning rate) are not an alpha sweep."""
 

@@ -17,6 +17,7 @@ import json
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,27 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
         **({"final_model": runs[0]["final_model"]} if runs and "final_model" in runs[0] else {}),
         "runs": runs,
     }
+
+
+def _references(
+    progress_file: Path,
+    key: dict[str, Any],
+    scorer: Scorer,
+    base: dict[str, torch.Tensor],
+    task_state: Callable[[str], dict[str, torch.Tensor]],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The pretrained and fine-tuned accuracies, kept in the progress file as soon as they are scored:
+    a resumed bench of the same zoo and test sets does not score them again (half an hour on the llm
+    suite's 16 models)."""
+    saved = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+    references = saved.get("references") or {}
+    if references.get("key") == key:
+        return references["pretrained"], references["finetuned"]
+    pretrained, finetuned = reference_accuracies(scorer, base, task_state)
+    make_dirs(progress_file.parent)
+    references = {"key": key, "pretrained": pretrained, "finetuned": finetuned}
+    write_json_atomic(progress_file, {**saved, "references": references})
+    return pretrained, finetuned
 
 
 def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
@@ -206,7 +228,13 @@ def run_bench(
     skipped = first_order - 1
     scorer = Scorer(zoo, names, max_test, matrix_test)
     base = zoo.base_state()
-    pretrained, finetuned = reference_accuracies(scorer, base, zoo.task_state)
+    progress_file = out / "bench-progress.json"
+    references_key = {
+        "zoo": zoo.meta["settings"],
+        "finetuned_in_zoo": {n: zoo.meta["tasks"][n]["finetuned_acc"] for n in names},
+        "max_test": max_test,
+    }
+    pretrained, finetuned = _references(progress_file, references_key, scorer, base, zoo.task_state)
     results: dict[str, Any] = {
         "suite": zoo.meta["suite"],
         "backbone": zoo.suite.backbone_label(),
@@ -243,8 +271,8 @@ def run_bench(
     train_data = {}
     if any(get_method(s.method).needs_data for s in specs):  # data-driven methods learn from the train splits only
         train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
-    progress_file = out / "bench-progress.json"
     done = _load_progress(progress_file, results["settings"], orders)
+    saved_references = {"key": references_key, "pretrained": pretrained, "finetuned": finetuned}
     # the bar counts only the steps this run does, so its time left reflects their pace, not a resumed run's
     steps_left = len(names) * (
         sum(n_orders - skipped - len(done.get(s.label, [])) for s in specs)
@@ -259,7 +287,10 @@ def run_bench(
         """Save finished orders as they finish: a killed bench resumes where it stopped."""
         done.update(runs)
         make_dirs(out)  # durably: a crash must not lose the folder
-        write_json_atomic(progress_file, {"settings": results["settings"], "orders": orders, "runs": done})
+        write_json_atomic(
+            progress_file,
+            {"settings": results["settings"], "orders": orders, "runs": done, "references": saved_references},
+        )
 
     for spec in specs:
         variants = {True: spec, **({False: ablation} if (ablation := without_head_refit(spec)) else {})}
