@@ -454,28 +454,28 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
 def test_bench_progress_resumes_with_more_or_fewer_orders(tmp_path):
     """A stopped bench's finished orders count for a rerun asking for more orders (it goes on)
     or fewer (it reports those), never for other settings or other orders."""
-    from foldin.evaluation.bench import _load_progress
+    from foldin.evaluation.bench_progress import load_progress
 
     settings, orders = {"orders": 5, "seed": 0, "max_test": 200}, [["a", "b"], ["b", "a"], ["a", "b"]]
     path = tmp_path / "bench-progress.json"
     path.write_text(json.dumps({"settings": {**settings, "orders": 3}, "orders": orders, "runs": {"m": [1, 2, 3]}}))
-    assert _load_progress(path, settings, orders + [["b", "a"]]) == {"m": [1, 2, 3]}
-    assert _load_progress(path, {**settings, "orders": 2}, orders[:2]) == {"m": [1, 2]}
-    assert _load_progress(path, {**settings, "seed": 1}, orders) == {}
-    assert _load_progress(path, settings, [["b", "a"], *orders[1:]]) == {}
+    assert load_progress(path, settings, orders + [["b", "a"]]) == {"m": [1, 2, 3]}
+    assert load_progress(path, {**settings, "orders": 2}, orders[:2]) == {"m": [1, 2]}
+    assert load_progress(path, {**settings, "seed": 1}, orders) == {}
+    assert load_progress(path, settings, [["b", "a"], *orders[1:]]) == {}
 
 
 def test_a_resumed_bench_reads_the_reference_accuracies_it_saved_and_only_for_the_same_test_sets(tmp_path):
     """The references are saved in bench-progress.json as soon as they are scored (half an hour on the
     llm suite): a resumed bench of the same zoo and test sets reads them and needs no scorer."""
-    from foldin.evaluation.bench import _references
+    from foldin.evaluation.bench_progress import saved_or_scored_references
 
     key = {"zoo": {"steps": 3}, "finetuned_in_zoo": {"a": 0.9}, "max_test": 32}
     path = tmp_path / "bench-progress.json"
     path.write_text(json.dumps({"references": {"key": key, "pretrained": {"a": 0.5}, "finetuned": {"a": 0.9}}}))
-    assert _references(path, key, None, {}, None) == ({"a": 0.5}, {"a": 0.9})  # type: ignore[arg-type]
+    assert saved_or_scored_references(path, key, None, {}, None) == ({"a": 0.5}, {"a": 0.9})  # type: ignore[arg-type]
     with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'load'"):  # scored again
-        _references(path, {**key, "max_test": 64}, None, {}, None)  # type: ignore[arg-type]
+        saved_or_scored_references(path, {**key, "max_test": 64}, None, {}, None)  # type: ignore[arg-type]
 
 
 def test_a_sweep_plot_holds_only_runs_that_differ_in_its_parameter():

@@ -17,7 +17,6 @@ import json
 import platform
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,11 @@ import yaml
 
 from foldin.api import ContinualMerger
 from foldin.errors import FoldinError
+from foldin.evaluation.bench_progress import load_progress, saved_or_scored_references
 from foldin.evaluation.continual_finetuning import (
     clear_cft_partial,
     continual_finetuning_order,
     load_cft_partial,
-    same_settings,
 )
 from foldin.evaluation.metrics import mean_std, normalized_accuracy
 from foldin.evaluation.peak_memory import peak_mb, reset_peak
@@ -39,7 +38,6 @@ from foldin.evaluation.scoring import (
     Scorer,
     base_talk,
     final_model_checks,
-    reference_accuracies,
     run_order,
     run_record,
 )
@@ -108,42 +106,6 @@ def _summarize(runs: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[
         **({"final_model": runs[0]["final_model"]} if runs and "final_model" in runs[0] else {}),
         "runs": runs,
     }
-
-
-def _references(
-    progress_file: Path,
-    key: dict[str, Any],
-    scorer: Scorer,
-    base: dict[str, torch.Tensor],
-    task_state: Callable[[str], dict[str, torch.Tensor]],
-) -> tuple[dict[str, float], dict[str, float]]:
-    """The pretrained and fine-tuned accuracies, kept in the progress file as soon as they are scored:
-    a resumed bench of the same zoo and test sets does not score them again (half an hour on the llm
-    suite's 16 models)."""
-    saved = json.loads(progress_file.read_text()) if progress_file.exists() else {}
-    references = saved.get("references") or {}
-    if references.get("key") == key:
-        return references["pretrained"], references["finetuned"]
-    pretrained, finetuned = reference_accuracies(scorer, base, task_state)
-    make_dirs(progress_file.parent)
-    references = {"key": key, "pretrained": pretrained, "finetuned": finetuned}
-    write_json_atomic(progress_file, {**saved, "references": references})
-    return pretrained, finetuned
-
-
-def _load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
-    """Finished orders of an interrupted run with the same settings (by method label), else none.
-    A run asked for more orders counts too (its first orders are these): a stopped 5-order bench
-    can be finished, or reported at the orders it completed with --orders N."""
-    if not path.exists():
-        return {}
-    saved = json.loads(path.read_text())
-    if (
-        not same_settings(saved.get("settings") or {}, settings)
-        or saved.get("orders", [])[: len(orders)] != orders[: len(saved.get("orders", []))]
-    ):
-        return {}
-    return {label: runs[: len(orders)] for label, runs in saved["runs"].items()}
 
 
 def extend_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +196,7 @@ def run_bench(
         "finetuned_in_zoo": {n: zoo.meta["tasks"][n]["finetuned_acc"] for n in names},
         "max_test": max_test,
     }
-    pretrained, finetuned = _references(progress_file, references_key, scorer, base, zoo.task_state)
+    pretrained, finetuned = saved_or_scored_references(progress_file, references_key, scorer, base, zoo.task_state)
     results: dict[str, Any] = {
         "suite": zoo.meta["suite"],
         "backbone": zoo.suite.backbone_label(),
@@ -271,7 +233,7 @@ def run_bench(
     train_data = {}
     if any(get_method(s.method).needs_data for s in specs):  # data-driven methods learn from the train splits only
         train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
-    done = _load_progress(progress_file, results["settings"], orders)
+    done = load_progress(progress_file, results["settings"], orders)
     saved_references = {"key": references_key, "pretrained": pretrained, "finetuned": finetuned}
     # the bar counts only the steps this run does, so its time left reflects their pace, not a resumed run's
     steps_left = len(names) * (
