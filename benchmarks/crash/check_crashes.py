@@ -46,7 +46,7 @@ from scenarios import Scenario, finish_work, init_state, scenarios  # noqa: E402
 FOLDIN = [sys.executable, "-m", "foldin.cli"]
 
 
-def _within(path: str, folder: Path) -> bool:
+def within(path: str, folder: Path) -> bool:
     """Whether `path` is `folder`, inside it, or one of foldin's temporary siblings of it."""
     name = Path(path).relative_to(folder.parent).parts[0] if path.startswith(str(folder.parent) + "/") else ""
     return path == str(folder) or path.startswith(f"{folder}/") or name.startswith(f".{folder.name}.")
@@ -92,8 +92,8 @@ def check(sc: Scenario, root: Path, samples: int, seed: int, single_drops: bool 
             AutoConfig.from_pretrained(work / "case" / "base")
     allowed = (work / sc.state, work / (sc.out or sc.state))
     touched = sorted(
-        {o.path for o in trace.ops if o.kind != "fsync" and not any(_within(o.path, a) for a in allowed)} - {str(work)}
-    ) + [p for p in trace.outside if _within(p, work.parent.resolve() / "zoo")]  # a shared zoo is only read
+        {o.path for o in trace.ops if o.kind != "fsync" and not any(within(o.path, a) for a in allowed)} - {str(work)}
+    ) + [p for p in trace.outside if within(p, work.parent.resolve() / "zoo")]  # a shared zoo is only read
     states = crash_states(trace.ops, samples, seed, single_drops)
     scratch = work  # each crash state is rebuilt where the command ran: the state's recorded paths hold
     results: dict[str, bool] = {}

@@ -32,7 +32,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from check_crashes import FOLDIN, file_tree, run_checks  # noqa: E402
+from check_crashes import FOLDIN, file_tree, run_checks, within  # noqa: E402
 from crashsim import crash_states, materialize, record  # noqa: E402
 from scenarios import vision_zoo  # noqa: E402
 
@@ -137,7 +137,7 @@ def check(sc: ResumeScenario, root: Path, samples: int, seed: int) -> dict:
         {
             o.path
             for o in trace.ops
-            if o.kind != "fsync" and o.path != str(work.resolve()) and not _near(o.path, output)
+            if o.kind != "fsync" and o.path != str(work.resolve()) and not within(o.path, output)
         }
     )
     states = crash_states(trace.ops, samples, seed)
@@ -171,16 +171,6 @@ def check(sc: ResumeScenario, root: Path, samples: int, seed: int) -> dict:
         "touched_outside": touched,
         "seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def _near(path: str, folder: Path) -> bool:
-    """`folder`, inside it, or a temporary sibling of it (`.NAME.*`)."""
-    name = os.path.basename(path)
-    return (
-        path == str(folder)
-        or path.startswith(f"{folder}/")
-        or (os.path.dirname(path) == str(folder.parent) and name.startswith(f".{folder.name}."))
-    )
 
 
 def _rerun(sc: ResumeScenario, work: Path, expected: Any) -> str | None:
