@@ -473,7 +473,11 @@ def test_a_resumed_bench_reads_the_reference_accuracies_it_saved_and_only_for_th
     key = {"zoo": {"steps": 3}, "finetuned_in_zoo": {"a": 0.9}, "max_test": 32}
     path = tmp_path / "bench-progress.json"
     path.write_text(json.dumps({"references": {"key": key, "pretrained": {"a": 0.5}, "finetuned": {"a": 0.9}}}))
-    assert saved_or_scored_references(path, key, None, {}, None) == ({"a": 0.5}, {"a": 0.9})  # type: ignore[arg-type]
+    assert saved_or_scored_references(path, key, None, {}, None) == {
+        "key": key,
+        "pretrained": {"a": 0.5},
+        "finetuned": {"a": 0.9},
+    }  # type: ignore[arg-type]
     with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'load'"):  # scored again
         saved_or_scored_references(path, {**key, "max_test": 64}, None, {}, None)  # type: ignore[arg-type]
 

@@ -196,7 +196,8 @@ def run_bench(
         "finetuned_in_zoo": {n: zoo.meta["tasks"][n]["finetuned_acc"] for n in names},
         "max_test": max_test,
     }
-    pretrained, finetuned = saved_or_scored_references(progress_file, references_key, scorer, base, zoo.task_state)
+    references = saved_or_scored_references(progress_file, references_key, scorer, base, zoo.task_state)
+    pretrained, finetuned = references["pretrained"], references["finetuned"]
     results: dict[str, Any] = {
         "suite": zoo.meta["suite"],
         "backbone": zoo.suite.backbone_label(),
@@ -234,7 +235,6 @@ def run_bench(
     if any(get_method(s.method).needs_data for s in specs):  # data-driven methods learn from the train splits only
         train_data = {n: scorer.suite.task_data(scorer.tasks[n], scorer.zoo_heads[n]) for n in names}
     done = load_progress(progress_file, results["settings"], orders)
-    saved_references = {"key": references_key, "pretrained": pretrained, "finetuned": finetuned}
     # the bar counts only the steps this run does, so its time left reflects their pace, not a resumed run's
     steps_left = len(names) * (
         sum(n_orders - skipped - len(done.get(s.label, [])) for s in specs)
@@ -251,7 +251,7 @@ def run_bench(
         make_dirs(out)  # durably: a crash must not lose the folder
         write_json_atomic(
             progress_file,
-            {"settings": results["settings"], "orders": orders, "runs": done, "references": saved_references},
+            {"settings": results["settings"], "orders": orders, "runs": done, "references": references},
         )
 
     for spec in specs:

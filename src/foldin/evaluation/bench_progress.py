@@ -22,19 +22,19 @@ def saved_or_scored_references(
     scorer: Scorer,
     base: dict[str, torch.Tensor],
     task_state: Callable[[str], dict[str, torch.Tensor]],
-) -> tuple[dict[str, float], dict[str, float]]:
-    """The pretrained and fine-tuned accuracies, kept in the progress file as soon as they are scored:
-    a resumed bench of the same zoo and test sets does not score them again (half an hour on the llm
-    suite's 16 models)."""
+) -> dict[str, Any]:
+    """{"key", "pretrained", "finetuned"}: the reference accuracies, kept in the progress file as soon
+    as they are scored, so that a resumed bench of the same zoo and test sets (`key`) does not score
+    them again (half an hour on the llm suite's 16 models). Every later save keeps this entry."""
     saved = json.loads(progress_file.read_text()) if progress_file.exists() else {}
     references = saved.get("references") or {}
     if references.get("key") == key:
-        return references["pretrained"], references["finetuned"]
+        return references
     pretrained, finetuned = reference_accuracies(scorer, base, task_state)
-    make_dirs(progress_file.parent)
     references = {"key": key, "pretrained": pretrained, "finetuned": finetuned}
+    make_dirs(progress_file.parent)
     write_json_atomic(progress_file, {**saved, "references": references})
-    return pretrained, finetuned
+    return references
 
 
 def load_progress(path: Path, settings: dict[str, Any], orders: list[list[str]]) -> dict[str, list[dict[str, Any]]]:
