@@ -26,6 +26,7 @@ from pydantic import Field
 
 from foldin.methods.base import FoldResult, MergeMethod, MethodParams, StepContext, TensorSlot, squared_norm
 from foldin.methods.registry import register
+from foldin.methods.singular import nonzero_singular_triplets, thin_svd
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -33,38 +34,6 @@ def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
     # the last share is exactly 1 in exact arithmetic; rounding must not make alpha = 1 select r > 0
     share = (singular_values.cumsum(dim=0) / singular_values.sum()).clamp(max=1.0)
     return int((share > alpha).float().argmax().item())
-
-
-NONZERO_RTOL = (
-    1e-5  # float32 rounding leaves a sum of LoRA updates with "null" singular values near 1e-6 x the largest
-)
-SKETCH_OVERSAMPLING = 8
-
-
-def nonzero_singular_triplets(
-    merged: torch.Tensor, rtol: float = NONZERO_RTOL
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of `merged` restricted to the singular values above rtol x the largest.
-
-    A numerically low-rank matrix (a sum of LoRA updates) is found from a seeded Gaussian sketch
-    of k columns, k doubling from 32 while k <= min(m, n) / 4, in O(m n k) instead of the full
-    SVD's O(m n min(m, n)); the sketch is accepted once its rank leaves `SKETCH_OVERSAMPLING`
-    columns spare (the whole range was caught). Otherwise the full thin SVD is truncated.
-    """
-    m, n = merged.shape
-    generator = torch.Generator(device=merged.device).manual_seed(0)
-    k = 32
-    while k <= min(m, n) // 4:
-        probe = torch.randn(n, k, generator=generator, dtype=merged.dtype, device=merged.device)
-        basis = torch.linalg.qr(merged @ probe).Q
-        u, s, vh = torch.linalg.svd(basis.T @ merged, full_matrices=False)
-        rank = int((s > rtol * s[0]).sum())
-        if rank + SKETCH_OVERSAMPLING <= k:
-            return basis @ u[:, :rank], s[:rank], vh[:rank]
-        k *= 2
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
-    rank = int((s > rtol * s[0]).sum())
-    return u[:, :rank], s[:rank], vh[:rank]
 
 
 Diagonal = Literal["all", "nonzero"]
@@ -78,10 +47,15 @@ def project_task_vector(
     the pairs with a nonzero singular value)."""
     if not merged.any():
         return task  # no subspace to protect; FusionBench would use an arbitrary basis here
-    if diagonal == "all":
-        u, s, vh = torch.linalg.svd(merged, full_matrices=False)
-    else:
-        u, s, vh = nonzero_singular_triplets(merged)
+    triplets = thin_svd(merged) if diagonal == "all" else nonzero_singular_triplets(merged)
+    return remove_protected_coefficients(*triplets, task, alpha)
+
+
+def remove_protected_coefficients(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, task: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """task - sum_i (u_i^T task v_i) u_i v_i^T - U_r (off-diagonal of U_r^T task V_r) V_r^T, from
+    the merged task vector's singular triplets (u, s, vh)."""
     r = split_rank(s, alpha)
     coeffs = u.T @ task  # (k, n): rows are u_i^T task
     diagonal_coeffs = torch.bmm(coeffs.unsqueeze(1), vh.unsqueeze(2)).reshape(
