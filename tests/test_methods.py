@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from foldin import merge
 from foldin.engine import DictSource, ModelLayout
-from foldin.methods.opcm import nonzero_singular_triplets, project_task_vector, split_rank
+from foldin.methods.opcm import project_task_vector, split_rank
 from foldin.methods.selection import kth_smallest_abs
+from foldin.methods.singular import nonzero_singular_triplets
 from foldin.runners import Options
 from foldin.runners.local import LocalStep
 
@@ -295,3 +296,21 @@ def test_opcm_reads_a_convolution_kernel_as_out_by_patch_matrix():
     assert torch.allclose(
         (conv["conv.weight"] - base["conv.weight"]).flatten(1), conv["fc.weight"] - base["fc.weight"], atol=1e-5
     )
+
+
+def test_workers_stay_busy_when_small_tensors_sit_between_large_ones():
+    """Two workers must work on both weights at once although a bias sits between them (it finishes
+    first and waits for its weight): each weight's fn blocks until the other's has started."""
+    import threading
+
+    tensors = {"a.weight": torch.ones(4, 4), "a.bias": torch.ones(4), "b.weight": torch.ones(4, 4)}
+    layout = ModelLayout.from_source(DictSource(tensors), [])
+    step = LocalStep(2, {}, layout, lambda kind, name: tensors[name], lambda n, t: None, Options(False, workers=2))
+    both_started = threading.Barrier(2, timeout=10)
+
+    def fn(slot):
+        if slot.name.endswith("weight"):
+            both_started.wait()  # raises BrokenBarrierError if the other weight never starts
+        return slot.name
+
+    assert step.run_pass(fn, "test", write=False) == list(layout.merged_names)

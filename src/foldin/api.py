@@ -51,7 +51,7 @@ class ContinualMerger:
         module: nn.Module | None = None,
         features: FeatureFn | None = None,
         device: str | None = None,
-        workers: int = 1,
+        workers: int | None = None,
         **params: Any,
     ):
         self.base = base

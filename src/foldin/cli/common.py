@@ -65,8 +65,8 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that share)",
+        help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that "
+        "share); default: one per thread for methods that decompose matrices (OPCM), else 1",
     )
     p.add_argument(
         "--device",

@@ -26,7 +26,8 @@ class Options:
     Attributes:
         progress: show progress bars.
         device: where a weight-only method's arithmetic runs (None: the CPU).
-        workers: tensors in flight at once on threads, sharing torch's threads.
+        workers: tensors computed at once on threads, sharing torch's threads (None: one per thread for
+            methods that decompose matrices on the CPU, else 1).
         backend: where the passes run (None: this process; a RayBackend: Ray tasks).
         dtype: the exported model's floating dtype, "float32", "float16" or "bfloat16" (None: the base's).
         max_shard_size: the largest exported safetensors file, e.g. "5GB".
@@ -35,7 +36,7 @@ class Options:
 
     progress: bool = True
     device: str | None = None
-    workers: int = 1
+    workers: int | None = None
     backend: Backend | None = None
     dtype: str | None = None
     max_shard_size: str = "5GB"

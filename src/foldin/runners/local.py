@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from foldin.io.specs import Spec
 from foldin.methods.base import MergeMethod, TensorSlot
 from foldin.progress import progress
 from foldin.runners import GenerationJob, Options, StateFiles
+
+BUFFERED_PER_WORKER = 4
 
 
 class LocalStep(StepPasses):
@@ -40,7 +43,7 @@ class LocalStep(StepPasses):
         super().__init__(step, stats, layout, learning)
         self._load, self._sink, self._options, self._on_merged = load, sink, options, on_merged
         # a data-driven method holds the model whole anyway: one tensor at a time
-        self._workers = 1 if learning is not None else options.workers
+        self._workers = 1 if learning is not None else options.workers or 1  # None: LocalRunner.context decides
 
     def _slots(self, desc: str) -> Iterator[TensorSlot]:
         names = progress(
@@ -50,23 +53,33 @@ class LocalStep(StepPasses):
             yield TensorSlot(name, name in self.layout.linear, self._load)
 
     def _map(self, fn: Callable[[TensorSlot], Any], desc: str) -> Iterator[tuple[TensorSlot, Any]]:
-        """fn over every slot, in tensor order. With workers > 1, up to `workers` tensors are in
-        flight on threads (torch releases the GIL in its kernels), each with its share of torch's
+        """fn over every slot, in tensor order. With workers > 1, `workers` tensors are computed at
+        once on threads (torch releases the GIL in its kernels), each with its share of torch's
         threads; results still come back in order, so reductions are done in the same order and the
-        bits equal those of a one-worker run with that many threads."""
+        bits equal those of a one-worker run with that many threads. Finished results wait behind an
+        unfinished earlier one (a bias done before its weight's SVD), at most `BUFFERED_PER_WORKER`
+        x workers tensors in all: a window of `workers` tensors would leave a worker idle whenever
+        a small tensor sits between two large ones, as every layer's bias does."""
         if self._workers <= 1:
             for slot in self._slots(desc):
                 yield slot, fn(slot)
             return
         share = max(1, torch.get_num_threads() // self._workers)  # set in each worker thread: the
         # count is per thread, so the caller's own (and another step's in this process) stays as it is
+        cap = BUFFERED_PER_WORKER * self._workers
         with ThreadPoolExecutor(self._workers, initializer=torch.set_num_threads, initargs=(share,)) as pool:
             in_flight: deque = deque()
             for slot in self._slots(desc):
                 in_flight.append((slot, pool.submit(fn, slot)))
-                if len(in_flight) >= self._workers:  # bounded: memory is `workers` tensors' worth
-                    done, future = in_flight.popleft()
-                    yield done, future.result()
+                while in_flight:
+                    if in_flight[0][1].done():
+                        done, future = in_flight.popleft()
+                        yield done, future.result()
+                        continue
+                    running = [f for _, f in in_flight if not f.done()]
+                    if len(running) < self._workers and len(in_flight) < cap:
+                        break  # a worker is free and the buffer has room: submit the next tensor
+                    wait(running, return_when=FIRST_COMPLETED)
             while in_flight:
                 done, future = in_flight.popleft()
                 yield done, future.result()
@@ -84,6 +97,16 @@ class LocalStep(StepPasses):
         return results
 
 
+def default_workers(method: MergeMethod, device: torch.device) -> int:
+    """One worker per torch thread, each with one thread, where a step decomposes matrices on the
+    CPU (OPCM's SVDs): LAPACK's SVD of a 768 x 768 matrix is no faster on two threads than on one,
+    so two at once on one thread each take 0.81x the time of one worker with both threads
+    (ViT-B/32 shape, docs/performance.md). Elementwise methods are bound by reading and writing: one."""
+    if method.uses_linear_weights and not method.needs_data and device.type == "cpu":
+        return torch.get_num_threads()
+    return 1
+
+
 class LocalRunner:
     """Runs steps in this process, reading the base and the previous merged task vector from
     sources and writing the new one to `sink`."""
@@ -96,7 +119,7 @@ class LocalRunner:
         options: Options | None = None,
     ):
         options = options or Options()
-        if options.workers < 1:
+        if options.workers is not None and options.workers < 1:
             raise FoldinError(f"--workers must be at least 1, not {options.workers}.")
         self.base, self.previous, self.sink, self.options = base, previous, sink, options
         self.device = resolve_device(options.device)
@@ -119,7 +142,8 @@ class LocalRunner:
         for name in [n for n in new.specs if n not in layout.specs or not layout.specs[n][0].is_floating_point]:
             new.read(name)
         load = tensor_loader(layout, self.base, new, self.previous, self.device)
-        return LocalStep(step, stats, layout, load, self.sink, self.options, learning, self.on_merged)
+        options = replace(self.options, workers=self.options.workers or default_workers(method, self.device))
+        return LocalStep(step, stats, layout, load, self.sink, options, learning, self.on_merged)
 
 
 class GenerationFileRunner(LocalRunner):
