@@ -46,8 +46,9 @@ def run_fusionbench(case: Path, out: Path) -> dict[str, float]:
     return {"merge_s": json.loads((out / "timings.json").read_text())["opcm"], "wall_s": wall, "peak_rss_mb": rss}
 
 
-def run_foldin(case: Path, work: Path, workers: int) -> dict[str, float]:
-    """One `foldin run` process: init, a step per ckpt_* folder of `case`, export."""
+def run_foldin(case: Path, work: Path, workers: str) -> dict[str, float]:
+    """One `foldin run` process: init, a step per ckpt_* folder of `case`, export; `workers` is
+    --workers' value, or "default" to leave it out."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ckpts = sorted(case.glob("ckpt_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -56,7 +57,8 @@ def run_foldin(case: Path, work: Path, workers: int) -> dict[str, float]:
         "output: out\nstate: state\n"
     )
     wall, rss, _ = timed(
-        [sys.executable, "-m", "foldin.cli", "run", str(work / "merge.yaml"), "--quiet", "--workers", str(workers)]
+        [sys.executable, "-m", "foldin.cli", "run", str(work / "merge.yaml"), "--quiet"]
+        + ([] if workers == "default" else ["--workers", workers])
     )
     history = json.loads((work / "state" / "state.json").read_text())["history"]
     return {
@@ -67,25 +69,35 @@ def run_foldin(case: Path, work: Path, workers: int) -> dict[str, float]:
     }
 
 
-def svd_floor(state: Path) -> float:
-    """Seconds of the thin SVDs of every linear weight of the merged task vector: one step's floor."""
+def svd_floors(state: Path) -> dict[str, float]:
+    """Seconds of the decompositions of every linear weight of the merged task vector, one step's
+    worth: LAPACK's thin SVD of each matrix as it is (what a step needed before foldin's own
+    decomposition), and foldin's `thin_svd` (the Gram route where certified, the tall SVD otherwise)."""
     from foldin import MergeState
+    from foldin.methods.singular import thin_svd
 
     merged = MergeState.open(state)
     linear = set(merged.meta["linear_weights"])
     with merged.reading() as (_, vector):
         matrices = [vector.read(n).flatten(1) for n in vector.names() if n in linear]
-    started = time.perf_counter()
-    for m in matrices:
-        torch.linalg.svd(m, full_matrices=False)
-    return time.perf_counter() - started
+    floors = {}
+    for name, decompose in (("lapack_svd", lambda m: torch.linalg.svd(m, full_matrices=False)), ("foldin", thin_svd)):
+        started = time.perf_counter()
+        for m in matrices:
+            decompose(m)
+        floors[name] = time.perf_counter() - started
+    return floors
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="clip-vit-b32,minilm-l6")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", default="1", help="foldin run --workers, comma-separated values to compare")
+    ap.add_argument(
+        "--workers",
+        default="default,1",
+        help="foldin run --workers, comma-separated values to compare ('default': the flag left out)",
+    )
     ap.add_argument("--work", type=Path, default=HERE.parent / "_work" / "perf")
     ap.add_argument("--out", type=Path, default=HERE.parent / "results" / "perf" / "opcm_vs_fusionbench.json")
     a = ap.parse_args()
@@ -106,12 +118,13 @@ def main() -> None:
         for r in range(a.repeats):  # alternate, so that drifts in machine load hit every side
             runs["fusionbench"].append(run_fusionbench(case, a.work / f"{kind}-fb"))
             for side in sides[1:]:
-                runs[side].append(run_foldin(case, a.work / f"{kind}-foldin", int(side.rpartition(" ")[2])))
+                runs[side].append(run_foldin(case, a.work / f"{kind}-foldin", side.rpartition(" ")[2]))
             print(
                 f"  {kind} repeat {r + 1}: " + ", ".join(f"{s} {runs[s][-1]['merge_s']:.1f} s" for s in sides),
                 file=sys.stderr,
             )
-        floor = statistics.median(svd_floor(a.work / f"{kind}-foldin" / "state") for _ in range(a.repeats))
+        floor_runs = [svd_floors(a.work / f"{kind}-foldin" / "state") for _ in range(a.repeats)]
+        floors = {k: statistics.median(f[k] for f in floor_runs) for k in floor_runs[0]}
         errs = relative_errors(
             load_file(a.work / f"{kind}-foldin" / "out" / "model.safetensors"),
             load_file(a.work / f"{kind}-fb" / "opcm.safetensors"),
@@ -123,14 +136,15 @@ def main() -> None:
         results["cases"][kind] = {
             "median": med,
             "runs": runs,
-            "svd_floor_per_step_s": floor,
+            "svd_floor_per_step_s": floors["lapack_svd"],
+            "foldin_decomposition_per_step_s": floors["foldin"],
             "max_rel_err": max(errs.values()),
             "worst_tensor": max(errs, key=errs.get),
         }
     print(
         f"\nOPCM (alpha 0.5) over 3 checkpoints, {torch.get_num_threads()} threads, medians of {a.repeats} "
         "alternating "
-        "runs; per step = merge s / 3 (the first step projects nothing); floor = the thin SVDs of one step\n"
+        "runs; per step = merge s / 3 (the first step projects nothing); floor = LAPACK's thin SVDs of one step\n"
     )
     print(
         f"{'case':<14}{'side':<22}{'merge s':>9}{'per step':>10}{'/ floor':>9}{'wall s':>9}{'peak RSS MiB':>14}"
@@ -144,6 +158,7 @@ def main() -> None:
                 f"{m['wall_s']:>9.1f}{m['peak_rss_mb']:>14.0f}{fb['merge_s'] / m['merge_s']:>10.2f}x"
             )
         print(f"{kind:<14}{'SVD floor per step':<22}{'':>9}{floor:>10.2f}")
+        print(f"{kind:<14}{'foldin decompositions':<22}{'':>9}{c['foldin_decomposition_per_step_s']:>10.2f}")
         print(f"{kind:<14}parity: max relative error {c['max_rel_err']:.1e} ({c['worst_tensor']})\n")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -6,8 +6,9 @@ matrices (the merged task vector of every linear weight), on the CPU or on `--de
 
 Step 2 of a 3-checkpoint case (the first step has no subspace to project away from) is timed
 through the on-disk state (`MergeState.add`, reading and writing included) `--repeats` times; the
-decompositions are timed on the merged task vector after step 1: `torch.linalg.svd` thin (what
-foldin uses), and `torch.linalg.eigh` of the smaller Gram matrix (the cheapest exact alternative).
+decompositions are timed on the merged task vector after step 1: `torch.linalg.svd` thin (LAPACK,
+each matrix as it is), `torch.linalg.eigh` of the smaller Gram matrix alone (in the input dtype), and
+foldin's `thin_svd` (float64 Gram route where its bound certifies it, else LAPACK on the tall side).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from foldin import MergeState
+from foldin.methods.singular import thin_svd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "parity"))
@@ -40,6 +42,7 @@ def timed_decompositions(matrices: list[torch.Tensor], device: torch.device) -> 
     for name, fn in (
         ("svd_thin", lambda m: torch.linalg.svd(m, full_matrices=False)),
         ("eigh_gram", lambda m: torch.linalg.eigh(m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m)),
+        ("foldin_thin_svd", thin_svd),
     ):
         fn(matrices[0])  # warm-up (library loading, GPU kernels)
         sync(device)
@@ -88,7 +91,8 @@ def main() -> None:
     print(
         f"{a.case} on {device} ({torch.get_num_threads()} threads): OPCM step 2 {step:.2f} s (median of {a.repeats}, "
         f"I/O included); {len(matrices)} linear weights: thin SVD {dec['svd_thin']:.2f} s "
-        f"({100 * row['svd_fraction_of_step']:.0f}% of the step), eigh of the Gram matrix {dec['eigh_gram']:.2f} s"
+        f"({100 * row['svd_fraction_of_step']:.0f}% of the step), eigh of the Gram matrix {dec['eigh_gram']:.2f} s, "
+        f"foldin's thin_svd {dec['foldin_thin_svd']:.2f} s"
     )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
