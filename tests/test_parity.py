@@ -21,5 +21,7 @@ def test_matches_fusionbench(case, method, tmp_path):
     assert len(errs) >= 38
     worst = max(errs, key=errs.get)
     assert errs[worst] < TOLERANCE, f"{worst}: {errs[worst]:.2e}"
+    if method == "opcm":  # its decomposition (Gram route or SVD) holds the tiny cases far tighter
+        assert errs[worst] < 1e-6, f"{worst}: {errs[worst]:.2e}"
     model = AutoModel.from_pretrained(tmp_path / f"{method}.export")  # a loadable HF folder
     assert sum(p.numel() for p in model.parameters()) > 0
