@@ -66,7 +66,8 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         help="tensors processed at once on threads, sharing torch's threads (same bits as one worker with that "
-        "share); default: one per thread for methods that decompose matrices (OPCM), else 1",
+        "share; on the CPU at most one per thread); default: one per thread for methods that decompose matrices "
+        "(OPCM), else 1",
     )
     p.add_argument(
         "--device",

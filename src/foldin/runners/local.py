@@ -107,6 +107,14 @@ def default_workers(method: MergeMethod, device: torch.device) -> int:
     return 1
 
 
+def step_workers(requested: int | None, method: MergeMethod, device: torch.device) -> int:
+    """The workers a step runs with: the default where none are asked for; on the CPU, at most one
+    per torch thread, since more would run more threads than cores (each worker has at least one)."""
+    if requested is None:
+        return default_workers(method, device)
+    return min(requested, torch.get_num_threads()) if device.type == "cpu" else requested
+
+
 class LocalRunner:
     """Runs steps in this process, reading the base and the previous merged task vector from
     sources and writing the new one to `sink`."""
@@ -142,7 +150,7 @@ class LocalRunner:
         for name in [n for n in new.specs if n not in layout.specs or not layout.specs[n][0].is_floating_point]:
             new.read(name)
         load = tensor_loader(layout, self.base, new, self.previous, self.device)
-        options = replace(self.options, workers=self.options.workers or default_workers(method, self.device))
+        options = replace(self.options, workers=step_workers(self.options.workers, method, self.device))
         return LocalStep(step, stats, layout, load, self.sink, options, learning, self.on_merged)
 
 
