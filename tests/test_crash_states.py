@@ -13,8 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "crash"))
 
 from check_crashes import check  # noqa: E402
-from crashsim import Op, crash_states, durable, identities  # noqa: E402
+from crashsim import crash_states, durable, identities  # noqa: E402
 from scenarios import scenarios  # noqa: E402
+from tracing import Op  # noqa: E402
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (scripts/setup.sh installs it)")

@@ -40,8 +40,9 @@ from foldin.errors import FoldinError
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from crashsim import Trace, crash_states, materialize, record  # noqa: E402
+from crashsim import crash_states, materialize  # noqa: E402
 from scenarios import Scenario, finish_work, init_state, scenarios  # noqa: E402
+from tracing import Trace, record  # noqa: E402
 
 FOLDIN = [sys.executable, "-m", "foldin.cli"]
 

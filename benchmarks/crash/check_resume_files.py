@@ -33,8 +33,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from check_crashes import FOLDIN, file_tree, run_checks, within  # noqa: E402
-from crashsim import crash_states, materialize, record  # noqa: E402
+from crashsim import crash_states, materialize  # noqa: E402
 from scenarios import vision_zoo  # noqa: E402
+from tracing import record  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: a rerun's fine-tuning repeats the bits
 SMALL = ["--steps", "3", "--max-train", "64", "--max-test", "64", "--quiet"]
