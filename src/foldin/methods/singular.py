@@ -60,7 +60,8 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """(U, S, Vh) with S descending, U m x k, Vh k x n, k = min(m, n): from the Gram matrix where
     `gram_svd` certifies it, otherwise LAPACK's SVD of the tall orientation."""
     m, n = matrix.shape
-    if matrix.dtype in GRAM_DTYPES and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
+    float64_device = matrix.device.type in ("cpu", "cuda")  # MPS has no float64
+    if matrix.dtype in GRAM_DTYPES and float64_device and max(m, n) >= GRAM_MIN_ASPECT * min(m, n):
         certified = gram_svd(matrix)
         if certified is not None:
             return certified
