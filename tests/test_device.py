@@ -59,3 +59,16 @@ def test_workers_give_the_same_bits(tmp_path, method):
         outs.append((state.dir / state.meta["generation"] / "merged.safetensors").read_bytes())
         assert state.meta["stats"] == MergeState.open(state.dir).meta["stats"]
     assert outs[0] == outs[1]
+
+
+def test_workers_default_and_cap_follow_the_threads():
+    """One worker per torch thread for a method that decomposes matrices, one for an elementwise
+    method; on the CPU never more workers than threads (each worker has at least one)."""
+    from foldin.methods.registry import get_method
+    from foldin.runners.local import step_workers
+
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    assert step_workers(None, get_method("opcm")(), cpu) == threads
+    assert step_workers(None, get_method("task_arithmetic")(), cpu) == 1
+    assert step_workers(threads + 3, get_method("opcm")(), cpu) == threads
+    assert step_workers(1, get_method("opcm")(), cpu) == 1
