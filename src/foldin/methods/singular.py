@@ -96,7 +96,7 @@ def nonzero_singular_triplets(
     while k <= min(m, n) // 4:
         probe = torch.randn(n, k, generator=generator, dtype=merged.dtype, device=merged.device)
         basis = torch.linalg.qr(merged @ probe).Q
-        u, s, vh = torch.linalg.svd(basis.T @ merged, full_matrices=False)
+        u, s, vh = thin_svd(basis.T @ merged)  # k x n, wide: thin_svd gives LAPACK its tall transpose
         rank = int((s > rtol * s[0]).sum())
         if rank + SKETCH_OVERSAMPLING <= k:
             return basis @ u[:, :rank], s[:rank], vh[:rank]
