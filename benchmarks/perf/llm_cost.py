@@ -8,7 +8,7 @@ Per method, one `foldin init` and one `foldin add` process per adapter (LoRA in:
 as PEFT wrote it), then `foldin export` (the full model) and `foldin export --lora-rank R`, each
 under `/usr/bin/time -v`. Reported: the step's own seconds (the state's history; the median over
 the steps after the first, which has nothing to project or weigh against), the largest peak RSS of
-the add processes, and the seconds and peak RSS of both exports. One thread per process unless
+the add processes, and the seconds and peak RSS of both exports. Torch's default threads unless
 OMP_NUM_THREADS says otherwise; run it on an otherwise idle machine.
 """
 
