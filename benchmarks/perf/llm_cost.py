@@ -9,7 +9,8 @@ as PEFT wrote it), then `foldin export` (the full model) and `foldin export --lo
 under `/usr/bin/time -v`. Reported: the step's own seconds (the state's history; the median over
 the steps after the first, which has nothing to project or weigh against), the largest peak RSS of
 the add processes, and the seconds and peak RSS of both exports. Torch's default threads unless
-OMP_NUM_THREADS says otherwise; run it on an otherwise idle machine.
+OMP_NUM_THREADS says otherwise; run it on an otherwise idle machine. Results are written after each
+method, and a rerun with the same adapters and rank measures only the methods not yet in `--out`.
 """
 
 from __future__ import annotations
@@ -79,12 +80,18 @@ def main() -> None:
     a = ap.parse_args()
     zoo = json.loads((a.zoo / "zoo.json").read_text())
     adapters = [a.zoo / "tasks" / name for name in list(zoo["tasks"])[: a.adapters]]
-    rows = {}
+    settings = {"adapters": [p.name for p in adapters], "lora_rank": a.lora_rank}
+    saved = json.loads(a.out.read_text()) if a.out.exists() else {}
+    # a method already measured with these adapters and rank is kept: a stopped run goes on
+    rows = saved["methods"] if all(saved.get(k) == v for k, v in settings.items()) else {}
     for spec in a.methods.split(","):
+        if spec in rows:
+            continue
         rows[spec] = method_cost(spec, a.zoo / "base", adapters, a.work / spec.replace(":", "_"), a.lora_rank)
-        print(f"{spec}: {json.dumps({k: v for k, v in rows[spec].items() if k != 'step_seconds'})}", file=sys.stderr)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({**settings, "methods": rows}, indent=2) + "\n")
     r = a.lora_rank
-    print(f"\n{len(adapters)} SmolLM2-135M LoRA adapters folded in; medians over steps 2-{len(adapters)}\n")
+    print(f"{len(adapters)} SmolLM2-135M LoRA adapters folded in; medians over steps 2-{len(adapters)}\n")
     print(
         f"| method | s / step | add peak RSS MiB | export s | export peak RSS MiB | rank-{r} export s "
         f"| rank-{r} peak RSS MiB | rank-{r} adapter MiB |"
@@ -96,10 +103,6 @@ def main() -> None:
             f"| {c['export_peak_rss_mib']:.0f} | {c[f'export_lora_r{r}_seconds']:.1f} "
             f"| {c[f'export_lora_r{r}_peak_rss_mib']:.0f} | {c['adapter_mib']:.1f} |"
         )
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps({"adapters": [p.name for p in adapters], "lora_rank": r, "methods": rows}, indent=2) + "\n"
-    )
 
 
 if __name__ == "__main__":
