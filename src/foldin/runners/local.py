@@ -100,7 +100,7 @@ class LocalStep(StepPasses):
 def default_workers(method: MergeMethod, device: torch.device) -> int:
     """One worker per torch thread, each with one thread, where a step decomposes matrices on the
     CPU (OPCM's SVDs): LAPACK's SVD of a 768 x 768 matrix is no faster on two threads than on one,
-    so two at once on one thread each take 0.81x the time of one worker with both threads
+    so two at once on one thread each take 0.83x the time of one worker with both threads
     (ViT-B/32 shape, docs/performance.md). Elementwise methods are bound by reading and writing: one."""
     if method.uses_linear_weights and not method.needs_data and device.type == "cpu":
         return torch.get_num_threads()
