@@ -24,6 +24,7 @@ from foldin.io.export import write_folder
 from foldin.io.lora import PREFIX
 from foldin.io.safetensors_file import SafetensorsWriter
 from foldin.io.specs import Spec
+from foldin.methods.singular import nonzero_singular_triplets
 
 ADAPTER_FILE = "adapter_model.safetensors"
 REPORT_FILE = "lora-energy.json"
@@ -31,18 +32,22 @@ REPORT_FILE = "lora-energy.json"
 
 def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B, A, share of energy kept): B @ A is the best rank-`rank` approximation of `delta`,
-    split evenly (B = U sqrt(s), A = sqrt(s) V^T); zero-padded to `rank` when the matrix is smaller."""
+    split evenly (B = U sqrt(s), A = sqrt(s) V^T); zero-padded to `rank` when the matrix is smaller.
+    The singular pairs come from OPCM's `nonzero_singular_triplets`: a merge of LoRA adapters has
+    the rank of their sum, found from a sketch at O(m n k) instead of a full SVD's O(m n min(m, n));
+    a full-rank change gets `thin_svd`. Pairs below 1e-5 of the largest singular value are left out
+    of the factors only, never of the energy, which is ||delta||_F^2 computed directly."""
     m, n = delta.shape
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    u, s, vh = nonzero_singular_triplets(delta.float())
     k = min(rank, len(s))
-    total = float((s**2).sum())
-    kept = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+    total = float(delta.double().square().sum())
+    kept = min(1.0, float(s[:k].double().square().sum()) / total) if total > 0 else 1.0
     root = s[:k].sqrt()
-    b = torch.zeros(m, rank, dtype=torch.float64)
-    a = torch.zeros(rank, n, dtype=torch.float64)
+    b = torch.zeros(m, rank, dtype=torch.float32)
+    a = torch.zeros(rank, n, dtype=torch.float32)
     b[:, :k] = u[:, :k] * root
     a[:k] = root[:, None] * vh[:k]
-    return b.float(), a.float(), kept
+    return b, a, kept
 
 
 def module_of(name: str) -> tuple[str, str]:
