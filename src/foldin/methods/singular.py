@@ -44,16 +44,19 @@ def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     a = (matrix if wide else matrix.T).double()  # k x n, k <= n
     k, n = a.shape
     gram = a @ a.T
+    gram_trace = float(gram.diagonal().sum())
     eigenvalues, short_side = torch.linalg.eigh(gram)
+    del gram
     short_side = short_side.flip(1)  # descending singular values, as torch.linalg.svd returns them
-    scaled_long_side = a.T @ short_side  # column i is s_i v_i
-    singular_values = torch.linalg.vector_norm(scaled_long_side, dim=0)
+    long_side = a.T @ short_side  # column i is s_i v_i; in place below, so that at most two
+    del a  # float64 copies of the matrix are held at once
+    singular_values = torch.linalg.vector_norm(long_side, dim=0)
     smallest, largest = float(singular_values[-1]), float(singular_values[0])
-    bound = residual_bound(float(gram.diagonal().sum()), float(eigenvalues[-1]), k, n)
+    bound = residual_bound(gram_trace, float(eigenvalues[-1]), k, n)
     unit = torch.finfo(matrix.dtype).eps / 2
     if smallest == 0 or bound / smallest > unit * largest:
         return None
-    long_side = scaled_long_side / singular_values
+    long_side.div_(singular_values)
     u, vh = (short_side, long_side.T) if wide else (long_side, short_side.T)
     return u.to(matrix.dtype), singular_values.to(matrix.dtype), vh.to(matrix.dtype)
 
