@@ -3,8 +3,11 @@ suite? Measurements of the zoo's own task vectors, in one regime (one zoo) per r
 
     python benchmarks/regime_analysis.py --zoo zoo/text-zeroshot --label text --out benchmarks/results/regime
     python benchmarks/regime_analysis.py --zoo zoo/vit --label vit --max-test 500 --out benchmarks/results/regime
+    python benchmarks/regime_analysis.py --zoo zoo/vit --label vit-no-permuted --max-test 500
+        --tasks mnist,digits,fashion_mnist,animal_mnist,rotated_mnist,rotated_animal_mnist   (one line)
 
-For the first 8 and 14 tasks of the zoo (task vectors tau_i = checkpoint - base), it measures:
+For the first 8 and 14 tasks of the zoo, or for exactly the tasks --tasks names (task vectors
+tau_i = checkpoint - base), it measures:
 - global pairwise cosine of whole-model task vectors, and of their linear-layer part;
 - per-layer cosine: the cosine of two tasks' deltas of one weight matrix, |.| averaged over layers;
 - per-layer subspace overlap: ||U_i,k^T U_j,k||_F^2 / k for the top-k left singular vectors of
@@ -36,7 +39,7 @@ import torch
 
 from foldin.api import ContinualMerger
 from foldin.evaluation.bench import task_orders
-from foldin.evaluation.scoring import Scorer
+from foldin.evaluation.scoring import Scorer, reference_accuracies
 from foldin.evaluation.zoo import Zoo
 from foldin.layers import resolve_linear_weights
 from foldin.methods.opcm import project_task_vector, split_rank
@@ -129,9 +132,12 @@ def removed_shares(
 def decomposition(
     zoo: Zoo, names: list[str], orders: list[list[str]], max_test: int | None, scaling: float = 0.3
 ) -> dict[str, float]:
-    """Final ACC (mean over orders) of task arithmetic, rescaled task arithmetic and OPCM."""
+    """Final ACC (mean over orders) of task arithmetic, rescaled task arithmetic and OPCM, beside the
+    pretrained and the fine-tuned models' on the same test sets: how much of the fine-tuned accuracy
+    the plain sum keeps is the interference OPCM's projection has to undo."""
     scorer = Scorer(zoo, names, max_test)
     base = zoo.base_state()
+    pretrained, finetuned = reference_accuracies(scorer, base, zoo.task_state)
     ckpts = {n: zoo.task_state(n) for n in names}
     floats = [k for k, v in base.items() if v.is_floating_point()]
     accs: dict[str, list[float]] = {"task_arithmetic": [], "rescaled_task_arithmetic": [], "opcm": []}
@@ -156,11 +162,20 @@ def decomposition(
             accs[label].append(statistics.fmean(scorer.score(n) for n in names))
             bar.update(1)
     bar.close()
-    return {label: 100 * statistics.fmean(v) for label, v in accs.items()}
+    return {
+        "pretrained": 100 * statistics.fmean(pretrained.values()),
+        "finetuned": 100 * statistics.fmean(finetuned.values()),
+        **{label: 100 * statistics.fmean(v) for label, v in accs.items()},
+    }
 
 
-def analyse(zoo: Zoo, sizes: list[int], n_orders: int, score: bool, max_test: int | None) -> dict:
-    names_all = zoo.task_names
+def analyse(
+    zoo: Zoo, sizes: list[int], n_orders: int, score: bool, max_test: int | None, tasks: list[str] | None = None
+) -> dict:
+    """Each setting is the first N of `tasks` (default: the zoo's tasks in their order)."""
+    names_all = tasks or zoo.task_names
+    if unknown := sorted(set(names_all) - set(zoo.task_names)):
+        raise SystemExit(f"the zoo has no task {', '.join(unknown)}.")
     base, tvs = task_vectors(zoo, names_all[: max(sizes)])
     specs = {k: tuple(v.shape) for k, v in base.items()}
     linear, _ = resolve_linear_weights(specs, module=zoo.suite.load_backbone())
@@ -203,11 +218,14 @@ def write_markdown(label: str, result: dict, path: Path) -> None:
     ]
     sizes = list(result["settings"])
     lines = [f"# Task-vector geometry: {label} ({result['suite']} zoo)", ""]
+    if "tasks" in result:
+        lines += [f"Tasks: {', '.join(result['tasks'])}.", ""]
     lines += ["| measure | " + " | ".join(f"{s} tasks" for s in sizes) + " |", "|---" + "|---:" * len(sizes) + "|"]
     for text, key, fmt in rows:
         lines.append(f"| {text} | " + " | ".join(fmt.format(result["settings"][s][key]) for s in sizes) + " |")
     if all("final_acc" in result["settings"][s] for s in sizes):
-        for method in ("task_arithmetic", "rescaled_task_arithmetic", "opcm"):
+        methods = ("pretrained", "finetuned", "task_arithmetic", "rescaled_task_arithmetic", "opcm")
+        for method in (m for m in methods if all(m in result["settings"][s]["final_acc"] for s in sizes)):
             cells = " | ".join(f"{result['settings'][s]['final_acc'][method]:.1f}" for s in sizes)
             lines.append(f"| ACC, {method.replace('_', ' ')} | {cells} |")
     path.write_text("\n".join(lines) + "\n")
@@ -218,13 +236,19 @@ def main() -> None:
     ap.add_argument("--zoo", required=True)
     ap.add_argument("--label", required=True)
     ap.add_argument("--sizes", default="8,14", help="the settings: the first N tasks of the zoo, comma-separated")
+    ap.add_argument(
+        "--tasks", help="comma-separated task names: one setting of exactly these tasks (a subset), instead of --sizes"
+    )
     ap.add_argument("--orders", type=int, default=5)
     ap.add_argument("--max-test", type=int)
     ap.add_argument("--no-score", action="store_true", help="geometry only, no accuracy decomposition")
     ap.add_argument("--out", default="benchmarks/results/regime")
     args = ap.parse_args()
-    sizes = [int(x) for x in args.sizes.split(",")]
-    result = analyse(Zoo.open(args.zoo), sizes, args.orders, not args.no_score, args.max_test)
+    tasks = args.tasks.split(",") if args.tasks else None
+    sizes = [len(tasks)] if tasks else [int(x) for x in args.sizes.split(",")]
+    result = analyse(Zoo.open(args.zoo), sizes, args.orders, not args.no_score, args.max_test, tasks)
+    if tasks:
+        result["tasks"] = tasks
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.label}.json").write_text(json.dumps(result, indent=2) + "\n")
