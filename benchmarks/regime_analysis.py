@@ -137,8 +137,8 @@ def decomposition(
     the plain sum keeps is the interference OPCM's projection has to undo."""
     scorer = Scorer(zoo, names, max_test)
     base = zoo.base_state()
-    pretrained, finetuned = reference_accuracies(scorer, base, zoo.task_state)
     ckpts = {n: zoo.task_state(n) for n in names}
+    pretrained, finetuned = reference_accuracies(scorer, base, ckpts.__getitem__)
     floats = [k for k, v in base.items() if v.is_floating_point()]
     accs: dict[str, list[float]] = {"task_arithmetic": [], "rescaled_task_arithmetic": [], "opcm": []}
     bar = progress(total=len(orders) * 3, desc=f"scoring {len(names)} tasks", unit="model")
@@ -180,6 +180,8 @@ def analyse(
     specs = {k: tuple(v.shape) for k, v in base.items()}
     linear, _ = resolve_linear_weights(specs, module=zoo.suite.load_backbone())
     out = {"zoo_settings": zoo.settings, "suite": zoo.meta["suite"], "linear_layers": len(linear), "settings": {}}
+    if tasks:
+        out["tasks"] = tasks
     for size in sizes:
         if size > len(names_all):
             raise SystemExit(f"the zoo has {len(names_all)} tasks, fewer than {size}.")
@@ -247,8 +249,6 @@ def main() -> None:
     tasks = args.tasks.split(",") if args.tasks else None
     sizes = [len(tasks)] if tasks else [int(x) for x in args.sizes.split(",")]
     result = analyse(Zoo.open(args.zoo), sizes, args.orders, not args.no_score, args.max_test, tasks)
-    if tasks:
-        result["tasks"] = tasks
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.label}.json").write_text(json.dumps(result, indent=2) + "\n")
