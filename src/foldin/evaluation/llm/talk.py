@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foldin.evaluation.suite import hf
-from foldin.evaluation.text.tasks import grimm_passages
+from foldin.evaluation.text.readers import grimm_passages
 
 CHAT_PROMPTS = (
     "What is the capital of France?",

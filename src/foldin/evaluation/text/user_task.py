@@ -14,7 +14,7 @@ from pathlib import Path
 
 from foldin.errors import FoldinError
 from foldin.evaluation.suite import Task, read_task_spec, split_fraction
-from foldin.evaluation.text.tasks import Rows, seeded_split, to_task
+from foldin.evaluation.text.readers import Rows, seeded_split, to_task
 
 
 def _read_table(path: Path, text: str, label: str) -> Rows:
