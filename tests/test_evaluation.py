@@ -241,7 +241,7 @@ def test_user_vision_task_from_npz(tmp_path):
         vision_user_task(tmp_path / "bad.yaml")
 
 
-def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
+def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys, monkeypatch):
     """EfficientNet-Lite0 (real ImageNet weights), 2 real image tasks: zoo, bench with OPCM on
     convolution kernels, and a state built by the CLI from the zoo's checkpoint folders."""
     zoo = tmp_path / "zoo"
@@ -341,6 +341,8 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
     ada_steps = [s for r in results["methods"]["adamerging:steps=2"]["runs"] for s in r["step_stats"][1:]]
     assert len(ada_steps) == 2 and all(0.0 <= s[k] <= 1.0 for s in ada_steps for k in ("lambda_pre", "lambda_post"))
     assert "| adamerging:steps=2 | lambda_pre |" in report
+    monkeypatch.setattr("foldin.progress.LOG_INTERVAL", 0.0)
+    capsys.readouterr()
     assert (
         main(
             [
@@ -358,14 +360,14 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys):
                 "--out",
                 str(out),
                 "--extend",
-                "--quiet",
             ]
         )
         == 0
     )
     extended = json.loads((out / "results.json").read_text())
     assert set(extended["methods"]) == labels | {"average"} and len(extended["commands"]) == 2
-    capsys.readouterr()
+    # each method has its own progress line, counting its own steps (a log gets a line per step here)
+    assert "bench average: 4/4 step (order 2 of 2)" in capsys.readouterr().err
     assert (
         main(
             [
