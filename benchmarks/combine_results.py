@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from foldin.evaluation.bench import extend_results
+from foldin.evaluation.bench_results import extend_results
 from foldin.evaluation.report import write_report
 from foldin.io.atomic import write_json_atomic
 

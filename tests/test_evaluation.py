@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from foldin import MergeState
 from foldin.cli import main
 from foldin.errors import FoldinError
-from foldin.evaluation.bench import extend_results, parse_method_specs, task_orders
+from foldin.evaluation.bench import parse_method_specs, task_orders
+from foldin.evaluation.bench_results import extend_results
 from foldin.evaluation.metrics import accuracy_after_each_step, backward_transfer, final_accuracy, normalized_accuracy
 from foldin.evaluation.report import _sweep_points
 from foldin.evaluation.text.suite import TextSuite
