@@ -138,6 +138,7 @@ def test_smoke_zoo_and_bench_on_real_data(smoke_zoo, tmp_path, capsys):
     assert main(_smoke_zoo_args(zoo)) == 0  # resumable: everything is skipped the second time
     out = tmp_path / "bench"
     bench = ["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--matrix-test", "8"]
+    bench += ["--max-test", "16"]  # half the zoo's test examples: scoring is most of the time
     assert main([*bench, "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["matrix_test"] == 8 and "first 8 test examples" in (out / "report.md").read_text()
@@ -176,6 +177,7 @@ def test_continual_finetuning_resumes_from_its_last_finished_task(smoke_zoo, tmp
     """The continual fine-tuning order runs for hours in one sequence: stopped during its third task,
     the bench resumes at that task and ends with the matrix of a run that was never stopped."""
     bench = ["bench", "--zoo", str(smoke_zoo), "--methods", "", "--orders", "1", "--full-matrix-orders", "1"]
+    bench += ["--max-test", "16"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main([*bench, "--out", str(whole), "--quiet"]) == 0
     expected = json.loads((whole / "results.json").read_text())["references"]["continual_finetuning"]
