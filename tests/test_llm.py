@@ -11,7 +11,14 @@ import torch
 
 from foldin.cli import main
 from foldin.evaluation.llm.convert import convert_gguf, write_model_folder
-from foldin.evaluation.llm.suite import LORA_RANK, LlmSuite, left_padded
+from foldin.evaluation.llm.suite import (
+    LORA_RANK,
+    LlmSuite,
+    common_prefix_length,
+    last_hidden,
+    left_padded,
+    shared_prefix_last_hidden,
+)
 from foldin.evaluation.zoo import build_zoo
 
 peft = pytest.importorskip("peft")
@@ -173,6 +180,34 @@ def test_left_padding_leaves_each_rows_last_position_its_own(tiny_base):
         alone = suite.features(model, left_padded([short], suite.tokenizer.pad_token_id))
         batched = suite.features(model, left_padded([long, short], suite.tokenizer.pad_token_id))
     assert torch.allclose(alone[0], batched[1], atol=1e-5)
+
+
+def test_common_prefix_length_leaves_every_row_a_token_of_its_own():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 2], [1, 2]]) == 0
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_a_shared_prefix_computes_the_states_a_whole_pass_does(tiny_base, adapter):
+    """Rows with a common system turn and question, of different lengths: the last positions' states
+    with the prefix run once equal a full left-padded pass's, on the base and through a PEFT adapter."""
+    suite = LlmSuite(tiny_base)
+    model = suite.load_backbone()
+    if adapter:
+        model = suite._with_adapter(model, seed=0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)  # a fresh adapter's B is 0: give it something to compute
+    messages = ["Is it good?\n\nyes", "Is it good?\n\na much longer text than the first", "Is it good?\n\nno"]
+    batch = left_padded([suite.prompt_ids(m) for m in messages], suite.tokenizer.pad_token_id)
+    rows = [suite.prompt_ids(m) for m in messages]
+    assert common_prefix_length(rows) >= 8  # the shared path runs, not the fallback
+    with torch.no_grad():
+        whole = last_hidden(model, batch)[:, -1]
+        shared = shared_prefix_last_hidden(model, batch)
+    assert torch.allclose(whole, shared, atol=1e-5)
 
 
 def test_verbalizer_heads_are_the_first_tokens_output_rows(tiny_base):
