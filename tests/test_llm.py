@@ -201,8 +201,8 @@ def test_a_shared_prefix_computes_the_states_a_whole_pass_does(tiny_base, adapte
                 if "lora_B" in name:
                     p.normal_(std=0.05)  # a fresh adapter's B is 0: give it something to compute
     messages = ["Is it good?\n\nyes", "Is it good?\n\na much longer text than the first", "Is it good?\n\nno"]
-    batch = left_padded([suite.prompt_ids(m) for m in messages], suite.tokenizer.pad_token_id)
     rows = [suite.prompt_ids(m) for m in messages]
+    batch = left_padded(rows, suite.tokenizer.pad_token_id)
     assert common_prefix_length(rows) >= 8  # the shared path runs, not the fallback
     with torch.no_grad():
         whole = last_hidden(model, batch)[:, -1]

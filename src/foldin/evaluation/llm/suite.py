@@ -67,15 +67,19 @@ def common_prefix_length(rows: Sequence[list[int]]) -> int:
     return n
 
 
+def unpadded_rows(batch: Mapping[str, torch.Tensor]) -> list[list[int]]:
+    """Each row's real tokens of a left-padded batch."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return [ids[i, ids.shape[1] - int(mask[i].sum()) :].tolist() for i in range(len(ids))]
+
+
 def shared_prefix_last_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The final hidden state at each row's last position, as `last_hidden` computes it, with the
     tokens all rows start with run once: their keys and values are repeated over the batch and the
     rest of each row (left-padded again) attends to them. Same positions, same attended tokens, so
     the same states up to float rounding (a test checks); it saves the shared prefix's share of the
     scoring, about a third on the llm tasks' prompts."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    width = ids.shape[1]
-    rows = [ids[i, width - int(mask[i].sum()) :].tolist() for i in range(len(ids))]
+    rows = unpadded_rows(batch)
     shared = common_prefix_length(rows)
     if len(rows) < 2 or shared < MIN_SHARED_PREFIX:
         return last_hidden(model, batch)[:, -1]
