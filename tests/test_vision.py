@@ -13,9 +13,10 @@ from foldin.cli import main
 from foldin.errors import FoldinError
 
 
-def run(command: str, *paths: object) -> int:
-    """The CLI on `command`'s words, then `paths` (temporary folders) as more words."""
-    return main([*command.split(), *map(str, paths)])
+def run(command: str, **paths: object) -> int:
+    """The CLI on `command`'s words, each {name} in them replaced by `paths[name]` after the split,
+    so that a folder whose path has a space stays one word."""
+    return main([word.format(**paths) for word in command.split()])
 
 
 def test_vision_tasks_from_real_packaged_images():
@@ -64,13 +65,14 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys, monkey
     """EfficientNet-Lite0 (real ImageNet weights), 2 real image tasks: zoo, bench with OPCM on
     convolution kernels, and a state built by the CLI from the zoo's checkpoint folders."""
     zoo = tmp_path / "zoo"
-    assert run("zoo build --suite vision --tasks 2 --steps 3 --max-train 64 --max-test 64 --quiet --out", zoo) == 0
+    sizes = "--tasks 2 --steps 3 --max-train 64 --max-test 64"
+    assert run(f"zoo build --suite vision {sizes} --quiet --out {{zoo}}", zoo=zoo) == 0
     meta = json.loads((zoo / "zoo.json").read_text())
     assert meta["suite"] == "vision" and list(meta["tasks"]) == ["mnist", "digits"]
     out = tmp_path / "bench"
     methods = "task_arithmetic,opcm,opcm:linear_weights=.*conv.*weight,otmf:steps=4:head_refit=true,adamerging:steps=2"
     two_orders = "--orders 2 --full-matrix-orders 1 --cft-orders 0"
-    assert run(f"bench --methods {methods} {two_orders} --quiet --out {out} --zoo", zoo) == 0
+    assert run(f"bench --methods {methods} {two_orders} --quiet --out {{out}} --zoo {{zoo}}", out=out, zoo=zoo) == 0
     results = json.loads((out / "results.json").read_text())
     labels = {*methods.split(","), "otmf:steps=4"}  # the refit run also scores the no-refit ablation (zoo heads)
     assert results["suite"] == "vision" and set(results["methods"]) == labels
@@ -88,7 +90,7 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys, monkey
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "bench-progress.json").write_text(json.dumps(saved))
-    assert run(f"bench --methods opcm {two_orders} --quiet --out {resumed} --zoo", zoo) == 0
+    assert run(f"bench --methods opcm {two_orders} --quiet --out {{out}} --zoo {{zoo}}", out=resumed, zoo=zoo) == 0
     again = json.loads((resumed / "results.json").read_text())["methods"]["opcm"]["runs"]
     assert all(v == 0.123 for r in again for v in r["final_acc"].values())
     assert results["methods"]["opcm:linear_weights=.*conv.*weight"]["linear_weights"] == ".*conv.*weight"
@@ -102,25 +104,25 @@ def test_smoke_vision_zoo_bench_and_cli_on_real_weights(tmp_path, capsys, monkey
     assert "| adamerging:steps=2 | lambda_pre |" in report
     monkeypatch.setattr("foldin.progress.LOG_INTERVAL", 0.0)
     capsys.readouterr()
-    assert run(f"bench --methods average {two_orders} --extend --out {out} --zoo", zoo) == 0
+    assert run(f"bench --methods average {two_orders} --extend --out {{out}} --zoo {{zoo}}", out=out, zoo=zoo) == 0
     extended = json.loads((out / "results.json").read_text())
     assert set(extended["methods"]) == labels | {"average"} and len(extended["commands"]) == 2
     # each method has its own progress line, counting its own steps (a log gets a line per step here)
     assert "bench average: 4/4 step (order 2 of 2)" in capsys.readouterr().err
     other_seed = "--orders 2 --seed 7 --cft-orders 0 --extend --quiet"
-    assert run(f"bench --methods average {other_seed} --out {out} --zoo", zoo) == 1
+    assert run(f"bench --methods average {other_seed} --out {{out}} --zoo {{zoo}}", out=out, zoo=zoo) == 1
     assert "--extend: the results already in the output directory" in capsys.readouterr().err
     state = tmp_path / "state"
-    assert run(f"init {state} --method opcm --linear-weights .*conv.*\\.weight --base", zoo / "base") == 0
+    assert run("init {s} --method opcm --linear-weights .*conv.*\\.weight --base {b}", s=state, b=zoo / "base") == 0
     for name in ("mnist", "digits"):
-        assert run(f"add {state}", zoo / "tasks" / name) == 0
+        assert run("add {s} {t}", s=state, t=zoo / "tasks" / name) == 0
     learned = tmp_path / "otmf-state"
-    assert run(f"init {learned} --method otmf --set steps=2 --set head_refit=true --base", zoo / "base") == 0
-    tasks = f"{zoo / 'tasks' / 'mnist'} {zoo / 'tasks' / 'digits'}"
-    assert run(f"add {learned} {tasks} --task vision:mnist --task vision:digits --quiet") == 0
+    assert run("init {s} --method otmf --set steps=2 --set head_refit=true --base {b}", s=learned, b=zoo / "base") == 0
+    tasks = {"a": zoo / "tasks" / "mnist", "b": zoo / "tasks" / "digits"}
+    assert run("add {s} {a} {b} --task vision:mnist --task vision:digits --quiet", s=learned, **tasks) == 0
     # the previous and the new task, refit at step 2
     assert set(MergeState.open(learned).heads()) == {"mnist", "digits"}
     capsys.readouterr()
     for s in (state, learned):
-        assert run(f"eval {s} --zoo {zoo}") == 0
+        assert run("eval {s} --zoo {zoo}", s=s, zoo=zoo) == 0
         assert "digits" in capsys.readouterr().out
