@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,28 +42,52 @@ def gguf_path() -> Path:
 
 def load_gguf(path: Path) -> tuple[nn.Module, object]:
     """(LlamaForCausalLM in float32, eval mode; its tokenizer) from a GGUF file."""
-    if importlib.util.find_spec("gguf") is None:
-        raise FoldinError("reading a GGUF file needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
+    model = load_gguf_model(path)
+    return model, load_gguf_tokenizer(path, hf(model).config)
 
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the GGUF reader's progress bar and legacy-tokenizer notice
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+def load_gguf_model(path: Path) -> nn.Module:
+    """The GGUF file's causal LM in float32, eval mode, without the quantizer transformers attaches."""
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_gguf_reader():
         loaded = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32, **_unpacked_gguf()
         )
-    finally:
-        logging.set_verbosity(verbosity)
     model = _without_quantizer(loaded)
-    config = hf(model).config
-    config.name_or_path = path.stem  # not the machine's folder
+    hf(model).config.name_or_path = path.stem  # not the machine's folder
+    return model.eval()
+
+
+def load_gguf_tokenizer(path: Path, config: Any = None) -> Any:
+    """The GGUF file's tokenizer, read without its weights (every read of the file parses its whole
+    vocabulary: seconds each). `config` is the model's config where the caller has it already."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    with _quiet_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        config = config or AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     # transformers' GGUF reader names <|im_start|> as the tokenizer's end token; the model's own
     # config (and generation) ends a turn with eos_token_id, <|im_end|> for SmolLM2, and pads with it
-    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id or config.eos_token_id)
-    return model.eval(), tokenizer
+    eos, pad = config.eos_token_id, config.pad_token_id
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad or eos)
+    return tokenizer
+
+
+@contextmanager
+def _quiet_gguf_reader() -> Iterator[None]:
+    """The gguf package is needed; the GGUF reader's progress bar and legacy-tokenizer notice are not shown."""
+    if importlib.util.find_spec("gguf") is None:
+        raise FoldinError("reading a GGUF file needs the gguf package: pip install gguf")
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _unpacked_gguf() -> dict[str, object]:

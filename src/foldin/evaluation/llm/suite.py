@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from foldin.errors import FoldinError
-from foldin.evaluation.llm.convert import convert_gguf, gguf_path, load_gguf, write_model_folder
+from foldin.evaluation.llm.convert import (
+    convert_gguf,
+    gguf_path,
+    load_gguf_model,
+    load_gguf_tokenizer,
+    write_model_folder,
+)
 from foldin.evaluation.llm.talk import talk_check
 from foldin.evaluation.llm.tasks import LLM_TASKS, user_message
 from foldin.evaluation.suite import Encoded, Suite, Task, hf, seeded
@@ -126,7 +132,7 @@ class LlmSuite(Suite):
         from transformers import AutoTokenizer
 
         if self.backbone.suffix == ".gguf":
-            return load_gguf(self.backbone)[1]
+            return load_gguf_tokenizer(self.backbone)
         return AutoTokenizer.from_pretrained(self.backbone)
 
     def builtin_task_names(self) -> list[str]:
@@ -169,7 +175,7 @@ class LlmSuite(Suite):
         backbone, as a PEFT model."""
         path = Path(path or self.backbone)
         if path.suffix == ".gguf":
-            return load_gguf(path)[0]
+            return load_gguf_model(path)
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
