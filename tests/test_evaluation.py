@@ -132,16 +132,26 @@ def smoke_zoo(tmp_path_factory):
     return zoo
 
 
-def test_smoke_zoo_and_bench_on_real_data(smoke_zoo, tmp_path, capsys):
+# the CI form of the benchmark: 2 orders, the first with its full matrix; scoring is most of the time, so each task is
+# scored on 8 of the zoo's 32 test examples, and the matrix's earlier tasks on 4
+SMOKE_BENCH = ["--orders", "2", "--full-matrix-orders", "1", "--matrix-test", "4", "--max-test", "8"]
+
+
+@pytest.fixture(scope="module")
+def smoke_bench(smoke_zoo, tmp_path_factory):
+    """The default methods and the continual fine-tuning reference on the smoke zoo: (folder, results)."""
+    out = tmp_path_factory.mktemp("smoke") / "bench"
+    assert main(["bench", "--zoo", str(smoke_zoo), *SMOKE_BENCH, "--out", str(out), "--quiet"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_smoke_zoo_and_bench_on_real_data(smoke_zoo, smoke_bench, tmp_path, capsys):
     """The CI form of the benchmark: 3 real tasks, a few fine-tuning steps, 2 orders."""
     zoo = smoke_zoo
     assert main(_smoke_zoo_args(zoo)) == 0  # resumable: everything is skipped the second time
-    out = tmp_path / "bench"
-    bench = ["bench", "--zoo", str(zoo), "--orders", "2", "--full-matrix-orders", "1", "--matrix-test", "8"]
-    bench += ["--max-test", "16"]  # half the zoo's test examples: scoring is most of the time
-    assert main([*bench, "--out", str(out), "--quiet"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["matrix_test"] == 8 and "first 8 test examples" in (out / "report.md").read_text()
+    out, results = smoke_bench
+    bench = ["bench", "--zoo", str(zoo), *SMOKE_BENCH]
+    assert results["settings"]["matrix_test"] == 4 and "first 4 test examples" in (out / "report.md").read_text()
     assert set(results["methods"]) == {"average", "task_arithmetic", "ties", "opcm"}
     for r in results["methods"].values():
         assert len(r["runs"]) == 2 and {"ACC_mean", "ACC_std", "BWT_mean", "BWT_std", "seconds_per_step"} <= r.keys()
@@ -173,14 +183,12 @@ def test_smoke_zoo_and_bench_on_real_data(smoke_zoo, tmp_path, capsys):
     assert "reuters_r8" in capsys.readouterr().out
 
 
-def test_continual_finetuning_resumes_from_its_last_finished_task(smoke_zoo, tmp_path, monkeypatch):
+def test_continual_finetuning_resumes_from_its_last_finished_task(smoke_zoo, smoke_bench, tmp_path, monkeypatch):
     """The continual fine-tuning order runs for hours in one sequence: stopped during its third task,
     the bench resumes at that task and ends with the matrix of a run that was never stopped."""
-    bench = ["bench", "--zoo", str(smoke_zoo), "--methods", "", "--orders", "1", "--full-matrix-orders", "1"]
-    bench += ["--max-test", "16"]
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert main([*bench, "--out", str(whole), "--quiet"]) == 0
-    expected = json.loads((whole / "results.json").read_text())["references"]["continual_finetuning"]
+    bench = ["bench", "--zoo", str(smoke_zoo), *SMOKE_BENCH, "--methods", "", "--orders", "1"]
+    stopped = tmp_path / "stopped"
+    expected = smoke_bench[1]["references"]["continual_finetuning"]
     fine_tune, tuned, stop = TextSuite.fine_tune, [], [True]
 
     def stop_at_third_task(self, *args, **kwargs):
