@@ -326,12 +326,15 @@ def test_a_state_made_before_xxh3_keeps_sha256(bert_case, tmp_path, monkeypatch)
     assert fresh.checksum == "xxh3_128" and fresh.meta["base"]["hash"].startswith("xxh3_128:")
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "average", "ties", "magmax", "dop", "opcm"])
+METHODS = [(name, {}) for name in ("task_arithmetic", "average", "ties", "magmax", "dop", "opcm")]
+
+
+@pytest.mark.parametrize("method, params", [*METHODS, ("dop", {"solver": "exact"})], ids=lambda v: str(v or ""))
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
-def test_a_step_exports_in_the_same_pass_bit_for_bit(bert_case, tmp_path, method, dtype):
+def test_a_step_exports_in_the_same_pass_bit_for_bit(bert_case, tmp_path, method, params, dtype):
     """`foldin run` writes the export during its last step where the method's scale is known
     beforehand (opcm's is not: it exports after); the folder equals a separate `export`."""
-    fused, apart = (MergeState.create(tmp_path / name, bert_case / "base", method) for name in ("fused", "apart"))
+    fused, apart = (MergeState.create(tmp_path / n, bert_case / "base", method, params) for n in ("fused", "apart"))
     for state in (fused, apart):
         state.add(bert_case / "ckpt_1", progress=False)
     fused.add_and_export(bert_case / "ckpt_2", tmp_path / "out-fused", dtype=dtype, progress=False)
