@@ -5,6 +5,7 @@ states a power loss allows from this sequence."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -84,7 +85,8 @@ def record(argv: Sequence[str], roots: Sequence[Path], cwd: Path, env: dict[str,
     before = snapshot(roots)
     mtimes = {path: os.stat(path).st_mtime_ns for path, content in before.items() if content is not None}
     log = cwd / f".strace-{os.getpid()}.txt"
-    cmd = ["strace", "-f", "-qq", "-y", "-xx", "-s", str(MAX_BUFFER), "-e", "signal=none", "-e", f"trace={SYSCALLS}"]
+    cmd = ["strace", "-f", *_seccomp(), "-qq", "-y", "-xx", "-s", str(MAX_BUFFER), "-e", "signal=none"]
+    cmd += ["-e", f"trace={SYSCALLS}"]
     cmd += ["-o", str(log)]
     done = subprocess.run([*cmd, *argv], cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -95,6 +97,15 @@ def record(argv: Sequence[str], roots: Sequence[Path], cwd: Path, env: dict[str,
         log.unlink(missing_ok=True)
     ops, outside = parse(lines, roots, cwd.resolve(), before)
     return Trace(ops, before, mtimes, outside)
+
+
+@functools.cache
+def _seccomp() -> list[str]:
+    """strace's --seccomp-bpf where it has it (5.3 and later): the traced process then stops only at
+    the syscalls traced, not at each of the tens of thousands a Python start makes, which cuts a
+    traced `foldin` command's time by about a third. The trace is the same."""
+    probe = subprocess.run(["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=none", "true"], capture_output=True)
+    return ["--seccomp-bpf"] if probe.returncode == 0 else []
 
 
 def _under(path: str, roots: Sequence[Path]) -> bool:
