@@ -103,7 +103,7 @@ def record(argv: Sequence[str], roots: Sequence[Path], cwd: Path, env: dict[str,
 def _seccomp() -> list[str]:
     """strace's --seccomp-bpf where it has it (5.3 and later): the traced process then stops only at
     the syscalls traced, not at each of the tens of thousands a Python start makes, which cuts a
-    traced `foldin` command's time by about a third. The trace is the same."""
+    traced `foldin` command's time by about a third. The operations recorded are the same."""
     probe = subprocess.run(["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=none", "true"], capture_output=True)
     return ["--seccomp-bpf"] if probe.returncode == 0 else []
 
